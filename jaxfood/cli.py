@@ -1,0 +1,85 @@
+"""The ``jaxfood`` command.
+
+Subcommands live in :mod:`jaxfood.commands`, one module each, exposing ``NAME``, ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``; they are discovered here, so adding a command
+touches no other file. Modules import heavy dependencies (JAX) inside ``run`` so that ``--help``
+stays fast.
+
+Errors a user can cause are :class:`jaxfood.errors.UserError`: printed as one ``error:`` line
+on stderr with exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import traceback
+from collections.abc import Sequence
+
+import jaxfood.commands as commands_pkg
+from jaxfood.errors import UserError
+
+#: Order in which subcommands are listed in --help (others follow alphabetically).
+ORDER = ("simulate", "build-graph", "pretrain", "finetune", "evaluate", "embed", "predict")
+
+
+def _command_modules():
+    mods = []
+    for info in pkgutil.iter_modules(commands_pkg.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{commands_pkg.__name__}.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            mods.append(mod)
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return sorted(mods, key=lambda m: (rank.get(m.NAME, len(ORDER)), m.NAME))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxfood",
+        description=(
+            "Food metabolomics with a heterogeneous graph attention network in JAX: simulate or "
+            "read data, build the Sample-Molecule-Food-Nutrient graph, pretrain (GraphCL), "
+            "fine-tune three tasks, evaluate, embed and predict."
+        ),
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks for errors")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def run_command(run, args, debug: bool) -> int:
+    """Runs ``run(args)``, mapping user errors to one line on stderr and exit status 2."""
+    try:
+        return int(run(args) or 0)
+    except UserError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return run_command(args._run, args, getattr(args, "debug", False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``jaxfood`` subcommand (see :mod:`jaxfood.cli`)."""

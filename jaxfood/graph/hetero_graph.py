@@ -1,0 +1,333 @@
+"""``HeteroGraph``: the heterogeneous food metabolomics graph as a JAX pytree.
+
+Arrays (node features, edge indices and attributes, labels, splits) are pytree leaves, so a graph
+passes through ``jax.jit``/``jax.pmap`` and can be edited functionally with ``graph.replace(...)``
+(augmentations and label masking do this). Everything that is not an array -- node counts, the
+user's identifiers, vocabularies, normalisation statistics -- lives in :class:`GraphMeta`, a
+static, identity-hashed part of the tree: it never enters a trace.
+
+Relations are keyed by ``"Src|rel|Dst"`` (see :mod:`jaxfood.graph.schema`). Each relation's
+:class:`EdgeSet` holds ``senders`` (indices into the source type), ``receivers`` (indices into the
+destination type) and ``attributes`` ``[num_edges, attribute_dim]`` (``attribute_dim`` may be 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from jaxfood.errors import GraphError
+from jaxfood.graph import schema
+from jaxfood.io_utils import atomic_dir
+
+Array = Any  # np.ndarray or jax.Array
+
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+FORMAT_NAME = "jaxfood-graph"
+FORMAT_VERSION = 1
+
+
+@flax.struct.dataclass
+class EdgeSet:
+    """One relation's edges: ``senders`` [E] int32, ``receivers`` [E] int32, ``attributes`` [E, F]."""
+
+    senders: Array
+    receivers: Array
+    attributes: Array
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.senders.shape[0])
+
+    @property
+    def attribute_dim(self) -> int:
+        return int(self.attributes.shape[1])
+
+
+@dataclasses.dataclass(eq=False)
+class GraphMeta:
+    """Static description of a graph. Compared and hashed by identity (cheap under ``jit``)."""
+
+    num_nodes: dict[str, int]
+    node_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: Names of the USDA food categories, indexed by ``HeteroGraph.food_category``.
+    food_categories: list[str] = dataclasses.field(default_factory=list)
+    #: Nutrient column names (``Protein (g)``), in the order of ``food_nutrients`` columns.
+    nutrient_names: list[str] = dataclasses.field(default_factory=list)
+    #: Unit vocabulary of the ``has_nutrient`` one-hot.
+    nutrient_units: list[str] = dataclasses.field(default_factory=list)
+    #: Column names of each relation's attribute matrix.
+    attribute_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: Column names of each node type's input features.
+    feature_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: Statistics needed to normalise new data like the training data (see ``jaxfood.data``).
+    normalisation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Provenance: source files, label column, seed, mode.
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@flax.struct.dataclass
+class HeteroGraph:
+    """The graph. Shapes: ``S`` samples, ``M`` molecules, ``F`` foods, ``N`` nutrients.
+
+    Attributes:
+      node_features: input features of the node types that have them, e.g. ``Molecule``
+        [M, d_spec] spectral embeddings, ``Food`` [F, N] nutrient profile.
+      edges: relation key -> :class:`EdgeSet`, forward relations and their reverses.
+      sample_food: [S] int32 food index of each sample, -1 where unknown. Known labels of held-out
+        samples are kept for evaluation; they are never edges.
+      sample_split: [S] int32, 0 train, 1 val, 2 test, -1 unassigned.
+      food_nutrients: [F, N] float32 normalised nutrient profile of each food.
+      food_category: [F] int32 index into ``meta.food_categories`` (-1 unknown).
+      meta: static :class:`GraphMeta`.
+    """
+
+    node_features: dict[str, Array]
+    edges: dict[str, EdgeSet]
+    sample_food: Array
+    sample_split: Array
+    food_nutrients: Array
+    food_category: Array
+    meta: GraphMeta = flax.struct.field(pytree_node=False)
+
+    # ---- static queries -------------------------------------------------------------------
+    @property
+    def num_nodes(self) -> dict[str, int]:
+        return self.meta.num_nodes
+
+    @property
+    def node_types(self) -> tuple[str, ...]:
+        return tuple(t for t in schema.NODE_TYPES if t in self.meta.num_nodes)
+
+    @property
+    def edge_types(self) -> tuple[str, ...]:
+        return tuple(self.edges.keys())
+
+    def edge_dims(self) -> dict[str, int]:
+        return {k: int(e.attributes.shape[1]) for k, e in self.edges.items()}
+
+    def feature_dims(self) -> dict[str, int]:
+        return {t: int(x.shape[1]) for t, x in self.node_features.items()}
+
+    def split_mask(self, split: str) -> Array:
+        """[S] bool mask of the samples in ``split`` ('train', 'val' or 'test')."""
+        return self.sample_split == SPLIT_CODES[split]
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.nonzero(np.asarray(self.sample_split) == SPLIT_CODES[split])[0]
+
+    def to_numpy(self) -> HeteroGraph:
+        return jax.tree_util.tree_map(np.asarray, self)
+
+    def to_jraph(self, key: str) -> jraph.GraphsTuple:
+        """One relation as a bipartite ``jraph.GraphsTuple`` (source nodes first, then destinations)."""
+        src, _, dst = schema.split_key(key)
+        edges = self.edges[key]
+        n_src, n_dst = self.num_nodes[src], self.num_nodes[dst]
+        return jraph.GraphsTuple(
+            nodes=None,
+            edges=edges.attributes,
+            senders=jnp.asarray(edges.senders),
+            receivers=jnp.asarray(edges.receivers) + n_src,
+            n_node=jnp.array([n_src + n_dst]),
+            n_edge=jnp.array([edges.num_edges]),
+            globals=None,
+        )
+
+
+# ---- construction ----------------------------------------------------------------------------
+def with_reverse_edges(edges: Mapping[str, EdgeSet]) -> dict[str, EdgeSet]:
+    """Adds ``Dst|rev_rel|Src`` for every forward relation (same attributes), keeping order."""
+    out: dict[str, EdgeSet] = {}
+    for key, e in edges.items():
+        out[key] = e
+    for key, e in edges.items():
+        if schema.is_reverse(key):
+            continue
+        rkey = schema.reverse_key(key)
+        if rkey not in out:
+            out[rkey] = EdgeSet(senders=e.receivers, receivers=e.senders, attributes=e.attributes)
+    return out
+
+
+def make_edge_set(senders, receivers, attributes=None) -> EdgeSet:
+    senders = np.asarray(senders, dtype=np.int32).reshape(-1)
+    receivers = np.asarray(receivers, dtype=np.int32).reshape(-1)
+    if attributes is None:
+        attributes = np.zeros((senders.shape[0], 0), np.float32)
+    attributes = np.asarray(attributes, dtype=np.float32)
+    if attributes.ndim == 1:
+        attributes = attributes[:, None]
+    return EdgeSet(senders=senders, receivers=receivers, attributes=attributes)
+
+
+# ---- validation --------------------------------------------------------------------------------
+def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
+    """Checks the graph against the schema; raises :class:`GraphError` naming what is wrong."""
+    nn = graph.meta.num_nodes
+    for t, n in nn.items():
+        if t not in schema.NODE_TYPES:
+            raise GraphError(f"{source}: unknown node type '{t}' (expected one of {list(schema.NODE_TYPES)})")
+        if int(n) < 0:
+            raise GraphError(f"{source}: node type '{t}' has a negative count {n}")
+        ids = graph.meta.node_ids.get(t)
+        if ids is not None and len(ids) != int(n):
+            raise GraphError(f"{source}: node_ids['{t}'] has {len(ids)} ids, expected {n}")
+    for t, x in graph.node_features.items():
+        if t not in nn:
+            raise GraphError(f"{source}: node features for unknown node type '{t}'")
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[0] != nn[t]:
+            raise GraphError(f"{source}: node_features['{t}'] has shape {x.shape}, expected ({nn[t]}, d)")
+        if not np.all(np.isfinite(x)):
+            raise GraphError(f"{source}: node_features['{t}'] contains NaN or inf")
+    for key in schema.FORWARD_RELATIONS:
+        if schema.FORWARD_RELATIONS[key] and key not in graph.edges:
+            raise GraphError(f"{source}: required relation '{key}' is missing")
+    for key, e in graph.edges.items():
+        if key not in schema.KNOWN_RELATIONS:
+            raise GraphError(f"{source}: unknown relation '{key}' (expected one of {list(schema.KNOWN_RELATIONS)})")
+        src, _, dst = schema.split_key(key)
+        s, r, a = np.asarray(e.senders), np.asarray(e.receivers), np.asarray(e.attributes)
+        if s.ndim != 1 or r.shape != s.shape:
+            raise GraphError(f"{source}: relation '{key}': senders {s.shape} and receivers {r.shape} must be equal 1-D shapes")
+        if a.ndim != 2 or a.shape[0] != s.shape[0]:
+            raise GraphError(f"{source}: relation '{key}': attributes have shape {a.shape}, expected ({s.shape[0]}, F)")
+        if s.shape[0] == 0 and key not in schema.LABEL_RELATIONS:
+            raise GraphError(f"{source}: relation '{key}' is empty")
+        for name, idx, t in (("senders", s, src), ("receivers", r, dst)):
+            if idx.size and (idx.min() < 0 or idx.max() >= nn[t]):
+                bad = int(idx[(idx < 0) | (idx >= nn[t])][0])
+                raise GraphError(f"{source}: relation '{key}': {name} index {bad} out of range [0, {nn[t]}) for '{t}'")
+        if not np.all(np.isfinite(a)):
+            raise GraphError(f"{source}: relation '{key}': attributes contain NaN or inf")
+        rkey = schema.reverse_key(key)
+        if rkey not in graph.edges:
+            raise GraphError(f"{source}: relation '{key}' has no reverse '{rkey}'")
+    S, F = nn.get(schema.SAMPLE, 0), nn.get(schema.FOOD, 0)
+    checks = (("sample_food", graph.sample_food, (S,)), ("sample_split", graph.sample_split, (S,)),
+              ("food_category", graph.food_category, (F,)))
+    for name, arr, shape in checks:
+        if tuple(np.shape(arr)) != shape:
+            raise GraphError(f"{source}: {name} has shape {np.shape(arr)}, expected {shape}")
+    sf = np.asarray(graph.sample_food)
+    if sf.size and (sf.min() < -1 or sf.max() >= F):
+        raise GraphError(f"{source}: sample_food has a food index outside [-1, {F})")
+    fn = np.asarray(graph.food_nutrients)
+    if fn.ndim != 2 or fn.shape[0] != F:
+        raise GraphError(f"{source}: food_nutrients has shape {fn.shape}, expected ({F}, num_nutrients)")
+    if not np.all(np.isfinite(fn)):
+        raise GraphError(f"{source}: food_nutrients contains NaN or inf")
+    return graph
+
+
+# ---- summary, save, load ----------------------------------------------------------------------
+def summary(graph: HeteroGraph) -> dict[str, Any]:
+    """The ``summary.json`` content: node counts, edge counts per relation, split sizes."""
+    split = np.asarray(graph.sample_split)
+    return {
+        "nodes": {t: int(graph.num_nodes[t]) for t in graph.node_types},
+        "edges": {k: int(e.num_edges) for k, e in graph.edges.items()},
+        "splits": {name: int(np.sum(split == code)) for name, code in SPLIT_CODES.items()},
+    }
+
+
+_ARRAY_FIELDS = ("sample_food", "sample_split", "food_nutrients", "food_category")
+
+
+def save_graph(graph: HeteroGraph, directory: str | Path) -> Path:
+    """Writes ``graph.npz``, ``graph.json`` and ``summary.json`` to ``directory`` (atomically)."""
+    directory = Path(directory)
+    graph = graph.to_numpy()
+    arrays: dict[str, np.ndarray] = {}
+    for t, x in graph.node_features.items():
+        arrays[f"node_features/{t}"] = x
+    for k, e in graph.edges.items():
+        arrays[f"edges/{k}/senders"] = e.senders
+        arrays[f"edges/{k}/receivers"] = e.receivers
+        arrays[f"edges/{k}/attributes"] = e.attributes
+    for name in _ARRAY_FIELDS:
+        arrays[name] = getattr(graph, name)
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "relations": list(graph.edges.keys()),
+        "node_features": list(graph.node_features.keys()),
+        "meta": graph.meta.to_json(),
+    }
+    from jaxfood.io_utils import _json_default
+
+    with atomic_dir(directory) as tmp:
+        np.savez(tmp / "graph.npz", **arrays)
+        (tmp / "graph.json").write_text(json.dumps(header, default=_json_default) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary(graph), indent=2) + "\n")
+    return directory
+
+
+def load_graph(directory: str | Path) -> HeteroGraph:
+    """Reads a graph written by :func:`save_graph`; every problem names the file and the field."""
+    directory = Path(directory)
+    jpath, npath = directory / "graph.json", directory / "graph.npz"
+    for p in (jpath, npath):
+        if not p.is_file():
+            raise GraphError(f"{p}: not found (expected a graph directory written by 'jaxfood build-graph')")
+    try:
+        header = json.loads(jpath.read_text())
+    except json.JSONDecodeError as err:
+        raise GraphError(f"{jpath}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise GraphError(f"{jpath}: field 'format' must be '{FORMAT_NAME}'")
+    if header.get("version") != FORMAT_VERSION:
+        raise GraphError(f"{jpath}: field 'version' is {header.get('version')!r}, expected {FORMAT_VERSION}")
+    try:
+        meta_fields = {f.name for f in dataclasses.fields(GraphMeta)}
+        meta_json = header["meta"]
+        unknown = set(meta_json) - meta_fields
+        if unknown:
+            raise GraphError(f"{jpath}: unknown meta field(s) {sorted(unknown)}")
+        meta = GraphMeta(**meta_json)
+        meta.num_nodes = {t: int(n) for t, n in meta.num_nodes.items()}
+        relations, feat_types = header["relations"], header["node_features"]
+    except KeyError as err:
+        raise GraphError(f"{jpath}: missing field {err}") from None
+    try:
+        with np.load(npath, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as err:  # zipfile/ValueError from a damaged file
+        raise GraphError(f"{npath}: cannot be read as .npz ({type(err).__name__}: {err})") from None
+
+    def get(name: str) -> np.ndarray:
+        if name not in data:
+            raise GraphError(f"{npath}: array '{name}' is missing")
+        return data[name]
+
+    graph = HeteroGraph(
+        node_features={t: get(f"node_features/{t}") for t in feat_types},
+        edges={
+            k: EdgeSet(
+                senders=get(f"edges/{k}/senders"),
+                receivers=get(f"edges/{k}/receivers"),
+                attributes=get(f"edges/{k}/attributes"),
+            )
+            for k in relations
+        },
+        meta=meta,
+        **{name: get(name) for name in _ARRAY_FIELDS},
+    )
+    return validate(graph, source=str(directory))

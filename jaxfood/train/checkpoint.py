@@ -1,0 +1,80 @@
+"""Orbax checkpoints: one format for GraphCL, fine-tuning and converted PyTorch weights.
+
+A checkpoint directory is an orbax ``CheckpointManager`` directory: one numbered subdirectory per
+saved step, each with two items,
+
+* ``state`` -- a pytree of arrays. Its ``params`` entry is ``{"encoder": <HeteroGATEncoder
+  params>, <head name>: <head params>, ...}``; training adds ``opt_state`` etc.
+* ``meta`` -- JSON: ``{"kind": "graphcl"|"finetune"|"converted", "encoder_config": {...},
+  "step": int, ...}`` plus whatever the writer needs to rebuild the run (config, id maps).
+
+:func:`load_encoder` reads the encoder part of any of them, which is what ``finetune
+--pretrained`` and ``embed`` need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxfood.errors import CheckpointError
+
+
+def _manager(directory: Path, max_to_keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def save_checkpoint(directory: str | Path, step: int, state: Any, meta: dict[str, Any],
+                    max_to_keep: int | None = 3) -> Path:
+    """Saves ``state`` (pytree of arrays) and ``meta`` (JSON) as step ``step`` of ``directory``."""
+    directory = Path(directory)
+    state = jax.device_get(state)
+    with _manager(directory, max_to_keep) as mngr:
+        mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
+                  force=True)
+        mngr.wait_until_finished()
+    return directory / str(int(step))
+
+
+def latest_step(directory: str | Path) -> int | None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    with _manager(directory, create=False) as mngr:
+        return mngr.latest_step()
+
+
+def restore_checkpoint(directory: str | Path, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+    """Returns ``(state, meta)`` of ``step`` (default: latest). ``target`` fixes structure/shapes."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    with _manager(directory, create=False) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory}: no checkpoint steps found (expected an orbax checkpoint directory)")
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax raises many types for shape/structure mismatches
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{directory}/{step}: cannot restore ({msg})") from None
+    state = jax.tree_util.tree_map(np.asarray, restored["state"])
+    return state, dict(restored["meta"])
+
+
+def load_encoder(directory: str | Path, step: int | None = None) -> tuple[dict[str, Any], Any, dict]:
+    """``(encoder_config_dict, encoder_params, meta)`` from any jaxfood checkpoint directory."""
+    state, meta = restore_checkpoint(directory, step)
+    if "encoder_config" not in meta:
+        raise CheckpointError(f"{directory}: meta has no 'encoder_config' (not a jaxfood encoder checkpoint)")
+    params = state.get("params", {}) if isinstance(state, dict) else {}
+    if "encoder" not in params:
+        raise CheckpointError(f"{directory}: state has no 'params/encoder' (not a jaxfood encoder checkpoint)")
+    return meta["encoder_config"], params["encoder"], meta

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_toy_graph
+
+from jaxfood.errors import GraphError
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import EdgeSet, load_graph, save_graph, summary, validate
+from jaxfood.graph.splits import restrict_label_edges, samples_reaching_own_food, stratified_split
+
+
+def test_every_relation_has_its_reverse(toy_graph):
+    for key in schema.FORWARD_RELATIONS:
+        if key in toy_graph.edges:
+            rev = toy_graph.edges[schema.reverse_key(key)]
+            fwd = toy_graph.edges[key]
+            np.testing.assert_array_equal(rev.senders, fwd.receivers)
+            np.testing.assert_array_equal(rev.attributes, fwd.attributes)
+
+
+def test_graph_is_a_pytree_through_jit(toy_graph):
+    @jax.jit
+    def total_intensity(g):
+        return jnp.sum(g.edges[schema.CONTAINS].attributes)
+
+    assert np.isclose(float(total_intensity(toy_graph)), toy_graph.edges[schema.CONTAINS].attributes.sum(), atol=1e-4)
+    leaves = jax.tree_util.tree_leaves(toy_graph)
+    assert all(hasattr(x, "shape") for x in leaves)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    g = make_toy_graph(similar=True)
+    save_graph(g, tmp_path / "g")
+    h = load_graph(tmp_path / "g")
+    assert jax.tree_util.tree_structure(g.replace(meta=h.meta)) == jax.tree_util.tree_structure(h)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(h)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert h.meta.node_ids == g.meta.node_ids and h.meta.num_nodes == g.meta.num_nodes
+    s = summary(h)
+    assert s["nodes"]["Molecule"] == 40 and s["edges"][schema.CONTAINS] == g.edges[schema.CONTAINS].num_edges
+    assert sum(s["splits"].values()) == 30
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda e: EdgeSet(e.senders, e.receivers.at[0].set(999) if hasattr(e.receivers, "at") else np.where(np.arange(len(e.receivers)) == 0, 999, e.receivers), e.attributes), "out of range"),
+    (lambda e: EdgeSet(e.senders, e.receivers, np.full_like(e.attributes, np.nan)), "NaN"),
+    (lambda e: EdgeSet(e.senders, e.receivers[:-1], e.attributes), "equal 1-D shapes"),
+    (lambda e: EdgeSet(e.senders[:0], e.receivers[:0], e.attributes[:0]), "empty"),
+])
+def test_validation_errors_name_the_relation(toy_graph, breakage, message):
+    edges = dict(toy_graph.edges)
+    edges[schema.CONTAINS] = breakage(edges[schema.CONTAINS])
+    with pytest.raises(GraphError, match=message) as info:
+        validate(toy_graph.replace(edges=edges))
+    assert schema.CONTAINS in str(info.value)
+
+
+def test_validation_rejects_unknown_types(toy_graph):
+    edges = dict(toy_graph.edges)
+    edges["Sample|eats|Food"] = edges[schema.IS_INSTANCE_OF]
+    with pytest.raises(GraphError, match="unknown relation 'Sample\\|eats\\|Food'"):
+        validate(toy_graph.replace(edges=edges))
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(GraphError, match="graph.json: not found"):
+        load_graph(tmp_path)
+    save_graph(make_toy_graph(), tmp_path / "g")
+    (tmp_path / "g" / "graph.json").write_text("{not json")
+    with pytest.raises(GraphError, match="graph.json: not valid JSON"):
+        load_graph(tmp_path / "g")
+
+
+def test_stratified_split_is_seeded_and_stratified():
+    food = np.repeat(np.arange(6), 20)
+    a, b, c = stratified_split(food, seed=1), stratified_split(food, seed=1), stratified_split(food, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    for f in range(6):
+        counts = np.bincount(a[food == f], minlength=3)
+        assert counts.tolist() == [14, 3, 3]
+
+
+def test_no_held_out_sample_reaches_its_food(toy_graph):
+    assert (toy_graph.sample_split != 0).sum() > 0
+    label = toy_graph.edges[schema.IS_INSTANCE_OF]
+    assert set(np.asarray(label.senders)) == set(np.nonzero(np.asarray(toy_graph.sample_split) == 0)[0])
+    assert samples_reaching_own_food(toy_graph).size == 0
+    # The check itself can fail: give every sample a label edge and the held-out ones leak.
+    leaky = restrict_label_edges(toy_graph.replace(sample_split=np.zeros_like(toy_graph.sample_split)))
+    leaky = leaky.replace(sample_split=toy_graph.sample_split)
+    assert samples_reaching_own_food(leaky).size == int((np.asarray(toy_graph.sample_split) != 0).sum())
