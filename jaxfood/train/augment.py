@@ -1,0 +1,333 @@
+"""Graph augmentations for GraphCL pretraining, as masks with static shapes.
+
+You et al., "Graph Contrastive Learning with Augmentations" (NeurIPS 2020) contrast two randomly
+augmented views of a graph. Here every augmentation keeps the graph's shapes and becomes either an
+edge mask (``dict[relation key, [E] bool]``, read by the encoder: a masked edge contributes
+nothing and the attention softmax renormalises over the edges left) or a multiplicative mask on
+input features / edge attributes. So one ``jit`` compilation serves every view of a run.
+
+* **Node dropping** (per node type, rate = probability a node is dropped): every edge incident to a
+  dropped node is masked, in every relation and in both directions.
+* **Edge perturbation** (per forward relation): *removal* masks a random fraction of the real
+  edges together with their reverse edges; *addition* switches on a random subset of a fixed
+  candidate pool of plausible edges. The pool is appended to the relation once, outside ``jit``,
+  by :func:`prepare_pretrain_graph` (mask off by default), so adding edges never changes a shape.
+* **Feature masking** (per node type, rate = fraction of feature dimensions zeroed for all nodes
+  of the type, as in GraphCL/GRACE attribute masking) and **edge-attribute masking** (per forward
+  relation, rate = fraction of edges whose attribute row, e.g. intensity or quantity, is zeroed in
+  both directions).
+
+Label edges (``is_instance_of`` and its reverse) are never seen by pretraining: their mask is
+always off.
+
+Relations are written here by their short forward name (``contains_molecule``) or their full key
+(``Sample|contains_molecule|Molecule``). :func:`prepare_pretrain_graph` also puts each reverse
+relation in the same edge order as its forward relation, so one mask serves both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfood.errors import ConfigError, GraphError
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph
+
+Array = Any
+
+#: ``graph.meta.extra`` key holding ``{forward relation key: number of candidate edges}``.
+CANDIDATES_KEY = "graphcl_candidate_edges"
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Rates of each augmentation (0 disables it). Keys: node types or forward relation names."""
+
+    #: Probability that a node of the type is dropped (its incident edges masked).
+    node_drop: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {schema.SAMPLE: 0.1, schema.MOLECULE: 0.1})
+    #: Fraction of the real edges of the relation removed (with their reverse edges).
+    edge_drop: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"contains_molecule": 0.2, "has_nutrient": 0.1})
+    #: Number of candidate edges switched on, as a fraction of the relation's real edges.
+    edge_add: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"contains_molecule": 0.05})
+    #: Size of the candidate pool per relation, as a multiple of the edges added per view.
+    candidate_pool_factor: float = 4.0
+    #: Fraction of feature dimensions zeroed (same dimensions for every node of the type).
+    feature_mask: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {schema.MOLECULE: 0.2, schema.FOOD: 0.2})
+    #: Fraction of edges whose attribute row (intensity, quantity) is zeroed.
+    edge_attr_mask: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"contains_molecule": 0.2, "has_nutrient": 0.2})
+
+
+def relation_key(name: str, graph: HeteroGraph | None = None) -> str:
+    """Forward relation key of ``name`` (``contains_molecule`` or ``Sample|contains_molecule|Molecule``)."""
+    if "|" in name:
+        key = schema.forward_key(name)
+    else:
+        matches = [k for k in schema.FORWARD_RELATIONS if schema.split_key(k)[1] == name]
+        if not matches:
+            names = sorted(schema.split_key(k)[1] for k in schema.FORWARD_RELATIONS)
+            raise ConfigError(f"augmentation relation '{name}': unknown (expected one of {names})")
+        key = matches[0]
+    if key not in schema.FORWARD_RELATIONS:
+        raise ConfigError(f"augmentation relation '{name}': unknown relation key")
+    if key in schema.LABEL_RELATIONS:
+        raise ConfigError(f"augmentation relation '{name}': label edges are never used by pretraining")
+    return key
+
+
+def check_config(cfg: AugmentConfig, graph: HeteroGraph) -> None:
+    """Raises :class:`ConfigError` for unknown node types/relations or rates outside [0, 1]."""
+    for field in ("node_drop", "feature_mask"):
+        for t, rate in getattr(cfg, field).items():
+            if t not in schema.NODE_TYPES:
+                raise ConfigError(f"augment.{field}.{t}: unknown node type (expected one of {list(schema.NODE_TYPES)})")
+            if field == "feature_mask" and rate > 0 and t not in graph.node_features:
+                raise ConfigError(f"augment.{field}.{t}: the graph has no input features for '{t}'")
+            _check_rate(f"augment.{field}.{t}", rate)
+    for field in ("edge_drop", "edge_add", "edge_attr_mask"):
+        for name, rate in getattr(cfg, field).items():
+            relation_key(name)
+            _check_rate(f"augment.{field}.{name}", rate)
+    if cfg.candidate_pool_factor < 1.0:
+        raise ConfigError(f"augment.candidate_pool_factor = {cfg.candidate_pool_factor}: expected >= 1")
+
+
+def _check_rate(key: str, rate: float) -> None:
+    if not 0.0 <= float(rate) <= 1.0:
+        raise ConfigError(f"{key} = {rate}: expected a rate in [0, 1]")
+
+
+def _rates(mapping: Mapping[str, float], graph: HeteroGraph) -> dict[str, float]:
+    """``{forward key present in graph: rate > 0}``."""
+    out = {}
+    for name, rate in mapping.items():
+        key = relation_key(name)
+        if key in graph.edges and float(rate) > 0:
+            out[key] = float(rate)
+    return out
+
+
+# ---- once per run, outside jit ------------------------------------------------------------------
+def align_reverse_edges(graph: HeteroGraph) -> HeteroGraph:
+    """Reorders each reverse relation so that reverse edge ``i`` is forward edge ``i`` reversed.
+
+    Message passing is a sum over edges, so the order changes nothing but floating-point rounding;
+    afterwards one ``[E]`` mask serves both directions. Raises :class:`GraphError` if a reverse
+    relation is not the forward relation reversed.
+    """
+    edges = dict(graph.edges)
+    for key, fwd in graph.edges.items():
+        if schema.is_reverse(key):
+            continue
+        rkey = schema.reverse_key(key)
+        rev = graph.edges.get(rkey)
+        if rev is None:
+            continue
+        fs, fr = np.asarray(fwd.senders), np.asarray(fwd.receivers)
+        rs, rr = np.asarray(rev.senders), np.asarray(rev.receivers)
+        if np.array_equal(fs, rr) and np.array_equal(fr, rs):
+            continue
+        if rs.shape != fs.shape:
+            raise GraphError(f"relation '{rkey}': {rs.size} edges, but '{key}' has {fs.size}; "
+                             "expected the same edges reversed")
+        # Sort both by (source, destination, attributes) of the forward direction and pair them up.
+        fa, ra = np.asarray(fwd.attributes), np.asarray(rev.attributes)
+        f_order = np.lexsort((*fa.T[::-1], fr, fs))
+        r_order = np.lexsort((*ra.T[::-1], rs, rr))
+        if not (np.array_equal(fs[f_order], rr[r_order]) and np.array_equal(fr[f_order], rs[r_order])):
+            raise GraphError(f"relation '{rkey}' is not relation '{key}' reversed")
+        perm = np.empty_like(r_order)
+        perm[f_order] = r_order  # reverse edge paired with forward edge i
+        edges[rkey] = EdgeSet(senders=rs[perm], receivers=rr[perm], attributes=ra[perm])
+    return graph.replace(edges=edges)
+
+
+def num_candidate_edges(graph: HeteroGraph) -> dict[str, int]:
+    """``{forward relation key: K}``: the last K edges of the relation (and its reverse) are candidates."""
+    return dict(graph.meta.extra.get(CANDIDATES_KEY, {}))
+
+
+def prepare_pretrain_graph(graph: HeteroGraph, cfg: AugmentConfig, seed: int = 0) -> HeteroGraph:
+    """The graph pretraining runs on: reverse relations aligned, candidate edges appended.
+
+    For each relation with an ``edge_add`` rate, ``K = ceil(candidate_pool_factor * rate * E)``
+    candidate edges are appended to the relation and, in the same order, to its reverse. A
+    candidate joins a random source node to a random destination node it is not yet joined to,
+    with the destination drawn in proportion to its degree (a molecule seen in many samples is a
+    plausible extra detection), and copies the attribute row of a random real edge of that
+    destination (intensities are normalised per molecule, quantities per nutrient).
+    Their number is recorded in ``meta.extra`` (static), so :func:`augment` knows which edges are
+    candidates; they are off unless a view switches them on. Deterministic in ``seed``.
+    """
+    check_config(cfg, graph)
+    graph = align_reverse_edges(graph)
+    rng = np.random.default_rng(seed)
+    edges = dict(graph.edges)
+    counts: dict[str, int] = {}
+    for key, rate in _rates(cfg.edge_add, graph).items():
+        fwd = graph.edges[key]
+        src_t, _, dst_t = schema.split_key(key)
+        n_src, n_dst = graph.num_nodes[src_t], graph.num_nodes[dst_t]
+        s, r, a = np.asarray(fwd.senders), np.asarray(fwd.receivers), np.asarray(fwd.attributes)
+        k = int(math.ceil(cfg.candidate_pool_factor * rate * s.size))
+        existing = set((s.astype(np.int64) * n_dst + r).tolist())
+        free = n_src * n_dst - len(existing)
+        k = min(k, free)
+        if k <= 0 or s.size == 0:
+            continue
+        dst_prob = np.bincount(r, minlength=n_dst).astype(np.float64)
+        dst_prob /= dst_prob.sum()
+        edges_of_dst = np.split(np.argsort(r, kind="stable"), np.cumsum(np.bincount(r, minlength=n_dst))[:-1])
+        cand_s, cand_r, cand_a = [], [], []
+        chosen: set[int] = set()
+        # Rejection sampling; fall back to uniform destinations if degree-weighting saturates.
+        for attempt in range(50):
+            need = k - len(cand_s)
+            if need <= 0:
+                break
+            m = 4 * need
+            ps = rng.integers(0, n_src, m)
+            pr = rng.choice(n_dst, m, p=dst_prob) if attempt < 25 else rng.integers(0, n_dst, m)
+            for i, j in zip(ps.tolist(), pr.tolist()):
+                code = i * n_dst + j
+                if code in existing or code in chosen:
+                    continue
+                chosen.add(code)
+                cand_s.append(i)
+                cand_r.append(j)
+                pool = edges_of_dst[j]
+                cand_a.append(a[rng.choice(pool)] if pool.size else np.zeros(a.shape[1], a.dtype))
+                if len(cand_s) == k:
+                    break
+        k = len(cand_s)
+        if k == 0:
+            continue
+        cs, cr = np.asarray(cand_s, np.int32), np.asarray(cand_r, np.int32)
+        ca = np.asarray(cand_a, np.float32).reshape(k, a.shape[1])
+        edges[key] = EdgeSet(senders=np.concatenate([s, cs]), receivers=np.concatenate([r, cr]),
+                             attributes=np.concatenate([a, ca]))
+        rkey = schema.reverse_key(key)
+        if rkey in edges:
+            rev = edges[rkey]
+            edges[rkey] = EdgeSet(senders=np.concatenate([np.asarray(rev.senders), cr]),
+                                  receivers=np.concatenate([np.asarray(rev.receivers), cs]),
+                                  attributes=np.concatenate([np.asarray(rev.attributes), ca]))
+        counts[key] = k
+    meta = dataclasses.replace(graph.meta, extra={**graph.meta.extra, CANDIDATES_KEY: counts})
+    return graph.replace(edges=edges, meta=meta)
+
+
+# ---- per view, inside jit ------------------------------------------------------------------------
+def base_edge_masks(graph: HeteroGraph) -> dict[str, Array]:
+    """Masks of the un-augmented pretraining graph: real edges on; label and candidate edges off."""
+    counts = num_candidate_edges(graph)
+    masks = {}
+    for key, e in graph.edges.items():
+        n = e.senders.shape[0]
+        if key in schema.LABEL_RELATIONS:
+            masks[key] = jnp.zeros((n,), bool)
+            continue
+        k = counts.get(schema.forward_key(key), 0)
+        masks[key] = jnp.arange(n) < (n - k)
+    return masks
+
+
+def augment(graph: HeteroGraph, rng: Array, cfg: AugmentConfig,
+            return_node_masks: bool = False):
+    """One random view of ``graph`` (from :func:`prepare_pretrain_graph`). Pure and jit-able.
+
+    Args:
+      graph: the pretraining graph; its shapes are kept.
+      rng: PRNG key; the view is a deterministic function of it.
+      cfg: augmentation rates (static).
+      return_node_masks: also return ``{node type: [N] bool}`` (False = node dropped).
+
+    Returns:
+      ``(graph_view, edge_masks)``: ``graph_view`` has masked input features and edge attributes;
+      ``edge_masks`` maps every relation key to ``[E]`` bool (label edges always off). With
+      ``return_node_masks``, a third element ``node_masks``.
+    """
+    counts = num_candidate_edges(graph)
+    masks = base_edge_masks(graph)
+    keys = iter(jax.random.split(rng, 64))
+
+    # Edge removal (real edges only), same mask for both directions.
+    for key, rate in _rates(cfg.edge_drop, graph).items():
+        n = graph.edges[key].senders.shape[0]
+        n_real = n - counts.get(key, 0)
+        keep = jax.random.bernoulli(next(keys), 1.0 - rate, (n,)) | (jnp.arange(n) >= n_real)
+        masks = _and_both_directions(masks, key, keep)
+
+    # Edge addition: each candidate switched on with the probability that adds rate * E_real edges.
+    for key, rate in _rates(cfg.edge_add, graph).items():
+        k = counts.get(key, 0)
+        if k == 0:
+            continue
+        n = graph.edges[key].senders.shape[0]
+        p_on = min(1.0, rate * (n - k) / k)
+        on = jax.random.bernoulli(next(keys), p_on, (n,)) & (jnp.arange(n) >= n - k)
+        masks = _or_both_directions(masks, key, on)
+
+    # Node dropping: every incident edge, in every relation (hence both directions), masked.
+    node_masks = {t: jnp.ones((n,), bool) for t, n in graph.num_nodes.items()}
+    for t, rate in cfg.node_drop.items():
+        if float(rate) > 0 and t in graph.num_nodes:
+            node_masks[t] = jax.random.bernoulli(next(keys), 1.0 - float(rate), (graph.num_nodes[t],))
+    for key, e in graph.edges.items():
+        src_t, _, dst_t = schema.split_key(key)
+        if float(cfg.node_drop.get(src_t, 0.0)) > 0:
+            masks[key] = masks[key] & node_masks[src_t][e.senders]
+        if float(cfg.node_drop.get(dst_t, 0.0)) > 0:
+            masks[key] = masks[key] & node_masks[dst_t][e.receivers]
+
+    # Feature masking: the same dimensions zeroed for every node of the type.
+    features = dict(graph.node_features)
+    for t, rate in cfg.feature_mask.items():
+        if float(rate) > 0 and t in features:
+            x = features[t]
+            keep_dim = jax.random.bernoulli(next(keys), 1.0 - float(rate), (x.shape[1],))
+            features[t] = x * keep_dim.astype(x.dtype)[None, :]
+
+    # Edge-attribute masking: whole attribute rows, both directions.
+    edges = dict(graph.edges)
+    for key, rate in _rates(cfg.edge_attr_mask, graph).items():
+        e = edges[key]
+        if e.attributes.shape[1] == 0:
+            continue
+        keep = jax.random.bernoulli(next(keys), 1.0 - rate, (e.senders.shape[0],))
+        for k in (key, schema.reverse_key(key)):
+            if k in edges:
+                ek = edges[k]
+                edges[k] = ek.replace(attributes=ek.attributes * keep.astype(ek.attributes.dtype)[:, None])
+
+    view = graph.replace(node_features=features, edges=edges)
+    if return_node_masks:
+        return view, masks, node_masks
+    return view, masks
+
+
+def _and_both_directions(masks, key, keep):
+    masks = dict(masks)
+    for k in (key, schema.reverse_key(key)):
+        if k in masks:
+            masks[k] = masks[k] & keep
+    return masks
+
+
+def _or_both_directions(masks, key, on):
+    masks = dict(masks)
+    for k in (key, schema.reverse_key(key)):
+        if k in masks:
+            masks[k] = masks[k] | on
+    return masks
