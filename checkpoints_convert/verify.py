@@ -1,0 +1,163 @@
+"""``--verify``: the PyG original and the converted jaxfood encoder on the same graph.
+
+The PyG module is rebuilt from the checkpoint's own tensors (not from the conversion), both run
+in eval mode on a random graph of the checkpoint's shapes (or on the graph that the upstream
+intermediate JSON builds in compatibility mode), and the largest absolute difference of the
+node embeddings is reported per node type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from checkpoints_convert.convert import Conversion
+from checkpoints_convert.errors import ConvertError
+from checkpoints_convert.load import (
+    UNINITIALIZED,
+    TorchCheckpoint,
+    numpy_to_tensor,
+    require_pyg,
+    require_torch,
+)
+from checkpoints_convert.mapping import RelationName
+from jaxfood.graph import schema
+
+#: Conversion is correct when every node type agrees to this (float32 rounding is ~1e-7).
+TOLERANCE = 1e-5
+
+
+def checkpoint_order_params(conversion: Conversion) -> dict[str, Any]:
+    """The converted params with embedding rows in the checkpoint's order (undoing ``--mappings``)."""
+    from checkpoints_convert.export import _restore_rows
+
+    params = {k: v for k, v in conversion.params.items()}
+    for t, rows in conversion.torch_source.get("rows", {}).items():
+        table = np.asarray(params[f"embed_{t}"]["embedding"])
+        params[f"embed_{t}"] = {"embedding": _restore_rows(table, rows, "conversion", t).astype(np.float32)}
+    return params
+
+
+def random_graph(num_nodes: Mapping[str, int], relations: list[str], edge_dims: Mapping[str, int], seed: int = 0):
+    """A :class:`HeteroGraph` with the given shapes: random edges (reverses mirror their forward
+    relation, as in real graphs) and standard-normal edge attributes."""
+    from jaxfood.graph.hetero_graph import EdgeSet, GraphMeta, HeteroGraph
+
+    rng = np.random.default_rng(seed)
+    edges: dict[str, EdgeSet] = {}
+    for key in relations:
+        rkey = schema.reverse_key(key)
+        if rkey in edges:
+            e = edges[rkey]
+            edges[key] = EdgeSet(senders=e.receivers, receivers=e.senders, attributes=e.attributes)
+            continue
+        src, _, dst = schema.split_key(key)
+        n_src, n_dst = int(num_nodes[src]), int(num_nodes[dst])
+        num_edges = 3 * max(n_src, n_dst)
+        senders = rng.integers(0, n_src, num_edges).astype(np.int32)
+        receivers = rng.integers(0, n_dst, num_edges).astype(np.int32)
+        attributes = rng.normal(size=(num_edges, int(edge_dims.get(key, 0)))).astype(np.float32)
+        edges[key] = EdgeSet(senders=senders, receivers=receivers, attributes=attributes)
+    types = [t for t in schema.NODE_TYPES if t in num_nodes]
+    F = int(num_nodes.get(schema.FOOD, 0))
+    S = int(num_nodes.get(schema.SAMPLE, 0))
+    return HeteroGraph(node_features={}, edges={k: edges[k] for k in relations},
+                       sample_food=np.zeros(S, np.int32), sample_split=np.zeros(S, np.int32),
+                       food_nutrients=np.zeros((F, 0), np.float32), food_category=np.zeros(F, np.int32),
+                       meta=GraphMeta(num_nodes={t: int(num_nodes[t]) for t in types}))
+
+
+def reference_from_checkpoint(conversion: Conversion, ckpt: TorchCheckpoint):
+    """The original PyG encoder with the checkpoint's tensors loaded (strictly), canonical names."""
+    require_pyg()
+    from checkpoints_convert.reference import build_reference_encoder
+
+    arch = conversion.architecture
+    relations = [k for k in conversion.params.get("layer_0", {})]
+    inert_keys = set(conversion.report["inert"])
+    has_inert: dict[str, bool] = {}
+    state = {}
+    num_nodes = {}
+    for key, where in conversion.located.items():
+        if where["kind"] == "embedding":
+            state[f"embeddings.{where['node_type']}.weight"] = ckpt.state[key]
+            num_nodes[where["node_type"]] = int(np.shape(ckpt.state[key])[0])
+            continue
+        rel = where["relation"]
+        if key in inert_keys:
+            has_inert[rel] = True
+        module_key = RelationName(*schema.split_key(rel), style="new").module_key()
+        state[f"layers.{where['layer']}.convs.{module_key}.{where['param']}"] = ckpt.state[key]
+    edge_dims = {}
+    for k in relations:
+        w = int(arch.edge_dims.get(k, 0))
+        edge_dims[tuple(schema.split_key(k))] = w if w > 0 else (0 if has_inert.get(k) else None)
+    module = build_reference_encoder(num_nodes, [tuple(schema.split_key(k)) for k in relations], edge_dims,
+                                     arch.embedding_dim, arch.hidden_dim, arch.num_heads, arch.num_layers,
+                                     float(conversion.encoder_config.get("dropout", 0.0)))
+    tensors = {k: numpy_to_tensor(v, "uninitialized" if v is UNINITIALIZED else "float32") for k, v in state.items()}
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ConvertError(f"{ckpt.path}: the original PyG encoder cannot load these tensors "
+                           f"({str(err).splitlines()[0]})") from None
+    module.eval()
+    return module
+
+
+def run_verify(conversion: Conversion, ckpt: TorchCheckpoint, graph=None, seed: int = 0) -> dict[str, Any]:
+    """``{"graph": "random"|path, "max_abs_diff": {type: float}, "tolerance", "passed"}``."""
+    torch = require_torch()
+    import jax
+
+    from jaxfood.config import config_from_dict
+    from jaxfood.models.encoder import EncoderConfig, make_encoder
+
+    module = reference_from_checkpoint(conversion, ckpt)
+    params = checkpoint_order_params(conversion)
+    relations = list(params.get("layer_0", {}))
+    num_nodes = {t: int(params[f"embed_{t}"]["embedding"].shape[0]) for t in schema.NODE_TYPES
+                 if f"embed_{t}" in params}
+    arch = conversion.architecture
+    where = "random graph of the checkpoint's shapes"
+    if graph is None:
+        graph = random_graph(num_nodes, relations, arch.edge_dims, seed)
+    else:
+        where = str(graph.meta.extra.get("sources", {}).get("upstream_json", "given graph"))
+        for t, n in num_nodes.items():
+            if graph.num_nodes.get(t) != n:
+                raise ConvertError(f"{where}: has {graph.num_nodes.get(t)} '{t}' nodes but the checkpoint's "
+                                   f"embedding table has {n} rows")
+        dims = graph.edge_dims()
+        for k in relations:
+            if k not in graph.edges:
+                raise ConvertError(f"{where}: relation '{k}' of the checkpoint is missing from the graph")
+            if dims[k] != arch.edge_dims.get(k, 0):
+                raise ConvertError(f"{where}: relation '{k}' has {dims[k]} edge attributes, the checkpoint "
+                                   f"expects {arch.edge_dims.get(k, 0)}")
+        graph = graph.replace(edges={k: graph.edges[k] for k in relations})
+    cfg = config_from_dict(EncoderConfig(), conversion.encoder_config, "converted encoder_config")
+    encoder = make_encoder(graph, cfg)
+    # one compiled program instead of hundreds of op-by-op dispatches
+    ours = jax.jit(lambda p, g: encoder.apply({"params": p}, g, deterministic=True))(params, graph)
+    ours = {t: np.asarray(jax.device_get(v)) for t, v in ours.items()}
+
+    edge_index, edge_attr = {}, {}
+    for k in relations:
+        e = graph.edges[k]
+        triple = tuple(schema.split_key(k))
+        edge_index[triple] = torch.from_numpy(np.stack([np.asarray(e.senders), np.asarray(e.receivers)]).astype(np.int64))
+        if int(np.shape(e.attributes)[1]) > 0:  # as the original: no edge_attr for attribute-less relations
+            edge_attr[triple] = torch.from_numpy(np.asarray(e.attributes, np.float32))
+    with torch.no_grad():
+        theirs = {t: v.numpy() for t, v in module(edge_index, edge_attr).items()}
+    diffs = {}
+    for t in sorted(set(ours) | set(theirs), key=lambda t: schema.NODE_TYPES.index(t)):
+        if t not in ours or t not in theirs or ours[t].shape != theirs[t].shape:
+            diffs[t] = float("inf")
+            continue
+        diffs[t] = float(np.max(np.abs(ours[t] - theirs[t]))) if ours[t].size else 0.0
+    return {"graph": where, "max_abs_diff": diffs, "tolerance": TOLERANCE,
+            "passed": bool(diffs) and all(v <= TOLERANCE for v in diffs.values())}
