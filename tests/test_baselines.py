@@ -95,6 +95,29 @@ def test_vip_two_components_against_written_out_nipals():
     assert np.mean(vip**2) == pytest.approx(1.0)  # VIP's defining normalisation
 
 
+def test_pls1_vip_all_columns_equals_one_sklearn_model_per_column():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 12))
+    food = rng.integers(0, 4, size=40)
+    one_hot = (food[:, None] == np.arange(4)[None, :]).astype(float)
+    for n_components in (1, 2, 3):
+        vip = B.pls1_vip(x, one_hot, n_components)
+        assert vip.shape == (12, 4)
+        for c in range(4):
+            pls = PLSRegression(n_components=n_components, scale=False).fit(x, one_hot[:, c : c + 1])
+            np.testing.assert_allclose(vip[:, c], B.vip_scores(pls), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(vip[:, c], _nipals_vip(x, one_hot[:, c], n_components), rtol=1e-6)
+
+
+def test_log2_fold_change_per_group_columns():
+    x = np.log1p(np.random.default_rng(0).random((10, 5)) * 50)
+    food = np.arange(10) % 3
+    groups = food[:, None] == np.arange(3)[None, :]
+    lfc = B.log2_fold_change(x, groups)
+    for c in range(3):
+        np.testing.assert_allclose(lfc[:, c], B.log2_fold_change(x, food == c))
+
+
 def test_fold_change_ranking_puts_planted_marker_first():
     areas, food, molecule_ids, food_names = planted_dataset()
     x = B.preprocess_intensities(areas)
