@@ -189,8 +189,8 @@ def _unique_ids(ids: list[str], path: Path, column: str, what: str) -> None:
 def read_feature_table(path: str | Path) -> FeatureTable:
     """Reads a GNPS/MZmine feature table (``.csv``) or a jaxfood sparse feature table (``.npz``).
 
-    Returns a sparse :class:`FeatureTable`: only detected entries (area > 0) are kept, in
-    row-major order (molecule rows of the file, then sample columns).
+    Returns a sparse :class:`FeatureTable`: only detected entries (area > 0) are kept, ordered
+    by sample column, then molecule row.
     """
     path = Path(path)
     if path.suffix.lower() == ".npz":
@@ -219,14 +219,14 @@ def read_feature_table(path: str | Path) -> FeatureTable:
     areas = np.empty((len(df), len(area_cols)), np.float64)
     for j, col in enumerate(area_cols):
         areas[:, j] = _numeric_column(df, col, path, allow_nan=True, allow_negative=False,
-                                      what="a peak area (number >= 0)")
+                                      what="a peak area")
     n_nan = int(np.isnan(areas).sum())
     if n_nan:
         cols = sorted({area_cols[j] for j in np.nonzero(np.isnan(areas).any(0))[0]})
         _warn(f"{path}: {n_nan} empty peak area cell(s) in {len(cols)} column(s) ({_examples(cols)}) "
               "treated as not detected (0)")
         areas = np.nan_to_num(areas, nan=0.0)
-    mol_idx, samp_idx = np.nonzero(areas > 0)
+    samp_idx, mol_idx = np.nonzero(areas.T > 0)  # sample-major, the order the builder keeps
     return FeatureTable(
         molecule_ids=molecule_ids,
         sample_ids=sample_ids,
@@ -279,7 +279,9 @@ def _read_feature_npz(path: Path) -> FeatureTable:
         i = int(np.nonzero(val < 0)[0][0])
         raise UserError(f"{path}: array 'intensity', entry {i}: value {val[i]:g} is negative (expected a peak area >= 0)")
     pair = si.astype(np.int64) * len(molecule_ids) + mi.astype(np.int64)
-    if np.unique(pair).size != pair.size:
+    if not np.all(pair[1:] > pair[:-1]):  # sorted input (the usual case) needs no sort to check
+        pair = np.sort(pair)
+    if np.any(pair[1:] == pair[:-1]):
         raise UserError(f"{path}: arrays 'sample_index'/'molecule_index' list a (sample, molecule) pair twice "
                         "(expected one entry per detected peak)")
     keep = val > 0

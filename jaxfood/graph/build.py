@@ -187,9 +187,12 @@ def build_graph(tables: RawTables, *, seed: int = 0,
     s_idx, m_idx, area = s_idx[keep], m_idx[keep], area[keep]
     if s_idx.size == 0:
         raise UserError(f"{ft.source}: no detected peak (area > 0) in any kept sample")
-    order = np.lexsort((m_idx, s_idx))  # sample-major, deterministic whatever the input order
-    s_idx, m_idx, area = s_idx[order], m_idx[order], area[order]
-    if np.any((np.diff(s_idx) == 0) & (np.diff(m_idx) == 0)):
+    # Sample-major order, deterministic whatever the input order (readers usually give it sorted).
+    pair = s_idx * M + m_idx
+    if not np.all(pair[1:] > pair[:-1]):
+        order = np.argsort(pair, kind="stable")
+        s_idx, m_idx, area, pair = s_idx[order], m_idx[order], area[order], pair[order]
+    if np.any(pair[1:] == pair[:-1]):
         raise UserError(f"{ft.source}: a (sample, molecule) pair has more than one peak area")
     z_int, mol_mean, mol_std = grouped_zscore(np.log1p(area), m_idx, M)
     contains = make_edge_set(s_idx, m_idx, z_int[:, None])

@@ -1,0 +1,157 @@
+"""``jaxfood build-graph``: files (or the embedded default) -> a validated graph directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from jaxfood.errors import UserError
+
+NAME = "build-graph"
+HELP = "build the Sample-Molecule-Food-Nutrient graph from your files or the embedded default"
+DESCRIPTION = """\
+Builds the heterogeneous graph and writes OUT/graph.npz, OUT/graph.json (schema, id maps,
+normalisation statistics) and OUT/summary.json (node, edge and split counts).
+
+Inputs, one of:
+  (none)                        the embedded default: simulated samples of real USDA foods,
+                                written to real file formats and read back like your files
+  --feature-table F --metadata F --nutrients F|DIR [--molecule-embeddings F [--molecule-ids F]]
+                                a GNPS/MZmine feature table (CSV: 'row ID', 'row m/z',
+                                'row retention time', '<filename> Peak area'; or jaxfood .npz),
+                                sample metadata (CSV: 'filename' + the label column), nutrients
+                                (wide CSV: 'food' + 'Name (unit)' columns, or a USDA FoodData
+                                Central CSV directory joined through the metadata's ndb_number)
+  --upstream-json F             the intermediate JSON of the PyTorch project (compatibility mode:
+                                the same graph it builds; also writes hetero_graph_mappings.json)
+
+Intensities are log1p-transformed and z-scored per molecule; nutrient amounts are z-scored per
+nutrient; samples are split train/val/test stratified by food and only training samples keep
+their is_instance_of (label) edge. Problems the data survives are printed as counted warnings;
+bad input stops with one 'error:' line (exit status 2) and writes nothing."""
+
+
+def _split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise UserError(f"--split '{text}': expected three non-negative fractions summing to 1, e.g. 0.7,0.15,0.15")
+    return parts  # type: ignore[return-value]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--out", default="runs/graph", metavar="DIR",
+                        help="output directory (created; files of the same name are replaced) [default: runs/graph]")
+    files = parser.add_argument_group("your files")
+    files.add_argument("--feature-table", metavar="F", help="GNPS/MZmine feature table (.csv) or jaxfood sparse table (.npz)")
+    files.add_argument("--metadata", metavar="F", help="sample metadata CSV/TSV with 'filename' and the label column")
+    files.add_argument("--nutrients", metavar="F|DIR", help="wide nutrient CSV or USDA FoodData Central CSV directory")
+    files.add_argument("--molecule-embeddings", metavar="F", help="spectral embeddings, .npy matrix [molecules, dim]")
+    files.add_argument("--molecule-ids", metavar="F",
+                       help="molecule ids of the embedding rows, one per line [default: molecule_ids.txt beside the .npy]")
+    files.add_argument("--label-column", default=None, metavar="C",
+                       help="metadata column holding the food label [default: sample_type_group5]")
+    up = parser.add_argument_group("compatibility mode")
+    up.add_argument("--upstream-json", metavar="F", help="intermediate JSON of the PyTorch project")
+    up.add_argument("--per-unit", action="store_true",
+                    help="z-score amounts per (nutrient, unit) as upstream's --zscore-nutrients-by nutrient_unit")
+    parser.add_argument("--preset", default="default", choices=("default", "large"),
+                        help="embedded dataset size when no input files are given [default: default]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (and of the embedded simulation) [default: 0]")
+    parser.add_argument("--split", default=None, metavar="TRAIN,VAL,TEST",
+                        help="split fractions [default: 0.7,0.15,0.15]")
+
+
+def _check_args(args) -> str:
+    native = [args.feature_table, args.metadata, args.nutrients]
+    if args.upstream_json:
+        given = [f"--{n}" for n, v in (("feature-table", args.feature_table), ("metadata", args.metadata),
+                                       ("nutrients", args.nutrients), ("molecule-embeddings", args.molecule_embeddings),
+                                       ("label-column", args.label_column), ("split", args.split)) if v]
+        if given:
+            raise UserError(f"--upstream-json cannot be combined with {', '.join(given)} "
+                            "(compatibility mode takes everything from the JSON and splits nothing)")
+        return "upstream"
+    if args.per_unit:
+        raise UserError("--per-unit applies only with --upstream-json")
+    if any(native):
+        missing = [f"--{n}" for n, v in zip(("feature-table", "metadata", "nutrients"), native) if not v]
+        if missing:
+            raise UserError(f"missing {', '.join(missing)} (--feature-table, --metadata and --nutrients go together)")
+        return "files"
+    if args.molecule_embeddings or args.label_column:
+        raise UserError("--molecule-embeddings and --label-column need --feature-table, --metadata and --nutrients")
+    return "default"
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as an aligned plain-text table."""
+    rows = [("node type", "count")] + [(t, str(n)) for t, n in summary["nodes"].items()]
+    rows += [("", ""), ("relation", "edges")] + [(k, str(n)) for k, n in summary["edges"].items()]
+    rows += [("", ""), ("split", "samples")] + [(k, str(n)) for k, n in summary["splits"].items()]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b:>8}" if a else "" for a, b in rows)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from jaxfood.graph.hetero_graph import save_graph, summary
+    from jaxfood.io_utils import atomic_dir
+
+    mode = _check_args(args)
+    if args.molecule_ids and not args.molecule_embeddings:
+        raise UserError("--molecule-ids needs --molecule-embeddings")
+    fractions = _split(args.split) if args.split else (0.7, 0.15, 0.15)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    start = time.perf_counter()
+    stages = tqdm(total=2, desc="build-graph", unit="step", file=sys.stderr, leave=False,
+                  disable=not sys.stderr.isatty())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        stages.set_postfix_str("reading inputs and building")
+        if mode == "upstream":
+            from jaxfood.data.upstream import build_graph_from_upstream_json
+
+            graph = build_graph_from_upstream_json(args.upstream_json, per_unit=args.per_unit)
+        elif mode == "files":
+            from jaxfood.data.readers import DEFAULT_LABEL_COLUMN, read_tables
+            from jaxfood.graph.build import build_graph
+
+            tables = read_tables(args.feature_table, args.metadata, args.nutrients,
+                                 molecule_embeddings=args.molecule_embeddings,
+                                 label_column=args.label_column or DEFAULT_LABEL_COLUMN,
+                                 molecule_ids=args.molecule_ids)
+            graph = build_graph(tables, seed=args.seed, split_fractions=fractions)
+        else:
+            from jaxfood.data.default import build_default_graph
+
+            graph = build_default_graph(seed=args.seed, preset=args.preset, split_fractions=fractions)
+        stages.update()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    graph.meta.extra["warnings"] = messages
+    stages.set_postfix_str("writing")
+    with atomic_dir(out) as tmp:
+        save_graph(graph, tmp)
+        if mode == "upstream":
+            from jaxfood.data.upstream import write_upstream_mappings
+
+            write_upstream_mappings(graph, tmp / "hetero_graph_mappings.json")
+    stages.update()
+    stages.close()
+    elapsed = time.perf_counter() - start
+    for msg in messages:
+        print(f"warning: {msg}", file=sys.stderr)
+    if messages:
+        print(f"{len(messages)} warning(s)", file=sys.stderr)
+    print(format_summary(summary(graph)))
+    print(f"\ngraph written to {out}/ (graph.npz, graph.json, summary.json) in {elapsed:.1f} s")
+    return 0
