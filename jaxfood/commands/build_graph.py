@@ -106,6 +106,8 @@ def run(args) -> int:
     from jaxfood.io_utils import atomic_dir
 
     mode = _check_args(args)
+    if args.preset != "default" and mode != "default":
+        raise UserError(f"--preset {args.preset} applies only to the embedded default (no input files)")
     if args.molecule_ids and not args.molecule_embeddings:
         raise UserError("--molecule-ids needs --molecule-embeddings")
     fractions = _split(args.split) if args.split else (0.7, 0.15, 0.15)

@@ -19,8 +19,10 @@ Bad input policy. Problems that make the data unusable or ambiguous raise
 :class:`~jaxfood.errors.UserError` with one line naming the file, the column/line and what was
 expected: missing column, non-numeric, negative or infinite value, duplicate sample file name,
 duplicate molecule id or food row, empty table, unparseable nutrient header, embedding count
-mismatch. Problems the data survives are reported as a counted :class:`DataWarning` (Python
-``warnings``; the CLI prints them) and handled as documented:
+mismatch. Problems the data survives are reported as a counted warning (Python ``warnings``:
+:class:`DataWarning` from here, :class:`jaxfood.graph.build.BuildWarning` for what the builder
+decides -- foods without nutrients, unlabelled samples, molecules without an embedding; the CLI
+prints them) and handled as documented:
 
 ==========================================  =====================================================
 empty cell (NaN) in a ``Peak area`` column  counted warning; treated as not detected (area 0)
