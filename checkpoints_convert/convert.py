@@ -264,8 +264,11 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
         orig, value = emb[t]
         if value is UNINITIALIZED or np.ndim(value) != 2 or tuple(np.shape(value)) != (rows, d):
             why = None
+            field = next((f for f, ft in MAPPING_FIELDS.items() if ft == t), None)
             if graph is not None and mappings is None and np.ndim(value) == 2 and np.shape(value)[1] == d:
                 why = f"the graph has {rows} '{t}' nodes; pass --mappings to reorder rows by id"
+            elif mappings is not None and field in mappings:
+                why = f"{mappings_source or 'mappings'} '{field}' lists {rows} ids"
             problems.append(Problem("shape", orig, expected=expected, found=_shape(value), why=why))
             continue
         ok_emb[t] = value
@@ -490,27 +493,46 @@ def _check_config(config: Mapping[str, Any] | None, arch: Architecture, problems
                                     why=evidence[name]))
 
 
+def _fresh_value(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A fresh parameter initialised as PyTorch Geometric would: glorot for weights and
+    attention vectors, zeros for biases, N(0, 1) for embedding tables (``nn.Embedding``)."""
+    name = path.split("/")[-1]
+    if name == "bias":
+        return np.zeros(shape, np.float32)
+    if name in ("kernel", "att_src", "att_dst", "att_edge"):
+        fan_in, fan_out = (shape[0], shape[-1]) if len(shape) > 1 else (shape[0], shape[0])
+        limit = np.sqrt(6.0 / max(1, fan_in + fan_out))
+        return rng.uniform(-limit, limit, size=shape).astype(np.float32)
+    return rng.normal(size=shape).astype(np.float32)
+
+
 def _fill_from_fresh_init(params: dict, graph, encoder_config, seed: int) -> list[str]:
-    """Adds what the graph's encoder needs but the checkpoint lacks, from a seeded fresh init."""
+    """Adds what the graph's encoder needs but the checkpoint lacks (seeded, see :func:`_fresh_value`).
+
+    Returns the added parameter paths. Converted entries the graph's encoder does not have are
+    dropped (they would break ``apply``).
+    """
     import jax
 
     from jaxfood.models.encoder import make_encoder
 
-    fresh = make_encoder(graph, encoder_config).init(jax.random.PRNGKey(seed), graph)["params"]
-    fresh = jax.tree_util.tree_map(np.asarray, fresh)
-    added: list[str] = []
+    encoder = make_encoder(graph, encoder_config)
+    key = jax.random.PRNGKey(seed)
+    expected = jax.eval_shape(lambda: encoder.init(key, graph))["params"]  # structure only: no compile
+    rng = np.random.default_rng(seed)
+    missing: list[str] = []
 
-    def walk(dst: dict, ref: Mapping, path: str) -> None:
+    def fill(dst: dict, ref: Mapping, path: str) -> None:
         for k, v in ref.items():
             p = f"{path}/{k}" if path else k
             if isinstance(v, Mapping):
-                walk(dst.setdefault(k, {}), v, p)
+                fill(dst.setdefault(k, {}), v, p)
             elif k not in dst:
-                dst[k] = np.asarray(v, np.float32)
-                added.append(p)
+                dst[k] = _fresh_value(p, tuple(v.shape), rng)
+                missing.append(p)
 
-    walk(params, fresh, "")
-    # anything converted that the graph's encoder does not have would break apply(); drop it
+    fill(params, expected, "")
+
     def prune(dst: dict, ref: Mapping) -> None:
         for k in list(dst):
             if k not in ref:
@@ -518,8 +540,8 @@ def _fill_from_fresh_init(params: dict, graph, encoder_config, seed: int) -> lis
             elif isinstance(dst[k], dict):
                 prune(dst[k], ref[k])
 
-    prune(params, fresh)
-    return added
+    prune(params, expected)
+    return missing
 
 
 def _reorder_rows(params: dict, graph, mappings: Mapping[str, list], mappings_source: str,

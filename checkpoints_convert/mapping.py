@@ -152,8 +152,9 @@ class NameMap:
     """Translates the original's node and relation names into the canonical schema.
 
     Resolution order for a relation ``(S, r, D)``: a whole-relation ``--rename``; a ``--rename``
-    of the relation name; the default whole-relation alias; the default name alias; finally, if
-    exactly one canonical relation of the same direction joins the (renamed) endpoints, that one.
+    of the relation name; the default whole-relation alias; the default name alias. The result
+    must be a relation of the jaxfood schema; anything else is left unresolved (an error that
+    asks for a ``--rename``) rather than guessed.
     """
 
     user: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -185,11 +186,7 @@ class NameMap:
             name = schema.UPSTREAM_ALIASES.get(base, base) if base not in _NODE_ALIASES else base
         key = schema.edge_key(n_src, name, n_dst)
         if key not in schema.KNOWN_RELATIONS:
-            candidates = [k for k in schema.FORWARD_RELATIONS
-                          if schema.split_key(k)[0] == n_src and schema.split_key(k)[2] == n_dst]
-            if len(candidates) != 1:
-                return None
-            key = candidates[0]
+            return None
         return schema.reverse_key(key) if reverse else key
 
 
