@@ -47,9 +47,9 @@ Food|Contains|Nutrient=Food|has_nutrient|Nutrient, Is_of_type=is_instance_of (an
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m checkpoints_convert",
-        description="Convert PyTorch Geometric HeteroGATEncoder checkpoints (GraphCL pretraining or "
-                    "fine-tuned link prediction) of the original PyTorch project into jaxfood orbax "
-                    "checkpoints, verify them against PyG, and export jaxfood encoders back to PyTorch.",
+        description="Convert PyTorch Geometric HeteroGATEncoder checkpoints of the original PyTorch project\n"
+                    "(GraphCL pretraining or fine-tuned link prediction) into jaxfood orbax checkpoints,\n"
+                    "verify them against PyG, and export jaxfood encoders back to PyTorch.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC", help="a .pt file written by torch.save, or a jaxfood checkpoint "
                                                  "directory (with --to-torch only)")

@@ -23,7 +23,6 @@ import numpy as np
 from checkpoints_convert.errors import ConvertError
 from checkpoints_convert.load import UNINITIALIZED, numpy_to_tensor, require_torch
 from checkpoints_convert.mapping import GAT_PARAMS, RelationName, export_node_name, export_relation_name
-from jaxfood.graph import schema
 
 _PARAM_BY_PATH = {"/".join(v): k for k, v in GAT_PARAMS.items()}
 
@@ -196,8 +195,3 @@ def compare_state_dicts(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]
         if x.dtype != y.dtype or tuple(x.shape) != tuple(y.shape) or not torch.equal(x, y):
             diffs.append(f"'{k}': {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)} differ")
     return diffs
-
-
-def schema_relation_keys(params: Mapping) -> list[str]:
-    """Relation keys of layer 0 (helper for reports)."""
-    return [k for k in params.get("layer_0", {}) if "|" in k and schema.split_key(k)]

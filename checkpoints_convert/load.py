@@ -109,9 +109,12 @@ def load_torch_file(path: str | Path) -> Any:
         with torch.serialization.safe_globals([UninitializedParameter]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise _refusal(path, err) from None
-        raise ConvertError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+        text = str(err)
+        operand = re.search(r"Unsupported operand \d+", text)
+        if operand or "weights_only" not in text:  # not a pickle at all (text, JSON, truncated file)
+            detail = operand.group(0) if operand else _first_line(err)
+            raise ConvertError(f"{path}: not a PyTorch checkpoint written by torch.save ({detail})") from None
+        raise _refusal(path, err) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError,
             TypeError, KeyError) as err:
         raise ConvertError(f"{path}: not a PyTorch checkpoint written by torch.save ({_first_line(err)})") from None

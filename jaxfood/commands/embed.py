@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
     source.add_argument("--upstream-json", metavar="F", help="the original project's intermediate JSON "
                         "(graph built in compatibility mode)")
     parser.add_argument("--out", required=True, metavar="EMB.npz", help="output file (one array per node type)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step to read (None: the latest)")
 
 
 def check_compatible(params: dict[str, Any], graph, checkpoint: str, graph_name: str) -> None:
@@ -51,10 +51,12 @@ def check_compatible(params: dict[str, Any], graph, checkpoint: str, graph_name:
                                       f"but {graph_name}'s '{t}' features have {have} columns (expected [{have}, ...])")
     dims = graph.edge_dims()
     layer0 = params.get("layer_0", {})
-    for key, p in layer0.items():
+    for key in layer0:
         if key not in graph.edges:
             raise CheckpointError(f"{checkpoint}: the encoder has relation '{key}' but {graph_name} does not "
                                   f"(graph relations: {list(graph.edges)})")
+    for key in [k for k in graph.edges if k in layer0]:  # the graph's order: forward relations first
+        p = layer0[key]
         width = int(np.shape(p["lin_edge"]["kernel"])[0]) if "lin_edge" in p else 0
         if width != dims[key]:
             shape = list(np.shape(p["lin_edge"]["kernel"])) if "lin_edge" in p else "none"
