@@ -427,3 +427,13 @@ def test_verify_failure_exits_nonzero_and_writes_nothing(original, workdir, caps
     assert rc == 1
     assert "FAILED" in stdout and "verification failed" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("pair, text", [("Feature", "expected Old=New"),
+                                        ("A|r|B=Molecule", "whole relation to a whole relation"),
+                                        ("A|r|B=Sample|eats|Food", "not a jaxfood relation")])
+def test_bad_rename_is_a_user_error(pair, text, original, workdir, capsys):
+    src = graphcl_file(workdir / "rename_err.pt", original[0])
+    rc, _, err = run_convert([src, "--out", workdir / "rename_err", "--rename", pair], capsys)
+    assert rc == 2 and text in err
+    assert not (workdir / "rename_err").exists()
