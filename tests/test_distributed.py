@@ -1,0 +1,209 @@
+"""Data parallelism: pmap over 4 devices == one device on the same 4 subgraphs; the helpers.
+
+XLA flags must be set before JAX initialises, so the 4-device runs happen in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxfood.errors import CheckpointError, ConfigError
+from jaxfood.train import distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_with_devices(tmp_path: Path, code: str, layouts=("4x1", "1x4"), devices: int = 4,
+                     timeout: int = 300) -> dict:
+    """Runs ``code`` once per layout, concurrently, each in a fresh Python with ``devices`` CPU
+    devices and ``LAYOUT`` set; returns {layout: the JSON it writes to OUT}."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(code))
+    procs = {}
+    for layout in layouts:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), LAYOUT=layout,
+                   OUT=str(tmp_path / f"{layout}.json"))
+        procs[layout] = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+    results = {}
+    for layout, proc in procs.items():
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-4000:]
+        results[layout] = json.loads((tmp_path / f"{layout}.json").read_text())
+    return results
+
+
+# A small multi-task model on a toy graph; the equivalence is what is tested, not the model.
+# The optimizer is SGD with momentum: Adam turns rounding-level noise in gradients that are zero
+# in exact arithmetic (e.g. GAT attention vectors of a relation whose messages are all equal) into
+# full-size +-lr steps, so two correct runs that round differently could not agree to 1e-5.
+MULTITASK_WORKER = """
+    import json, os
+    import jax, numpy as np, optax
+    from conftest import make_toy_graph
+    from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
+    from jaxfood.models.encoder import EncoderConfig
+    from jaxfood.models.heads import HeadsConfig, make_multitask_model
+    from jaxfood.train import distributed as dist, multitask, task_weighting as tw
+
+    assert jax.local_device_count() == 4
+    graph = make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1)
+    sampler = NeighbourSampler(graph, SamplerConfig(batch_size=4, num_hops=1, seed=3))
+    enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.1,
+                        input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
+    model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, attention_dim=4,
+                                                         projection_dim=4, dropout=0.1))
+    weighting = tw.WeightingConfig(method="gradnorm")  # its statistics must be averaged too
+    tx = optax.chain(optax.clip_by_global_norm(5.0), optax.sgd(0.05, momentum=0.9))
+    loss_cfg = multitask.LossConfig(salient_top_k=3)
+    pmodel = dist.padding_aware_model(model)
+    state = multitask.init_train_state(pmodel, weighting, tx, jax.random.PRNGKey(0), sampler.batch(0).graph)
+    state = jax.tree_util.tree_map(np.asarray, dist.train_state_to_dict(state))
+    step_fn = dist.multitask_step_fn(model, loss_cfg, weighting, tx)
+    devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
+    step = dist.data_parallel(step_fn, dist.ShardLayout(0, 1, devices, per_device), seed=11)
+    result = dist.fit(step, state, sampler.batch, num_steps=3)
+    seeds = [sorted(sampler.seeds_for(0, s, 4).tolist()) for s in range(4)]
+    json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
+               "loss": [h["loss/total"] for h in result.history], "compilations": step.compile_count(),
+               "weights": [result.history[-1][f"weight/{t}"] for t in multitask.TASKS],
+               "distinct_subgraphs": len({tuple(s) for s in seeds})}, open(os.environ["OUT"], "w"))
+"""
+
+PRETRAIN_WORKER = """
+    import json, os
+    import jax, numpy as np
+    from conftest import make_toy_graph
+    from jaxfood.models.encoder import EncoderConfig
+    from jaxfood.train import distributed as dist, pretrain
+    from jaxfood.train.augment import prepare_pretrain_graph
+
+    graph = make_toy_graph(num_samples=30, num_molecules=30, per_sample=6, seed=2)
+    enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
+                        input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
+    cfg = pretrain.PretrainConfig(encoder=enc, batch_size=16, projection_hidden=8, projection_dim=4,
+                                  warmup_steps=0)
+    pre_graph = prepare_pretrain_graph(graph, cfg.augment, seed=0)
+    model = pretrain.make_model(pre_graph, cfg)
+    import optax
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
+    params = model.init(jax.random.PRNGKey(0), pre_graph)
+    state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
+    step_fn = dist.pretrain_step_fn(model, optimizer)
+    devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
+    step = dist.data_parallel(step_fn, dist.ShardLayout(0, 1, devices, per_device), seed=5)
+    result = dist.fit(step, state, lambda s, shard: pre_graph, num_steps=3)
+    json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
+               "loss": [h["loss"] for h in result.history]}, open(os.environ["OUT"], "w"))
+"""
+
+
+def _max_diff(a, b) -> float:
+    diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    return max(jax.tree_util.tree_leaves(diffs))
+
+
+def test_multitask_step_pmap_over_4_devices_equals_one_device_on_the_same_4_subgraphs(tmp_path):
+    out = run_with_devices(tmp_path, MULTITASK_WORKER)
+    pmapped, single = out["4x1"], out["1x4"]
+    assert pmapped["distinct_subgraphs"] == 4
+    assert pmapped["compilations"] == single["compilations"] == 1
+    assert _max_diff(pmapped["params"], single["params"]) < 1e-5
+    np.testing.assert_allclose(pmapped["loss"], single["loss"], rtol=1e-5)
+    np.testing.assert_allclose(pmapped["weights"], single["weights"], rtol=1e-5)
+    # Training moved the parameters well beyond the tolerance (the comparison can fail).
+    assert pmapped["loss"][0] != pmapped["loss"][-1]
+
+
+def test_graphcl_step_pmap_over_4_devices_equals_one_device_with_4_views(tmp_path):
+    out = run_with_devices(tmp_path, PRETRAIN_WORKER)
+    assert _max_diff(out["4x1"]["params"], out["1x4"]["params"]) < 1e-5
+    np.testing.assert_allclose(out["4x1"]["loss"], out["1x4"]["loss"], rtol=1e-5)
+
+
+# ---- helpers in this process (one device) --------------------------------------------------------
+def test_shard_layout_numbers_shards_globally():
+    layouts = [dist.ShardLayout(p, 2, 2, 3) for p in range(2)]
+    ids = np.concatenate([lay.shard_ids().reshape(-1) for lay in layouts])
+    np.testing.assert_array_equal(ids, np.arange(12))
+    assert layouts[1].shard_ids().shape == (2, 3) and layouts[0].num_shards == 12
+
+
+def test_local_batch_stacks_shards_in_device_major_order():
+    layout = dist.ShardLayout(1, 2, 2, 2)
+    batch = dist.local_batch(lambda step, shard: {"x": np.array([step, shard])}, 7, layout)
+    np.testing.assert_array_equal(batch["x"][..., 1], [[4, 5], [6, 7]])
+    assert np.all(batch["x"][..., 0] == 7)
+
+
+def test_replicate_and_unreplicate_round_trip():
+    tree = {"a": np.arange(6.0).reshape(2, 3), "b": np.int32(4)}
+    rep = dist.replicate(tree)
+    assert rep["a"].shape == (jax.local_device_count(), 2, 3)
+    back = dist.unreplicate(rep)
+    np.testing.assert_array_equal(back["a"], tree["a"])
+    assert int(back["b"]) == 4
+
+
+def test_aggregate_metrics_is_the_mean_over_shards():
+    metrics = {"loss": np.array([[1.0, 3.0]]), "acc": np.array([[0.5, 0.5]])}
+    assert dist.aggregate_metrics(metrics) == {"acc": 0.5, "loss": 2.0}
+
+
+def test_shard_rng_depends_on_step_and_shard_only():
+    a, b = dist.shard_rng(0, 3, 1), dist.shard_rng(0, 3, 1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, dist.shard_rng(0, 3, 2)) and not np.array_equal(a, dist.shard_rng(0, 4, 1))
+
+
+def test_distributed_arguments_parse_and_bad_values_are_one_line_errors(monkeypatch):
+    for name in ("JAXFOOD_COORDINATOR", "JAXFOOD_NUM_PROCESSES", "JAXFOOD_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    parser = dist.add_distributed_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--coordinator", "10.0.0.2:8476", "--num-processes", "4", "--process-id", "3"])
+    assert (args.coordinator, args.num_processes, args.process_id) == ("10.0.0.2:8476", 4, 3)
+    assert parser.parse_args([]).coordinator is None
+    info = dist.init_from_args(parser.parse_args([]))  # no flags: one process, nothing to join
+    assert info.process_count == 1 and info.is_primary and dist.is_primary()
+    with pytest.raises(ConfigError, match="go together"):
+        dist.initialize_distributed("127.0.0.1:1234", None, 0)
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        dist.initialize_distributed("localhost", 2, 0)
+    with pytest.raises(ConfigError, match=r"--process-id 2: expected 0 \.\. 1"):
+        dist.initialize_distributed("127.0.0.1:1234", 2, 2)
+    monkeypatch.setenv("JAXFOOD_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="JAXFOOD_NUM_PROCESSES"):
+        dist.add_distributed_arguments(argparse.ArgumentParser())
+
+
+def test_checkpointer_round_trip_and_resume_target(tmp_path):
+    state = {"params": {"w": np.arange(4, dtype=np.float32)}, "step": np.int32(3)}
+    ckpt = dist.Checkpointer(tmp_path / "ck")
+    assert ckpt.latest_step() is None
+    ckpt.save(3, state, {"kind": "test", "history": [{"loss": 1.0}]})
+    ckpt.save(5, {"params": {"w": np.ones(4, np.float32)}, "step": np.int32(5)}, {"kind": "test"})
+    ckpt.wait()
+    assert ckpt.latest_step() == 5
+    restored, meta = ckpt.restore(3, target=state)
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert meta["step"] == 3 and meta["history"] == [{"loss": 1.0}]
+    ckpt.close()
+    # The core reader understands the format (load_encoder, evaluate use it).
+    from jaxfood.train.checkpoint import restore_checkpoint
+
+    core_state, core_meta = restore_checkpoint(tmp_path / "ck")
+    assert core_meta["step"] == 5 and np.all(core_state["params"]["w"] == 1)
+    with pytest.raises(CheckpointError):
+        dist.Checkpointer(tmp_path / "empty").restore()
