@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""The main job: graph -> GraphCL pretraining -> three-task fine-tuning -> evaluation -> report.
+
+    python experiments/run_mtl.py [--workdir W] [--graph GRAPH_DIR] [--config F] [--set key=value ...]
+
+Without ``--graph`` it builds the embedded default graph (simulated samples with real USDA
+nutrients) and saves it in ``W/graph/``. Writes ``W/metrics.json``, ``W/checkpoints/`` (orbax, the
+fine-tuned model), ``W/tb/`` (TensorBoard), ``W/pretrain/`` (GraphCL outputs), ``W/ablations/``
+(pretrained-only probe, from scratch), ``W/figures/`` and ``W/report.md``, then prints a summary.
+Configuration keys: ``seed``, ``seeds``, ``pretrain.*``, ``finetune.*``, ``evaluation.*`` (see
+``W/run_config.yaml`` after a run for every key and its value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxfood.cli import run_command  # noqa: E402
+from jaxfood.train.finetune import FinetuneConfig  # noqa: E402
+from jaxfood.train.pretrain import PretrainConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    #: Train the pretrained-only probe (frozen encoder) and the from-scratch model as well.
+    ablations: bool = True
+    #: Fit the logistic regression, random forest, ridge and fold-change baselines.
+    baselines: bool = True
+    rf_estimators: int = 200
+    #: k of precision@k / recall@k / fidelity.
+    top_k: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    #: Repeat pretraining, fine-tuning and evaluation over this many seeds (seed, seed+1, ...).
+    seeds: int = 1
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="run_mtl.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--workdir", default="runs/mtl", help="output directory (created; files in it are replaced)")
+    parser.add_argument("--graph", default=None, help="graph directory from 'jaxfood build-graph' (default: embedded)")
+    parser.add_argument("--config", default=None, help="YAML file of RunConfig keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set finetune.steps=200 (repeatable)")
+    parser.add_argument("--seeds", type=int, default=None, help="shortcut for --set seeds=N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser.parse_args(argv)
+
+
+def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
+    return dataclasses.replace(
+        cfg, seed=seed,
+        pretrain=dataclasses.replace(cfg.pretrain, seed=seed),
+        finetune=dataclasses.replace(cfg.finetune, seed=seed),
+    )
+
+
+def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, log) -> dict:
+    """One seed: pretrain, fine-tune, ablations; returns metrics (without baselines) and outputs."""
+    from jaxfood.eval.pipeline import headline
+    from jaxfood.train.finetune import finetune
+    from jaxfood.train.pretrain import pretrain
+
+    log(f"[seed {cfg.seed}] GraphCL pretraining")
+    pre = pretrain(graph, cfg.pretrain, workdir / "pretrain", progress=progress)
+    log(f"[seed {cfg.seed}] fine-tuning three tasks")
+    ft = finetune(graph, cfg.finetune, workdir, pretrained=pre.checkpoint_dir, biomarkers=reference, progress=progress)
+    metrics = dict(ft.metrics)
+    outputs = {"pretrain": pre, "finetune": ft}
+    if cfg.evaluation.ablations:
+        steps = cfg.finetune.steps
+        probe_cfg = dataclasses.replace(
+            cfg.finetune, tensorboard=False,
+            optimizer=dataclasses.replace(cfg.finetune.optimizer, freeze_encoder_steps=steps))
+        log(f"[seed {cfg.seed}] ablation: pretrained encoder, frozen, heads only")
+        probe = finetune(graph, probe_cfg, workdir / "ablations" / "pretrained_probe", pretrained=pre.checkpoint_dir,
+                         biomarkers=reference, progress=progress)
+        scratch_cfg = dataclasses.replace(cfg.finetune, encoder=cfg.pretrain.encoder, tensorboard=False)
+        log(f"[seed {cfg.seed}] ablation: same model trained from scratch")
+        scratch = finetune(graph, scratch_cfg, workdir / "ablations" / "from_scratch", pretrained=None,
+                           biomarkers=reference, progress=progress)
+        metrics["pretrained_probe"] = headline(probe.metrics)
+        metrics["from_scratch"] = headline(scratch.metrics)
+    metrics["pretraining"] = pre.metrics
+    return {"metrics": metrics, "outputs": outputs}
+
+
+def summary_table(metrics: dict) -> str:
+    rows = [
+        ("food accuracy", ("food_classification", "accuracy"), ("baselines", "logreg_accuracy")),
+        ("food weighted F1", ("food_classification", "weighted_f1"), ("baselines", "logreg_weighted_f1")),
+        ("food AUROC (macro)", ("food_classification", "auroc_macro"), None),
+        ("food top-3 accuracy", ("food_classification", "top3_accuracy"), None),
+        ("Food k-NN purity", ("nutrition", "knn_purity"), None),
+        ("nutrient Spearman", ("nutrition", "spearman"), None),
+        ("nutrient R²", ("nutrition", "nutrient_r2"), ("baselines", "ridge_nutrient_r2")),
+        ("biomarker precision@10", ("salient_molecules", "precision_at_10"),
+         ("baselines", "fold_change_precision_at_10")),
+        ("fidelity+", ("salient_molecules", "fidelity_plus"), None),
+        ("fidelity-", ("salient_molecules", "fidelity_minus"), None),
+    ]
+
+    def get(path):
+        node = metrics
+        for key in path or ():
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    def fmt(x):
+        return f"{x:8.3f}" if isinstance(x, (int, float)) else f"{'–':>8}"
+
+    lines = [f"{'metric':<26}{'jaxfood':>9}{'baseline':>10}", "-" * 45]
+    for label, model, base in rows:
+        lines.append(f"{label:<26}{fmt(get(model)):>9}{fmt(get(base)):>10}")
+    lines.append(f"{'runtime (s)':<26}{fmt(metrics.get('runtime_s')):>9}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    from jaxfood.config import dump_config, load_config
+    from jaxfood.data.default import build_default_graph
+    from jaxfood.eval.pipeline import headline, mean_and_std, run_baselines
+    from jaxfood.eval.report import render_report
+    from jaxfood.graph.hetero_graph import load_graph, save_graph
+    from jaxfood.io_utils import write_json, write_text
+    from jaxfood.train.finetune import default_biomarkers
+
+    overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
+    cfg = load_config(RunConfig(), args.config, overrides)
+    if cfg.seeds < 1:
+        from jaxfood.errors import ConfigError
+
+        raise ConfigError(f"--set seeds={cfg.seeds}: expected a positive number of seeds")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_text(workdir / "run_config.yaml", dump_config(cfg))
+    progress = not args.no_progress
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    if args.graph:
+        graph = load_graph(args.graph)
+        log(f"graph from {args.graph}")
+    else:
+        graph = build_default_graph(seed=cfg.seed)
+        save_graph(graph, workdir / "graph")
+        log(f"embedded default graph built, saved in {workdir / 'graph'}")
+    reference = default_biomarkers(graph)
+
+    runs = []
+    for i in range(cfg.seeds):
+        seed_cfg = _seeded(cfg, cfg.seed + i)
+        seed_dir = workdir if i == 0 else workdir / "seeds" / str(seed_cfg.seed)
+        runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log))
+    first = runs[0]
+    metrics = dict(first["metrics"])
+    if cfg.seeds > 1:
+        mean, std = mean_and_std([r["metrics"] for r in runs])
+        metrics.update({k: v for k, v in mean.items() if k in ("food_classification", "nutrition",
+                                                                 "salient_molecules", "pretrained_probe",
+                                                                 "from_scratch")})
+        metrics["seed_std"] = std
+        metrics["seeds"] = cfg.seeds
+    if cfg.evaluation.baselines:
+        log("baselines: logistic regression, random forest, ridge, fold change + PLS-DA VIP, random")
+        metrics["baselines"] = run_baselines(graph, reference, k=cfg.evaluation.top_k, seed=cfg.seed,
+                                             rf_estimators=cfg.evaluation.rf_estimators)
+    metrics["runtime_s"] = time.perf_counter() - start
+    ordered = {**headline(metrics), **{k: v for k, v in metrics.items() if k not in headline(metrics)}}
+    write_json(workdir / "metrics.json", ordered)
+    figures = dict(first["outputs"]["finetune"].figures)
+    figures.update({f"pretraining: {k}": v for k, v in first["outputs"]["pretrain"].figures.items()})
+    write_text(workdir / "report.md", render_report(ordered, figures, dump_config(cfg), workdir=workdir))
+    log(f"wrote {workdir / 'metrics.json'} and {workdir / 'report.md'}")
+    print(summary_table(ordered))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(run, args, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
