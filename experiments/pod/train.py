@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted for sections, e.g. sampler.batch_size=64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--final-params", metavar="FILE",
+                        help="also write this process's final parameters to FILE (.npz; '{process}' in the "
+                             "name is replaced by the process index): check that hosts agree")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_distributed_arguments(parser)
     return parser
@@ -56,6 +59,21 @@ def load_graph_from_args(args):
     from jaxfood.graph.build import build_graph
 
     return build_graph(simulate(args.preset, seed=0).tables, seed=0)
+
+
+def save_params(params, path: str) -> None:
+    """Flat ``.npz`` of a parameter tree, one array per path (``encoder/layer_0/...``)."""
+    import jax
+    import numpy as np
+
+    from jaxfood.io_utils import atomic_path
+
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **flat)
 
 
 def main(argv=None) -> int:
@@ -81,6 +99,8 @@ def main(argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.final_params and report["status"] == "complete":
+        save_params(report["state"]["params"], args.final_params.replace("{process}", str(info.process_index)))
     if info.is_primary:
         final = report.get("final_metrics", {})
         print(f"{report['status']}: step {report['steps']} on {report['process_count']} process(es), "

@@ -278,8 +278,15 @@ def data_parallel(step_fn: StepFn, layout: ShardLayout | None = None, seed: int 
 
         return jax.vmap(one, axis_name=SUBGRAPH_AXIS, out_axes=(None, 0))(batch, steps, shard_ids)
 
-    fn = jax.pmap(per_device, axis_name=DEVICE_AXIS, devices=jax.local_devices()[: layout.local_devices],
-                  donate_argnums=(0,) if donate_state else ())
+    # pmap over all devices of all processes (devices=None): collectives are then global. Naming
+    # devices restricts the collectives to them, which only one process may do (fewer local devices).
+    devices = None
+    if layout.local_devices != jax.local_device_count():
+        if jax.process_count() > 1:
+            raise ConfigError(f"local_devices = {layout.local_devices}: a multi-process job uses every local "
+                              f"device ({jax.local_device_count()})")
+        devices = jax.local_devices()[: layout.local_devices]
+    fn = jax.pmap(per_device, axis_name=DEVICE_AXIS, devices=devices, donate_argnums=(0,) if donate_state else ())
     return ParallelStep(fn=fn, layout=layout, seed=seed, traces=traces)
 
 

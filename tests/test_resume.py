@@ -1,0 +1,112 @@
+"""Preemption-safe resume: a run killed mid-training (SIGKILL) or preempted (SIGTERM) and rerun
+with the same workdir ends with the parameters of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_toy_graph
+from test_multihost import TINY_CONFIG, job_env
+
+from jaxfood.graph.hetero_graph import save_graph
+from jaxfood.train.checkpoint import latest_step
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+
+# experiments/pod/train.py with a delay before each subgraph is drawn (STEP_DELAY seconds), so that
+# the test can interrupt the run while it trains rather than race a run that ends at once.
+WORKER = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT / "experiments/pod")!r})
+from jaxfood.graph import sampling
+draw = sampling.NeighbourSampler.batch
+def slow_batch(self, step, shard=0, num_shards=1):
+    time.sleep(float(os.environ.get("STEP_DELAY", "0")))
+    return draw(self, step, shard, num_shards)
+sampling.NeighbourSampler.batch = slow_batch
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), root / "graph")
+    (root / "tiny.yaml").write_text(TINY_CONFIG.replace("steps: 6", f"steps: {STEPS}")
+                                    .replace("eval_batches: 1", "eval_batches: 0"))
+    (root / "worker.py").write_text(WORKER)
+
+    def start(name: str, delay: float = 0.0) -> subprocess.Popen:
+        cmd = [sys.executable, str(root / "worker.py"), "--graph", str(root / "graph"), "--workdir",
+               str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress",
+               "--final-params", str(root / f"{name}.npz")]
+        env = dict(job_env(root, 1), STEP_DELAY=str(delay))
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == expect, err[-4000:]
+        return out
+
+    def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, step: int) -> None:
+        deadline = time.monotonic() + 400
+        while not (workdir / "checkpoints" / str(step)).is_dir():
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+
+    finish(start("reference"))  # the uninterrupted run; it also fills the compilation cache
+    return {"root": root, "start": start, "finish": finish, "wait": wait_for_checkpoint,
+            "reference": np.load(root / "reference.npz")}
+
+
+def _assert_same_params(final, reference) -> None:
+    assert final.files == reference.files
+    worst = max(float(np.max(np.abs(final[k] - reference[k]))) for k in final.files)
+    assert worst <= 1e-6, worst
+
+
+def test_sigkill_mid_training_then_rerun_ends_where_an_uninterrupted_run_does(job):
+    root, workdir = job["root"], job["root"] / "killed"
+    proc = job["start"]("killed", delay=0.4)
+    job["wait"](proc, workdir, 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = latest_step(workdir / "checkpoints")
+    assert 6 <= saved < STEPS and not (workdir / "report.json").exists()
+
+    job["finish"](job["start"]("killed"))
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["status"] == "complete" and report["resumed_from_step"] == saved
+    _assert_same_params(np.load(root / "killed.npz"), job["reference"])
+    # The log of the resumed run continues the interrupted one.
+    steps = [json.loads(line)["step"] for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == STEPS and set(range(1, STEPS + 1)) <= set(steps)
+
+
+def test_sigterm_checkpoints_and_stops_then_rerun_ends_where_an_uninterrupted_run_does(job):
+    root, workdir = job["root"], job["root"] / "preempted"
+    proc = job["start"]("preempted", delay=0.4)
+    job["wait"](proc, workdir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out = job["finish"](proc, expect=143)
+    stopped = latest_step(workdir / "checkpoints")
+    assert 3 <= stopped < STEPS and f"preempted: step {stopped}" in out
+    assert not (workdir / "report.json").exists()
+
+    job["finish"](job["start"]("preempted"))
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["status"] == "complete" and report["resumed_from_step"] == stopped
+    _assert_same_params(np.load(root / "preempted.npz"), job["reference"])
+    assert os.path.getsize(root / "preempted.npz") > 0
