@@ -11,7 +11,9 @@ from jaxfood.graph import schema
 from jaxfood.graph.sampling import (
     NeighbourSampler,
     SamplerConfig,
+    _CSR,
     _draw_per_segment,
+    _sample_incoming,
     compute_budgets,
     padding_edge_masks,
     stack_subgraphs,
@@ -134,6 +136,26 @@ def test_draws_are_uniform_without_replacement_and_capped_by_the_fanout():
         counts[pos] += 1
     # Every edge of a segment of degree d is drawn with probability min(1, k/d).
     np.testing.assert_allclose(counts / 3000, np.repeat([1.0, 3 / 5, 3 / 10], [2, 5, 10]), atol=0.04)
+
+
+def test_floyd_draws_of_high_degree_nodes_are_uniform_k_subsets():
+    receivers = np.repeat(np.arange(4), [1, 3, 6, 40])  # node 3: 40 incoming edges
+    csr = _CSR(receivers, 4)
+    rng = np.random.default_rng(1)
+    counts = np.zeros(receivers.size)
+    for _ in range(4000):
+        eids = _sample_incoming(csr, np.array([0, 1, 2, 3]), 4, rng)
+        assert np.unique(eids).size == eids.size
+        np.testing.assert_array_equal(np.bincount(receivers[eids], minlength=4), [1, 3, 4, 4])
+        counts[eids] += 1
+    expected = np.repeat([1.0, 1.0, 4 / 6, 4 / 40], [1, 3, 6, 40])
+    np.testing.assert_allclose(counts / 4000, expected, atol=0.035)
+    # Pairs are uniform too (a k-subset, not k independent draws): P(both of two edges) = k(k-1)/(d(d-1)).
+    both = 0
+    for _ in range(4000):
+        eids = set(_sample_incoming(csr, np.array([2]), 4, rng).tolist())
+        both += {4, 5} <= eids
+    assert abs(both / 4000 - 4 * 3 / (6 * 5)) < 0.03
 
 
 def test_budgets_are_the_worst_case_of_the_fanouts():

@@ -213,6 +213,34 @@ def _draw_per_segment(seg: np.ndarray, k: int, num_segments: int, rng: np.random
     return np.sort(order[rank < k])
 
 
+def _floyd_offsets(deg: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, k] distinct offsets in ``[0, deg_i)`` per row, a uniform k-subset for each (all deg > k).
+
+    Robert Floyd's algorithm (Bentley & Floyd, "A sample of brilliance", CACM 1987), vectorised
+    over rows: k rounds instead of sorting every candidate edge of high-degree nodes.
+    """
+    out = np.empty((deg.size, k), np.int64)
+    for i in range(k):
+        top = deg - k + i  # round i draws from [0, top]
+        t = rng.integers(0, top + 1)
+        taken = (out[:, :i] == t[:, None]).any(axis=1)
+        out[:, i] = np.where(taken, top, t)
+    return out
+
+
+def _sample_incoming(csr: _CSR, frontier: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Edge ids of at most ``k`` incoming edges per ``frontier`` node, uniform without replacement."""
+    starts = csr.indptr[frontier]
+    deg = csr.indptr[frontier + 1] - starts
+    small = deg <= k
+    s_start, s_deg = starts[small], deg[small]
+    offsets = np.arange(int(s_deg.sum())) - np.repeat(np.cumsum(s_deg) - s_deg, s_deg)
+    every = np.repeat(s_start, s_deg) + offsets
+    big_start, big_deg = starts[~small], deg[~small]
+    drawn = (big_start[:, None] + _floyd_offsets(big_deg, k, rng)).reshape(-1) if big_deg.size else every[:0]
+    return csr.order[np.concatenate([every, drawn])]
+
+
 class NeighbourSampler:
     """Draws padded subgraphs of ``graph`` around seed samples (see the module docstring).
 
@@ -339,14 +367,16 @@ class NeighbourSampler:
                 k = self.fanouts[key][h]
                 if k == 0 or frontier[dst].size == 0:
                     continue
-                eids, seg = _incoming_candidates(self._csr[key], frontier[dst])
                 if key in schema.LABEL_RELATIONS:
                     # Never draw a label edge that touches a seed sample (either direction).
+                    eids, seg = _incoming_candidates(self._csr[key], frontier[dst])
                     e = g.edges[key]
                     sample_end = e.senders[eids] if src == schema.SAMPLE else e.receivers[eids]
                     keep = ~is_seed[sample_end]
                     eids, seg = eids[keep], seg[keep]
-                eids = eids[_draw_per_segment(seg, k, frontier[dst].size, rng)]
+                    eids = eids[_draw_per_segment(seg, k, frontier[dst].size, rng)]
+                else:
+                    eids = _sample_incoming(self._csr[key], frontier[dst], k, rng)
                 picked[key].append(eids)
                 if src not in self.full_types:
                     new_frontier[src].append(g.edges[key].senders[eids].astype(np.int64))
