@@ -51,16 +51,21 @@ def test_label_edges_always_masked_and_shapes_static(big_graph):
         return augment(g, k, cfg)
 
     fn = jax.jit(f)
+    # The pretraining graph has no label edges at all ...
+    assert all(graph.edges[key].num_edges == 0 for key in schema.LABEL_RELATIONS)
     for k in jax.random.split(jax.random.key(3), 4):
         view, masks = fn(graph, k)
         assert jax.tree_util.tree_map(np.shape, view) == ref_shapes
         assert set(masks) == set(graph.edges)
         for key, m in masks.items():
             assert m.shape == (graph.edges[key].num_edges,) and m.dtype == bool
-        for key in schema.LABEL_RELATIONS:
-            assert graph.edges[key].num_edges > 0
-            assert not np.any(masks[key])
     assert len(traces) == 1
+    # ... and any graph given to augment (e.g. a sampled subgraph) gets its label edges masked.
+    for k in jax.random.split(jax.random.key(4), 3):
+        _, masks = fn(big_graph, k)
+        for key in schema.LABEL_RELATIONS:
+            assert big_graph.edges[key].num_edges > 0
+            assert not np.any(masks[key])
     # The un-augmented pretraining graph also never uses label edges or candidates.
     base = base_edge_masks(graph)
     assert not any(np.any(base[k]) for k in schema.LABEL_RELATIONS)
@@ -73,7 +78,7 @@ def test_all_rates_zero_is_identity(big_graph):
     graph = prepare_pretrain_graph(big_graph, OFF)
     view, masks = _views(graph, OFF, 1)[0]
     for key, m in masks.items():
-        assert np.all(m) == (key not in schema.LABEL_RELATIONS)
+        assert np.all(m) and (m.size > 0) == (key not in schema.LABEL_RELATIONS)
     np.testing.assert_array_equal(view.node_features["Molecule"], graph.node_features["Molecule"])
     np.testing.assert_array_equal(view.edges[schema.CONTAINS].attributes, graph.edges[schema.CONTAINS].attributes)
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxfood.errors import ConfigError, GraphError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph
+from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph, make_edge_set
 
 Array = Any
 
@@ -159,7 +159,10 @@ def num_candidate_edges(graph: HeteroGraph) -> dict[str, int]:
 
 
 def prepare_pretrain_graph(graph: HeteroGraph, cfg: AugmentConfig, seed: int = 0) -> HeteroGraph:
-    """The graph pretraining runs on: reverse relations aligned, candidate edges appended.
+    """The graph pretraining runs on: no label edges, reverse relations aligned, candidates appended.
+
+    Label relations are kept (the encoder has parameters for them) but emptied: pretraining never
+    sees which food a sample is, and no compute is spent on edges that would be masked anyway.
 
     For each relation with an ``edge_add`` rate, ``K = ceil(candidate_pool_factor * rate * E)``
     candidate edges are appended to the relation and, in the same order, to its reverse. A
@@ -172,6 +175,12 @@ def prepare_pretrain_graph(graph: HeteroGraph, cfg: AugmentConfig, seed: int = 0
     """
     check_config(cfg, graph)
     graph = align_reverse_edges(graph)
+    edges = dict(graph.edges)
+    for key in schema.LABEL_RELATIONS:
+        if key in edges:
+            edges[key] = make_edge_set(np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                       np.zeros((0, edges[key].attributes.shape[1]), np.float32))
+    graph = graph.replace(edges=edges)
     rng = np.random.default_rng(seed)
     edges = dict(graph.edges)
     counts: dict[str, int] = {}
