@@ -191,3 +191,20 @@ def test_jit_matches_eager_and_node_index_relabels(graph, setup):
     out = apply({"params": params}, relabelled, node_index={"Molecule": jnp.asarray(perm, jnp.int32)})
     np.testing.assert_allclose(out["Molecule"], np.asarray(jitted["Molecule"])[perm], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["Sample"], jitted["Sample"], rtol=1e-5, atol=1e-6)
+
+
+def test_edge_blocks_change_nothing_but_speed(graph, setup):
+    encoder, params, apply = setup
+    blocked = encoder.clone(edge_block=16)  # 227 contains edges -> 15 blocks, the last one padded
+    key = jax.random.key(5)
+
+    def loss(p, enc):
+        out = enc.apply({"params": p}, graph, deterministic=False, rngs={"dropout": key})
+        return sum(jnp.sum(jnp.sin(v)) for v in out.values())
+
+    one_block = encoder.clone(edge_block=0)
+    value_a, grads_a = jax.jit(jax.value_and_grad(lambda p: loss(p, one_block)))(params)
+    value_b, grads_b = jax.jit(jax.value_and_grad(lambda p: loss(p, blocked)))(params)
+    np.testing.assert_allclose(value_a, value_b, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

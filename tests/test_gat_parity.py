@@ -76,8 +76,8 @@ def pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed):
     return conv.eval()
 
 
-def flax_layer(keys, heads, channels, concat, aggr):
-    return HeteroGATConv(tuple(keys), heads, channels, concat=concat, aggr=aggr)
+def flax_layer(keys, heads, channels, concat, aggr, edge_block=None):
+    return HeteroGATConv(tuple(keys), heads, channels, concat=concat, aggr=aggr, edge_block=edge_block)
 
 
 def assert_tree_close(actual: dict, expected: dict, path: str = "", **tol) -> None:
@@ -90,19 +90,21 @@ def assert_tree_close(actual: dict, expected: dict, path: str = "", **tol) -> No
 
 
 CASES = [
-    # seed, relations, heads, channels, concat, aggr, empty relation
-    (0, 2, 2, 3, True, "sum", False),
-    (1, 3, 4, 2, True, "sum", True),
-    (2, 4, 3, 4, True, "sum", False),
-    (3, 4, 2, 3, True, "mean", False),
-    (4, 4, 2, 3, True, "max", False),
-    (5, 3, 3, 2, False, "sum", False),
-    (6, 4, 2, 3, False, "mean", True),
+    # seed, relations, heads, channels, concat, aggr, empty relation, edge block (0: one block;
+    # small blocks exercise the blocked scan, its padding and its VJP)
+    (0, 2, 2, 3, True, "sum", False, 0),
+    (1, 3, 4, 2, True, "sum", True, 7),
+    (2, 4, 3, 4, True, "sum", False, 8),
+    (3, 4, 2, 3, True, "mean", False, 0),
+    (4, 4, 2, 3, True, "max", False, 5),
+    (5, 3, 3, 2, False, "sum", False, 0),
+    (6, 4, 2, 3, False, "mean", True, 9),
 ]
 
 
-@pytest.mark.parametrize("seed,num_relations,heads,channels,concat,aggr,empty", CASES)
-def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, heads, channels, concat, aggr, empty):
+@pytest.mark.parametrize("seed,num_relations,heads,channels,concat,aggr,empty,block", CASES)
+def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, heads, channels, concat, aggr, empty,
+                                                         block):
     x, edges, dims = random_hetero_graph(seed, num_relations, empty)
     keys = list(edges)
     conv = pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed)
@@ -110,7 +112,7 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
     x_torch = {t: torch.tensor(v, requires_grad=True) for t, v in x.items()}
     expected = conv(x_torch, edge_index, edge_attr_dict=edge_attr)
 
-    layer = flax_layer(keys, heads, channels, concat, aggr)
+    layer = flax_layer(keys, heads, channels, concat, aggr, block)
     params = hetero_conv_to_flax(conv, keys)
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
     out, attention = jax.jit(lambda p, xs: layer.apply({"params": p}, xs, edges, return_attention=True))(
@@ -164,7 +166,7 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
     x_torch = {t: torch.tensor(v, requires_grad=True) for t, v in x.items()}
     expected = conv(x_torch, edge_index, edge_attr_dict=edge_attr)
 
-    layer = flax_layer(keys, heads, channels, True, "sum")
+    layer = flax_layer(keys, heads, channels, True, "sum", edge_block=6 if seed % 2 else 0)
     params = hetero_conv_to_flax(conv, keys)
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
     jmasks = {k: jnp.asarray(m) for k, m in masks.items()}
@@ -199,13 +201,13 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
         np.testing.assert_allclose(np.asarray(grad_x[t]), expected_grad, err_msg=f"d/dx[{t}]", **GRAD_TOL)
 
 
-@pytest.mark.parametrize("aggr", ["sum", "mean"])
-def test_encoder_matches_pyg_encoder(aggr):
+@pytest.mark.parametrize("aggr,block", [("sum", 0), ("mean", 64)])
+def test_encoder_matches_pyg_encoder(aggr, block):
     # 80 molecules for 30 samples x 8: many molecules contained by no sample (isolated in the
     # contains relations), all four attribute widths (1, 0, 3, 1) and a Molecule->Molecule relation.
     graph = make_toy_graph(num_molecules=80, similar=True, seed=3)
     cfg = EncoderConfig(hidden_dim=12, num_heads=3, num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr)
-    encoder = make_encoder(graph, cfg)
+    encoder = make_encoder(graph, cfg).clone(edge_block=block)
     relations = list(graph.edges)
     reference = PygHeteroGATEncoder(graph.num_nodes, relations, graph.edge_dims(), hidden_dim=12, num_heads=3,
                                     num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr)

@@ -129,12 +129,15 @@ class HeteroGATEncoder(nn.Module):
       relations: relation keys, in order.
       num_nodes: (type, count) pairs: sizes of the per-id embedding tables.
       feature_dims: (type, d_feat) pairs of the node types with input features.
+      edge_block: edges per block of the neighbour sums (speed and memory only; ``None`` picks
+        by backend, see :class:`~jaxfood.models.gat.HeteroGATConv`).
     """
 
     config: EncoderConfig
     relations: tuple[str, ...]
     num_nodes: tuple[tuple[str, int], ...]
     feature_dims: tuple[tuple[str, int], ...] = ()
+    edge_block: int | None = None
 
     def _input_embeddings(self, graph, node_index: Mapping[str, Array] | None) -> dict[str, Array]:
         cfg = self.config
@@ -209,7 +212,7 @@ class HeteroGATEncoder(nn.Module):
                         raise GraphError(f"layer {i}: node type '{t}' of relation '{key}' was not updated by "
                                          f"layer {i - 1} (no relation ends in it)")
             conv = HeteroGATConv(self.relations, cfg.num_heads, channels, concat=True, dropout_rate=cfg.dropout,
-                                 aggr=cfg.aggr, dtype=dtype, name=f"layer_{i}")
+                                 aggr=cfg.aggr, dtype=dtype, edge_block=self.edge_block, name=f"layer_{i}")
             result = conv(x, graph.edges, edge_masks, deterministic=deterministic, return_attention=return_attention)
             if return_attention:
                 result, layer_attention = result

@@ -31,6 +31,7 @@ Parameters of one relation (under the relation key ``"Src|rel|Dst"``)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,21 +48,32 @@ AGGREGATIONS = ("sum", "mean", "max", "min")
 # PyG adds this to every softmax denominator; kept so that the numbers agree to the last digit.
 _SOFTMAX_EPS = 1e-16
 
+#: Edges per block of the neighbour sum on CPU (see :func:`aggregate_messages`).
+CPU_EDGE_BLOCK = 8192
+
+
+def default_edge_block() -> int | None:
+    """Edge block size for the current backend: blocks on CPU, one block on GPU/TPU."""
+    return CPU_EDGE_BLOCK if jax.default_backend() == "cpu" else None
+
 
 def segment_softmax(logits: Array, segment_ids: Array, num_segments: int, mask: Array | None = None,
-                    indices_are_sorted: bool = False) -> Array:
+                    dropout_keep: Array | None = None, dropout_rate: float = 0.0) -> Array:
     """Softmax of ``logits`` [E, H] over the edges of each segment (destination node).
 
     As ``jraph.segment_softmax`` (max-shifted for stability, the max treated as a constant like
-    PyG's ``softmax``), plus a ``mask`` [E] bool: masked edges get 0 and the remaining edges of
-    their segment are renormalised. Segments without (unmasked) edges produce nothing.
+    PyG's ``softmax``), plus:
+
+    - ``mask`` [E] bool: masked edges get 0 and the other edges of their segment are renormalised;
+      segments without (unmasked) edges produce nothing;
+    - ``dropout_keep`` [E, H] bool: dropout of the normalised coefficients (dropped -> 0, kept ->
+      scaled by ``1 / (1 - dropout_rate)``), as PyG applies it after the softmax.
     """
     if mask is not None:
         masked_logits = jnp.where(mask[:, None], logits, -jnp.inf)
     else:
         masked_logits = logits
-    seg_max = jax.ops.segment_max(jax.lax.stop_gradient(masked_logits), segment_ids, num_segments,
-                                  indices_are_sorted=indices_are_sorted)
+    seg_max = jax.ops.segment_max(jax.lax.stop_gradient(masked_logits), segment_ids, num_segments)
     # Empty segments have max -inf; any finite shift works for them (they have no edges).
     seg_max = jnp.where(jnp.isfinite(seg_max), seg_max, 0.0)
     shifted = logits - seg_max[segment_ids]
@@ -69,9 +81,80 @@ def segment_softmax(logits: Array, segment_ids: Array, num_segments: int, mask: 
         # -inf (not a where after exp) keeps gradients of masked edges exactly zero, never NaN.
         shifted = jnp.where(mask[:, None], shifted, -jnp.inf)
     weights = jnp.exp(shifted)
-    denom = jax.ops.segment_sum(weights, segment_ids, num_segments,
-                                indices_are_sorted=indices_are_sorted) + _SOFTMAX_EPS
+    denom = jax.ops.segment_sum(weights, segment_ids, num_segments) + _SOFTMAX_EPS
+    if dropout_keep is not None:
+        # Dropout folded in before the division, so that the division is the last operation: XLA
+        # then materialises the [E, H] coefficients once instead of recomputing the random mask
+        # inside every [E, H, C] consumer.
+        weights = jnp.where(dropout_keep, weights, 0.0)
+        denom = denom * (1.0 - dropout_rate)
     return weights / denom[segment_ids]
+
+
+def _edge_blocks(alpha: Array, senders: Array, receivers: Array, block: int):
+    """Pads the edges to whole blocks ([num_blocks, block, ...]); padding edges have alpha 0."""
+    num_edges = alpha.shape[0]
+    num_blocks = -(-num_edges // block)
+    pad = num_blocks * block - num_edges
+    alpha = jnp.pad(alpha, ((0, pad), (0, 0))).reshape(num_blocks, block, alpha.shape[1])
+    senders = jnp.pad(senders, (0, pad)).reshape(num_blocks, block)
+    receivers = jnp.pad(receivers, (0, pad)).reshape(num_blocks, block)
+    return alpha, senders, receivers
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def aggregate_messages(h_src: Array, alpha: Array, senders: Array, receivers: Array, num_dst: int,
+                       block: int | None) -> Array:
+    """``out[i] = sum_{e: receivers[e] = i} alpha[e] * h_src[senders[e]]`` -> [num_dst, H, C] float32.
+
+    ``h_src`` [N_src, H, C], ``alpha`` [E, H] (float32). With ``block`` set and more edges than
+    that, a scan over blocks of ``block`` edges accumulates into the output, and the hand-written
+    VJP does the same, so the per-edge [E, H, C] messages and their gradients never exist at full
+    size: on CPU they stay in cache and the step does not page-fault fresh gigabytes every time
+    (3-4x faster for the benchmark graph). The VJP also gathers from tables computed once per node,
+    where XLA's own would fuse the incoming gradient's elementwise chain into every edge.
+    """
+    return _aggregate_fwd(h_src, alpha, senders, receivers, num_dst, block)[0]
+
+
+def _messages(h_src, alpha, senders):
+    return alpha[:, :, None] * h_src[senders].astype(alpha.dtype)
+
+
+def _aggregate_fwd(h_src, alpha, senders, receivers, num_dst, block):
+    residuals = (h_src, alpha, senders, receivers)
+    if block is None or alpha.shape[0] <= block:
+        return jax.ops.segment_sum(_messages(h_src, alpha, senders), receivers, num_dst), residuals
+
+    def add_block(out, edges):
+        a, s, r = edges
+        return out.at[r].add(_messages(h_src, a, s)), None
+
+    zeros = jnp.zeros((num_dst,) + h_src.shape[1:], alpha.dtype)
+    out, _ = jax.lax.scan(add_block, zeros, _edge_blocks(alpha, senders, receivers, block))
+    return out, residuals
+
+
+def _aggregate_bwd(num_dst, block, residuals, grad_out):
+    h_src, alpha, senders, receivers = residuals
+    num_edges, heads = alpha.shape
+
+    def block_grads(grad_h, edges):
+        a, s, r = edges
+        grad_messages = grad_out[r]
+        grad_alpha = jnp.einsum("ehc,ehc->eh", grad_messages, h_src[s].astype(grad_out.dtype))
+        return grad_h.at[s].add(a[:, :, None] * grad_messages), grad_alpha
+
+    grad_h = jnp.zeros(h_src.shape, grad_out.dtype)
+    if block is None or num_edges <= block:
+        grad_h, grad_alpha = block_grads(grad_h, (alpha, senders, receivers))
+    else:
+        grad_h, grad_alpha = jax.lax.scan(block_grads, grad_h, _edge_blocks(alpha, senders, receivers, block))
+        grad_alpha = grad_alpha.reshape(-1, heads)[:num_edges]
+    return grad_h.astype(h_src.dtype), grad_alpha.astype(alpha.dtype), None, None
+
+
+aggregate_messages.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 
 def combine_relations(outputs: Sequence[Array], aggr: str) -> Array:
@@ -130,26 +213,30 @@ class RelationParams(nn.Module):
         return p
 
 
-def relation_attention_logits(p: Mapping[str, Array], h_src: Array, x_dst: Array, senders: Array,
+def fold_attention(kernel: Array, att: Array) -> Array:
+    """``kernel`` [d, H*C] folded with ``att`` [H, C] -> [d, H]: ``x @ fold == <x @ kernel, att>``."""
+    heads, channels = att.shape
+    return jnp.einsum("dhc,hc->dh", kernel.reshape(-1, heads, channels), att)
+
+
+def relation_attention_logits(p: Mapping[str, Array], x_src: Array, x_dst: Array, senders: Array,
                               receivers: Array, attributes: Array, negative_slope: float,
                               dtype: Any) -> Array:
-    """Unnormalised attention ``e`` [E, H] of one relation (LeakyReLU applied).
+    """Unnormalised attention ``e`` [E, H] of one relation (LeakyReLU applied), float32.
 
-    ``h_src`` [N_src, H, C] are the projected sources. The destination and edge terms only ever
-    need the scores <x W, att>, never the projections themselves, so their kernels are folded with
-    the attention vectors first ([d, H*C] x [H, C] -> [d, H]): the same numbers as PyG's order of
-    operations up to float rounding, without PyG's [E, H*C] edge projection.
+    The attention terms only ever need the scores <x W, att>, never the projections themselves,
+    so the kernels are folded with the attention vectors first ([d, H*C] x [H, C] -> [d, H]):
+    per-node scores are one small matmul, and each edge gathers H scalars per side. The same
+    numbers as PyG's order of operations up to float rounding, without PyG's [E, H*C] edge
+    projection.
     """
-    heads, channels = p["att_src"].shape
-    score_src = jnp.einsum("nhc,hc->nh", h_src, p["att_src"].astype(dtype))
-    w_dst = p["lin_dst"].astype(dtype).reshape(-1, heads, channels)
-    score_dst = x_dst @ jnp.einsum("dhc,hc->dh", w_dst, p["att_dst"].astype(dtype))
-    logits = score_src[senders] + score_dst[receivers]
+    score_src = x_src @ fold_attention(p["lin_src"], p["att_src"]).astype(dtype)
+    score_dst = x_dst @ fold_attention(p["lin_dst"], p["att_dst"]).astype(dtype)
+    logits = score_src[senders].astype(jnp.float32) + score_dst[receivers].astype(jnp.float32)
     if "lin_edge" in p and attributes.shape[-1] > 0:
-        w_edge = p["lin_edge"].astype(dtype).reshape(-1, heads, channels)
-        logits = logits + attributes.astype(dtype) @ jnp.einsum("fhc,hc->fh", w_edge,
-                                                                p["att_edge"].astype(dtype))
-    return nn.leaky_relu(logits.astype(jnp.float32), negative_slope)
+        w_edge = fold_attention(p["lin_edge"], p["att_edge"]).astype(dtype)
+        logits = logits + (attributes.astype(dtype) @ w_edge).astype(jnp.float32)
+    return nn.leaky_relu(logits, negative_slope)
 
 
 class HeteroGATConv(nn.Module):
@@ -165,6 +252,8 @@ class HeteroGATConv(nn.Module):
       negative_slope: of the LeakyReLU on attention logits.
       dtype: compute dtype (softmax and neighbour sums stay float32).
       param_dtype: dtype of the parameters.
+      edge_block: edges per block of the neighbour sum; ``None`` picks by backend
+        (:func:`default_edge_block`), 0 means one block. Only speed and memory depend on it.
     """
 
     relations: tuple[str, ...]
@@ -176,6 +265,7 @@ class HeteroGATConv(nn.Module):
     negative_slope: float = 0.2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    edge_block: int | None = None
 
     @nn.compact
     def __call__(self, node_features: Mapping[str, Array], edges: Mapping[str, Any],
@@ -199,6 +289,7 @@ class HeteroGATConv(nn.Module):
             raise ValueError(f"aggr must be one of {AGGREGATIONS}, got {self.aggr!r}")
         edge_masks = edge_masks or {}
         dtype = self.dtype
+        block = default_edge_block() if self.edge_block is None else (self.edge_block or None)
         per_dst: dict[str, list[Array]] = {}
         attention: dict[str, Array] = {}
         for key in self.relations:
@@ -206,26 +297,24 @@ class HeteroGATConv(nn.Module):
             edge_set = edges[key]
             x_src = jnp.asarray(node_features[src]).astype(dtype)
             x_dst = jnp.asarray(node_features[dst]).astype(dtype)
-            senders, receivers = edge_set.senders, edge_set.receivers
+            senders, receivers = jnp.asarray(edge_set.senders), jnp.asarray(edge_set.receivers)
             attributes = jnp.asarray(edge_set.attributes)
             p = RelationParams(self.heads, self.channels, self.concat, self.param_dtype, name=key)(
                 x_src.shape[-1], x_dst.shape[-1], attributes.shape[-1])
             num_dst = x_dst.shape[0]
-            h_src = (x_src @ p["lin_src"].astype(dtype)).reshape(-1, self.heads, self.channels)
-            logits = relation_attention_logits(p, h_src, x_dst, senders, receivers, attributes,
+            logits = relation_attention_logits(p, x_src, x_dst, senders, receivers, attributes,
                                                self.negative_slope, dtype)
-            mask = edge_masks.get(key)
-            alpha = segment_softmax(logits, receivers, num_dst, mask)
+            keep = None
             if not deterministic and self.dropout_rate > 0.0:
-                alpha = nn.Dropout(self.dropout_rate)(alpha, deterministic=False)
-            messages = alpha.astype(dtype)[:, :, None] * h_src[senders]
-            out = jax.ops.segment_sum(messages.astype(jnp.float32), receivers, num_dst)
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, logits.shape)
+            alpha = segment_softmax(logits, receivers, num_dst, edge_masks.get(key), keep, self.dropout_rate)
+            h_src = (x_src @ p["lin_src"].astype(dtype)).reshape(-1, self.heads, self.channels)
+            out = aggregate_messages(h_src, alpha, senders, receivers, num_dst, block)
             if self.concat:
                 out = out.reshape(num_dst, self.heads * self.channels)
             else:
                 out = out.mean(axis=1)
-            out = (out + p["bias"]).astype(dtype)
-            per_dst.setdefault(dst, []).append(out)
+            per_dst.setdefault(dst, []).append((out + p["bias"]).astype(dtype))
             if return_attention:
                 attention[key] = alpha
         outputs = {t: combine_relations(outs, self.aggr) for t, outs in per_dst.items()}
