@@ -1,0 +1,463 @@
+"""Task heads on top of the heterogeneous GAT encoder, and the multi-task model that joins them.
+
+* :class:`GatedAttentionPool` -- gated attention multiple-instance pooling (Ilse, Tomczak & Welling,
+  "Attention-based Deep Multiple Instance Learning", ICML 2018) over each sample's molecules: one
+  weight per ``contains_molecule`` edge, softmax-normalised over the sample's edges with segment
+  operations. The weights are the molecule importances of salient molecule discovery.
+* :class:`FoodClassifier` -- sample embedding + pooled molecule representation -> food logits.
+* :class:`NutrientHead` -- sample embedding -> normalised nutrient profile (a nutrient estimate for
+  an unknown sample).
+* :class:`FoodProjection` -- Food embedding -> the space of the nutrition triplet loss.
+* :class:`MultiTaskModel` -- encoder + the four heads; params
+  ``{"encoder", "classifier", "nutrient_head", "food_projection", "salient_pool"}``.
+
+Everything here is a pure function of (params, graph); no file is read (``models`` never reads files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import HeteroGraph
+
+HEAD_NAMES: tuple[str, ...] = ("classifier", "nutrient_head", "food_projection", "salient_pool")
+
+
+# ---- segment helpers ---------------------------------------------------------------------------
+def segment_softmax(logits, segment_ids, num_segments: int, mask=None):
+    """Softmax of ``logits`` [E] over the entries of each segment; masked entries get weight 0.
+
+    A segment with no unmasked entry gets all-zero weights (never NaN).
+    """
+    logits = logits.astype(jnp.float32)
+    if mask is None:
+        mask = jnp.ones(logits.shape, bool)
+    neg = jnp.finfo(jnp.float32).min
+    masked = jnp.where(mask, logits, neg)
+    seg_max = jax.ops.segment_max(masked, segment_ids, num_segments)
+    seg_max = jnp.where(jnp.isfinite(seg_max), seg_max, 0.0)
+    # Stop-gradient on the shift: it cancels analytically and keeps ties from splitting gradients.
+    shifted = masked - jax.lax.stop_gradient(seg_max)[segment_ids]
+    expd = jnp.where(mask, jnp.exp(jnp.minimum(shifted, 0.0)), 0.0)
+    denom = jax.ops.segment_sum(expd, segment_ids, num_segments)
+    return expd / jnp.where(denom > 0, denom, 1.0)[segment_ids]
+
+
+def weighted_segment_sum(weights, values, segment_ids, num_segments: int):
+    """``out[s] = sum_{e in s} weights[e] * values[e]``: [E], [E, D] -> [num_segments, D]."""
+    return jax.ops.segment_sum(weights[:, None] * values, segment_ids, num_segments)
+
+
+# ---- heads -------------------------------------------------------------------------------------
+def restricted_softmax(logits, gate, segment_ids, num_segments: int, mask=None):
+    """``gate_e exp(logit_e) / sum_{e' in s} gate_e' exp(logit_e')`` for a gate [E] in [0, 1].
+
+    With a hard 0/1 gate this is the softmax over the gated-in entries. The softmax is taken over
+    all (``mask``-valid) entries before gating, so a straight-through gate (hard forward, soft
+    backward) passes gradient to entries it currently gates out.
+    """
+    base = segment_softmax(logits, segment_ids, num_segments, mask)
+    weighted = base * gate
+    denom = jax.ops.segment_sum(weighted, segment_ids, num_segments)
+    return weighted / jnp.where(denom > 0, denom, 1.0)[segment_ids]
+
+
+def segment_topk_mask(scores, segment_ids, num_segments: int, k: int, valid=None):
+    """[E] bool: the ``k`` highest ``scores`` of each segment (ties by edge order), within ``valid``."""
+    num_edges = scores.shape[0]
+    valid = jnp.ones((num_edges,), bool) if valid is None else jnp.asarray(valid)
+    keyed = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    order = jnp.lexsort((-keyed, segment_ids))  # by segment, then by descending score
+    seg_sorted = segment_ids[order]
+    pos = jnp.arange(num_edges)
+    start = jax.ops.segment_min(pos, seg_sorted, num_segments)
+    rank_sorted = pos - start[seg_sorted]
+    rank = jnp.zeros((num_edges,), rank_sorted.dtype).at[order].set(rank_sorted)
+    return (rank < k) & valid
+
+
+def straight_through_topk(logits, hard_mask, segment_ids, num_segments: int, temperature: float = 0.1):
+    """Hard top-k mask in the forward pass, sigmoid-relaxed gradient in the backward pass.
+
+    The relaxation is ``sigmoid((logit - t_s) / temperature)`` with ``t_s`` halfway between the
+    lowest kept and the highest dropped logit of segment ``s``. Returns [E] float.
+    """
+    neg = jnp.finfo(jnp.float32).min
+    lowest_kept = -jax.ops.segment_max(jnp.where(hard_mask, -logits, neg), segment_ids, num_segments)
+    highest_dropped = jax.ops.segment_max(jnp.where(hard_mask, neg, logits), segment_ids, num_segments)
+    lowest_kept = jnp.where(jnp.abs(lowest_kept) < 1e30, lowest_kept, 0.0)
+    highest_dropped = jnp.where(jnp.abs(highest_dropped) < 1e30, highest_dropped, lowest_kept - 1.0)
+    threshold = jax.lax.stop_gradient(0.5 * (lowest_kept + highest_dropped))[segment_ids]
+    soft = jax.nn.sigmoid((logits - threshold) / temperature)
+    hard = hard_mask.astype(jnp.float32)
+    return hard + soft - jax.lax.stop_gradient(soft)
+
+
+#: Largest [samples x molecules] for which pooling uses a dense weight matrix (faster on CPU than
+#: gathers over edges; 16M float32 = 64 MB). Larger graphs use segment sums over the edges.
+DENSE_POOL_LIMIT = 16_000_000
+
+
+def standardise_over_samples(x, valid, reference=None, eps: float = 1e-5):
+    """[S, D] -> zero mean, unit variance per feature, statistics over the ``reference`` [S] rows
+    (default ``valid``); rows outside ``valid`` -> 0."""
+    w = (valid if reference is None else reference).astype(x.dtype)[:, None]
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mean = jnp.sum(w * x, 0) / n
+    var = jnp.sum(w * jnp.square(x - mean), 0) / n
+    return jnp.where(valid[:, None], (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention pooling over each sample's molecules (Ilse et al. 2018, eq. 9).
+
+    For edge ``e = (s, m)`` with molecule embedding ``z_m`` and intensity attributes ``x_e``:
+
+    * instance ``h_e = h_m + W_x x_e`` with ``h_m = W_z z_m + b``;
+    * attention logit ``a_e = w^T (tanh(V h_m) * sigmoid(U h_m)) + x_e^T B h_m`` -- Ilse's gated
+      attention on the molecule, modulated by the intensity of the molecule in that sample;
+    * weights ``alpha = softmax_{e in s}(a)`` (the molecule importances); pooled over the ``top_k``
+      molecules of the sample, ``p_s = sum_{e in topk(s)} alpha_e h_e / sum_{e in topk(s)} alpha_e``
+      (hard in the forward pass, straight-through in the backward pass; ``top_k = 0``: all
+      molecules) -- the prediction rests on the molecules the scores name, so they are faithful
+      by construction (Chen et al., "Learning to Explain", ICML 2018, select-then-predict);
+      standardised over the graph's samples (``standardise``): every
+      sample shares most of its molecules (background), so the pooled vectors differ by little
+      around a large common part; removing it makes the food-specific part visible to the heads
+      from the first step. Logits are centred per sample and bounded, ``a <- c tanh(a / c)``
+      (``logit_bound``): the
+      classifier cannot collapse a sample onto one molecule that happens to identify it
+      (memorisation); at most a factor ``exp(2c)`` separates two molecules of a sample.
+
+    Every dense layer runs once per molecule, never per edge; per edge only scalars are gathered,
+    and the weighted sum is a [samples x molecules] matrix product where that matrix is small.
+    """
+
+    pool_dim: int = 64
+    attention_dim: int = 32
+    standardise: bool = True
+    logit_bound: float = 3.0
+    top_k: int = 0
+    temperature: float = 0.1
+
+    @nn.compact
+    def __call__(self, molecule_embeddings, senders, receivers, intensities, num_samples: int,
+                 edge_mask=None, gate=None, stats_mask=None):
+        """Args:
+          molecule_embeddings: [M, hidden]; senders / receivers: [E] sample / molecule index of
+          each ``contains_molecule`` edge; intensities: [E, A] edge attributes; edge_mask: [E] bool;
+          gate: optional [E] weights in [0, 1] restricting the pooling softmax (see
+          :func:`restricted_softmax`), replacing the module's own top-k; stats_mask: optional [S] bool, the samples whose pooled
+          vectors define the standardisation (those with all their molecules, when some samples
+          are restricted to a few: sufficiency, fidelity).
+
+        Returns ``(pooled [num_samples, pool_dim], weights [E], logits [E])``.
+        """
+        x = intensities.astype(jnp.float32)
+        num_attr = x.shape[-1]
+        h_mol = nn.Dense(self.pool_dim, name="instance")(molecule_embeddings.astype(jnp.float32))  # [M, P]
+        w_x = self.param("instance_intensity", nn.initializers.lecun_normal(), (num_attr, self.pool_dim))
+        gated = (jnp.tanh(nn.Dense(self.attention_dim, name="attention_v")(h_mol))
+                 * nn.sigmoid(nn.Dense(self.attention_dim, name="attention_u")(h_mol)))
+        mol_logit = nn.Dense(1, name="attention_w")(gated)[:, 0]                                  # [M]
+        logits = mol_logit[receivers]
+        if num_attr:
+            slope = nn.Dense(num_attr, use_bias=False, name="attention_intensity")(h_mol)          # [M, A]
+            logits = logits + jnp.sum(slope[receivers] * x, axis=-1)
+        if self.logit_bound:
+            # Centred per sample first: a shift common to all of a sample's molecules changes no
+            # weight, and must not push the logits into tanh's flat region.
+            valid = jnp.ones(logits.shape, bool) if edge_mask is None else edge_mask
+            count = jax.ops.segment_sum(valid.astype(jnp.float32), senders, num_samples)
+            mean = jax.ops.segment_sum(jnp.where(valid, logits, 0.0), senders, num_samples) / jnp.maximum(count, 1.0)
+            logits = self.logit_bound * jnp.tanh((logits - mean[senders]) / self.logit_bound)
+        weights = segment_softmax(logits, senders, num_samples, edge_mask)   # the importances
+        if gate is None and self.top_k > 0:
+            hard = segment_topk_mask(jax.lax.stop_gradient(logits), senders, num_samples, self.top_k, edge_mask)
+            gate = straight_through_topk(logits, hard, senders, num_samples, self.temperature)
+        pool_weights = weights if gate is None else restricted_softmax(logits, gate, senders, num_samples, edge_mask)
+        num_molecules = h_mol.shape[0]
+        if num_samples * num_molecules <= DENSE_POOL_LIMIT:
+            matrix = jnp.zeros((num_samples, num_molecules), jnp.float32).at[senders, receivers].add(pool_weights)
+            pooled = matrix @ h_mol
+        else:
+            pooled = weighted_segment_sum(pool_weights, h_mol[receivers], senders, num_samples)
+        if num_attr:
+            pooled = pooled + jax.ops.segment_sum(pool_weights[:, None] * x, senders, num_samples) @ w_x
+        if self.standardise:
+            has_edges = jax.ops.segment_sum(weights, senders, num_samples) > 0
+            reference = has_edges if stats_mask is None else (has_edges & stats_mask)
+            reference = jnp.where(jnp.any(reference), reference, has_edges)
+            pooled = standardise_over_samples(pooled, has_edges, reference)
+        return pooled, weights, logits
+
+
+class _MLP(nn.Module):
+    hidden_dim: int
+    out_dim: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = nn.elu(nn.Dense(self.hidden_dim, name="hidden")(x))
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        return nn.Dense(self.out_dim, name="out")(x)
+
+
+class FoodClassifier(nn.Module):
+    """[S, hidden] sample embeddings + [S, pool_dim] pooled molecules -> [S, num_foods] logits."""
+
+    num_foods: int
+    hidden_dim: int = 64
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, sample_embeddings, pooled, deterministic: bool = True):
+        x = jnp.concatenate([sample_embeddings, pooled], -1)
+        return _MLP(self.hidden_dim, self.num_foods, self.dropout, name="mlp")(x, deterministic)
+
+
+class NutrientHead(nn.Module):
+    """[S, hidden] sample embeddings + [S, pool_dim] pooled molecules -> [S, num_nutrients]
+    normalised nutrient profile."""
+
+    num_nutrients: int
+    hidden_dim: int = 64
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, sample_embeddings, pooled, deterministic: bool = True):
+        x = jnp.concatenate([sample_embeddings, pooled], -1)
+        return _MLP(self.hidden_dim, self.num_nutrients, self.dropout, name="mlp")(x, deterministic)
+
+
+class FoodProjection(nn.Module):
+    """[F, hidden] Food embeddings -> [F, projection_dim] (space of the nutrition triplet loss)."""
+
+    projection_dim: int = 32
+    hidden_dim: int = 64
+
+    @nn.compact
+    def __call__(self, food_embeddings):
+        return _MLP(self.hidden_dim, self.projection_dim, 0.0, name="mlp")(food_embeddings)
+
+
+# ---- the multi-task model --------------------------------------------------------------------------
+#: Key of the encoder's *input* molecule embeddings in a representation dict (see
+#: :meth:`MultiTaskModel.represent`).
+MOLECULE_INPUT = "Molecule:input"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+    """Sizes of the task heads (the encoder has its own ``EncoderConfig``).
+
+    ``pool_molecule_inputs``: the attention pooling reads each molecule's final encoder embedding
+    *and* its input embedding (the encoder's own ``embed_Molecule`` / ``project_Molecule``, a skip
+    connection). The GAT messages carry no root/self term, so with one shared input vector for all
+    samples every molecule leaves the first layer with the same vector, and an even number of
+    layers leaves no molecule identity in the sample embeddings; the skip connection restores it.
+    """
+
+    hidden_dim: int = 64
+    pool_dim: int = 64
+    attention_dim: int = 32
+    projection_dim: int = 32
+    dropout: float = 0.1
+    pool_molecule_inputs: bool = True
+    standardise_pooled: bool = True
+    attention_logit_bound: float = 3.0
+    pool_top_k: int = 0
+    pool_temperature: float = 0.1
+
+
+@flax.struct.dataclass
+class ModelOutputs:
+    """Everything one forward pass of :class:`MultiTaskModel` produces.
+
+    ``embeddings``: node type -> [N_type, hidden]; ``food_logits`` [S, F]; ``nutrient_profile``
+    [S, N]; ``food_projection`` [F, P]; ``pooled`` [S, pool_dim]; ``molecule_weights`` [E] the
+    attention-pooling weight of every ``contains_molecule`` edge (sums to 1 over a sample's edges);
+    ``molecule_logits`` [E]; ``attention``: list over layers of
+    relation key -> [E_rel, heads] (empty unless requested).
+    """
+
+    embeddings: dict[str, Any]
+    food_logits: Any
+    nutrient_profile: Any
+    food_projection: Any
+    pooled: Any
+    molecule_weights: Any
+    molecule_logits: Any
+    attention: Any = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MultiTaskModel:
+    """Encoder + task heads as pure functions of ``params``.
+
+    ``params = {"encoder": <HeteroGATEncoder params>, "classifier": ..., "nutrient_head": ...,
+    "food_projection": ..., "salient_pool": ...}``. Extra top-level entries (e.g. the task-weighting
+    parameters that training keeps beside them) are ignored by :meth:`apply`.
+    """
+
+    encoder: nn.Module
+    classifier: FoodClassifier
+    nutrient_head: NutrientHead
+    food_projection: FoodProjection
+    salient_pool: GatedAttentionPool
+    encoder_config: Any
+    heads_config: HeadsConfig
+
+    def init(self, rng, graph: HeteroGraph) -> dict[str, Any]:
+        k_enc, k_cls, k_nut, k_proj, k_pool = jax.random.split(rng, 5)
+        enc_params = self.encoder.init(k_enc, graph)["params"]
+        hidden = self._hidden_dim()
+        S = graph.num_nodes[schema.SAMPLE]
+        contains = graph.edges[schema.CONTAINS]
+        width = hidden + (int(self.encoder_config.embedding_dim) if self.heads_config.pool_molecule_inputs else 0)
+        mol = jnp.zeros((graph.num_nodes[schema.MOLECULE], width), jnp.float32)
+        pool_params = self.salient_pool.init(k_pool, mol, jnp.asarray(contains.senders), jnp.asarray(contains.receivers),
+                                             jnp.asarray(contains.attributes), S)["params"]
+        sample = jnp.zeros((1, hidden), jnp.float32)
+        pooled = jnp.zeros((1, self.heads_config.pool_dim), jnp.float32)
+        return {
+            "encoder": enc_params,
+            "classifier": self.classifier.init(k_cls, sample, pooled)["params"],
+            "nutrient_head": self.nutrient_head.init(k_nut, sample, pooled)["params"],
+            "food_projection": self.food_projection.init(k_proj, sample)["params"],
+            "salient_pool": pool_params,
+        }
+
+    def _hidden_dim(self) -> int:
+        return int(self.encoder_config.hidden_dim)
+
+    def encode(self, params, graph: HeteroGraph, *, edge_masks=None, node_index=None, deterministic=True,
+               rng=None, return_attention=False):
+        """Node embeddings (and attention) of the encoder alone; see the encoder contract."""
+        rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
+        return self.encoder.apply({"params": params["encoder"]}, graph, edge_masks=edge_masks,
+                                  node_index=node_index, deterministic=deterministic, rngs=rngs,
+                                  return_attention=return_attention)
+
+    def molecule_inputs(self, params, graph: HeteroGraph, node_index=None):
+        """[M, embedding_dim] the encoder's input embedding of every molecule (its documented layout:
+        ``embed_Molecule``, ``project_Molecule``, ``shared_Molecule`` by input mode)."""
+        enc = params["encoder"]
+        mode = self.encoder_config.input_mode(schema.MOLECULE)
+        count = graph.num_nodes[schema.MOLECULE]
+        parts = []
+        if mode in ("embedding", "both"):
+            table = enc[f"embed_{schema.MOLECULE}"]["embedding"]
+            index = None if node_index is None else node_index.get(schema.MOLECULE)
+            parts.append(table if index is None else table[index])
+        if mode in ("features", "both"):
+            dense = enc[f"project_{schema.MOLECULE}"]
+            parts.append(jnp.asarray(graph.node_features[schema.MOLECULE], jnp.float32) @ dense["kernel"] + dense["bias"])
+        if mode == "shared":
+            parts.append(jnp.broadcast_to(enc[f"shared_{schema.MOLECULE}"], (count, enc[f"shared_{schema.MOLECULE}"].shape[-1])))
+        return sum(parts[1:], parts[0]).astype(jnp.float32)
+
+    def represent(self, params, graph: HeteroGraph, *, edge_masks=None, node_index=None, deterministic=True,
+                  rng=None, return_attention=False):
+        """Encoder embeddings (node type -> [N, hidden]) plus, under :data:`MOLECULE_INPUT`, the
+        molecule input embeddings the pooling reads; with ``return_attention`` also the attention."""
+        out = self.encode(params, graph, edge_masks=edge_masks, node_index=node_index,
+                          deterministic=deterministic, rng=rng, return_attention=return_attention)
+        embeddings, attention = (out if return_attention else (out, None))
+        embeddings = dict(embeddings)
+        if self.heads_config.pool_molecule_inputs:
+            embeddings[MOLECULE_INPUT] = self.molecule_inputs(params, graph, node_index)
+        return (embeddings, attention) if return_attention else embeddings
+
+    def pool_features(self, representation):
+        """[M, d] what the pooling reads of each molecule."""
+        final = representation[schema.MOLECULE].astype(jnp.float32)
+        if self.heads_config.pool_molecule_inputs:
+            return jnp.concatenate([final, representation[MOLECULE_INPUT]], -1)
+        return final
+
+    def pool(self, params, graph: HeteroGraph, molecule_features, edge_mask=None, gate=None, stats_mask=None):
+        """Attention pooling of every sample's molecules -> ``(pooled [S, P], weights [E], logits [E])``;
+        see :class:`GatedAttentionPool`. ``molecule_features``: :meth:`pool_features`."""
+        contains = graph.edges[schema.CONTAINS]
+        return self.salient_pool.apply({"params": params["salient_pool"]}, molecule_features,
+                                       contains.senders, contains.receivers, contains.attributes,
+                                       graph.num_nodes[schema.SAMPLE], edge_mask, gate, stats_mask)
+
+    def classify(self, params, sample_embeddings, pooled, *, deterministic=True, rng=None):
+        """[S, hidden], [S, pool_dim] -> [S, F] food logits."""
+        rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
+        return self.classifier.apply({"params": params["classifier"]}, sample_embeddings, pooled,
+                                     deterministic=deterministic, rngs=rngs)
+
+    def apply(self, params, graph: HeteroGraph, *, edge_masks: Mapping[str, Any] | None = None,
+              node_index=None, deterministic: bool = True, rng=None, return_attention: bool = False,
+              pool_mask=None, stats_mask=None) -> ModelOutputs:
+        """Full forward pass.
+
+        ``edge_masks``: relation key -> [E] bool for the encoder (missing key = all edges);
+        ``pool_mask``: [E_contains] bool for the attention pooling, default
+        ``edge_masks[CONTAINS]`` (a molecule removed from a sample is removed from both);
+        ``stats_mask``: [S] samples that define the pooled standardisation (default all).
+        """
+        if rng is not None and not deterministic:
+            k_enc, k_heads = jax.random.split(rng)
+        else:
+            k_enc = k_heads = None
+        out = self.represent(params, graph, edge_masks=edge_masks, node_index=node_index,
+                             deterministic=deterministic, rng=k_enc, return_attention=return_attention)
+        representation, attention = (out if return_attention else (out, None))
+        if pool_mask is None and edge_masks is not None:
+            pool_mask = edge_masks.get(schema.CONTAINS)
+        outputs = self.heads(params, graph, representation, pool_mask=pool_mask, deterministic=deterministic,
+                             rng=k_heads, stats_mask=stats_mask)
+        return outputs.replace(attention=attention)
+
+    def heads(self, params, graph: HeteroGraph, representation, *, pool_mask=None, deterministic: bool = True,
+              rng=None, stats_mask=None) -> ModelOutputs:
+        """All heads on a :meth:`represent` output (encoder embeddings + molecule inputs)."""
+        if rng is not None and not deterministic:
+            k_cls, k_nut = jax.random.split(rng)
+        else:
+            k_cls = k_nut = None
+        pooled, weights, logits = self.pool(params, graph, self.pool_features(representation), pool_mask,
+                                            stats_mask=stats_mask)
+        samples = representation[schema.SAMPLE]
+        food_logits = self.classify(params, samples, pooled, deterministic=deterministic, rng=k_cls)
+        nut_rngs = {"dropout": k_nut} if k_nut is not None else {}
+        nutrient_profile = self.nutrient_head.apply({"params": params["nutrient_head"]}, samples, pooled,
+                                                    deterministic=deterministic, rngs=nut_rngs)
+        projection = self.food_projection.apply({"params": params["food_projection"]}, representation[schema.FOOD])
+        embeddings = {t: v for t, v in representation.items() if t != MOLECULE_INPUT}
+        return ModelOutputs(embeddings=embeddings, food_logits=food_logits, nutrient_profile=nutrient_profile,
+                            food_projection=projection, pooled=pooled, molecule_weights=weights,
+                            molecule_logits=logits, attention=None)
+
+
+def make_multitask_model(graph: HeteroGraph, encoder_config, heads_config: HeadsConfig | None = None) -> MultiTaskModel:
+    """Builds the encoder from ``encoder_config`` (an ``EncoderConfig``) and the heads for ``graph``."""
+    from jaxfood.models.encoder import make_encoder
+
+    heads_config = heads_config or HeadsConfig()
+    num_foods = graph.num_nodes[schema.FOOD]
+    num_nutrients = int(graph.food_nutrients.shape[1])
+    return MultiTaskModel(
+        encoder=make_encoder(graph, encoder_config),
+        classifier=FoodClassifier(num_foods, heads_config.hidden_dim, heads_config.dropout),
+        nutrient_head=NutrientHead(num_nutrients, heads_config.hidden_dim, heads_config.dropout),
+        food_projection=FoodProjection(heads_config.projection_dim, heads_config.hidden_dim),
+        salient_pool=GatedAttentionPool(heads_config.pool_dim, heads_config.attention_dim,
+                                        heads_config.standardise_pooled, heads_config.attention_logit_bound,
+                                        heads_config.pool_top_k, heads_config.pool_temperature),
+        encoder_config=encoder_config,
+        heads_config=heads_config,
+    )

@@ -1,0 +1,228 @@
+"""Monitoring of multi-task fine-tuning: TensorBoard scalars, curves as PNG, a progress bar.
+
+Everything the step reports is logged every step (every task loss and its components, the total,
+task weights and uncertainty log-variances, gradient norms per parameter group, each task's
+gradient norm on the shared encoder and the pairwise cosine similarity of task gradients), plus
+each group's learning rate and the validation metrics. The run's history is kept in memory (and
+written as ``history.json`` by the loop) and drawn as ``losses.png``, ``task_weights.png`` and
+``gradient_conflict.png``.
+
+This is the side-effect edge of training: files and terminal only, no JAX.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested dict of numbers -> ``{"a/b/c": float}`` (non-numeric leaves are skipped)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, f"{name}/"))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif hasattr(value, "shape") and np.ndim(value) == 0:
+            out[name] = float(value)
+    return out
+
+
+class FinetuneMonitor:
+    """Logs a fine-tuning run to ``tb_dir`` (tensorboardX), keeps its history, shows a tqdm bar.
+
+    Args:
+      tb_dir: TensorBoard event directory (None: no event files).
+      learning_rate_fn: ``step -> {group: lr}`` (the optimizer's schedules at that step).
+      total_steps: for the progress bar.
+      progress: show the progress bar.
+    """
+
+    def __init__(self, tb_dir: str | Path | None, learning_rate_fn: Callable[[int], Mapping[str, float]] | None = None,
+                 total_steps: int = 0, progress: bool = True):
+        self.history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
+        self._lr_fn = learning_rate_fn
+        self._writer = None
+        if tb_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            Path(tb_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(tb_dir))
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="fine-tune", unit="step", dynamic_ncols=True)
+
+    # ---- logging ------------------------------------------------------------------------------
+    def train(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Logs one step's metrics (flat dict ``"loss/total" -> scalar``) and the learning rates."""
+        row = {k: float(v) for k, v in flatten_metrics(metrics).items()}
+        if self._lr_fn is not None:
+            for group, lr in self._lr_fn(step).items():
+                row[f"learning_rate/{group}"] = float(lr)
+        row["step"] = int(step)
+        self.history["train"].append(row)
+        if self._writer is not None:
+            for name, value in row.items():
+                if name != "step" and math.isfinite(value):
+                    self._writer.add_scalar(name, value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({
+                "total": f"{row.get('loss/total', float('nan')):.3f}",
+                "ce": f"{row.get('loss/food_classification', float('nan')):.3f}",
+                "nutr": f"{row.get('loss/nutrition', float('nan')):.3f}",
+                "sal": f"{row.get('loss/salient_molecules', float('nan')):.3f}",
+            }, refresh=False)
+        return row
+
+    def validation(self, step: int, metrics: Mapping[str, Any], score: float | None = None) -> dict[str, float]:
+        """Logs nested validation metrics as ``val/<section>/<name>`` scalars."""
+        row = flatten_metrics(metrics)
+        if score is not None:
+            row["selection_score"] = float(score)
+        row["step"] = int(step)
+        self.history["val"].append(row)
+        if self._writer is not None:
+            for name, value in row.items():
+                if name != "step" and math.isfinite(value):
+                    self._writer.add_scalar(f"val/{name}", value, step)
+        if self._bar is not None and score is not None:
+            self._bar.write(f"step {step}: validation score {score:.4f} "
+                            f"(accuracy {row.get('food_classification/accuracy', float('nan')):.3f})")
+        return row
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # ---- figures ------------------------------------------------------------------------------
+    def figures(self, out_dir: str | Path) -> list[Path]:
+        """Writes ``losses.png``, ``task_weights.png`` and ``gradient_conflict.png``; returns their paths."""
+        return write_curves(self.history, out_dir)
+
+
+def _series(rows: list[dict[str, float]], prefix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    names = sorted({k for r in rows for k in r if k.startswith(prefix)})
+    out = {}
+    for name in names:
+        pts = [(r["step"], r[name]) for r in rows if name in r and math.isfinite(r[name])]
+        if pts:
+            steps, values = zip(*pts)
+            out[name[len(prefix):]] = (np.asarray(steps), np.asarray(values))
+    return out
+
+
+def write_curves(history: Mapping[str, list[dict[str, float]]], out_dir: str | Path) -> list[Path]:
+    """PNG curves of a run's history: task losses (+ validation score), task weights, gradient conflict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxfood.io_utils import atomic_path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, val = history.get("train", []), history.get("val", [])
+    paths: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (s, v) in _series(train, "loss/").items():
+        axes[0].plot(s, v, label=name, lw=1.2 if name in ("total",) else 0.9)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training losses")
+    axes[0].legend(fontsize=7)
+    for name, (s, v) in _series(val, "").items():
+        if name in ("selection_score", "food_classification/accuracy", "nutrition/nutrient_r2",
+                    "nutrition/spearman", "nutrition/knn_purity"):
+            axes[1].plot(s, v, marker="o", label=name)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("validation")
+    axes[1].legend(fontsize=7)
+    save(fig, "losses.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (s, v) in _series(train, "weight/").items():
+        axes[0].plot(s, v, label=name)
+    axes[0].set_title("task weights")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    for name, (s, v) in _series(train, "learning_rate/").items():
+        axes[1].plot(s, v, label=name)
+    axes[1].set_title("learning rates")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    save(fig, "task_weights.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (s, v) in _series(train, "task_grad_cosine/").items():
+        axes[0].plot(s, v, label=name.replace("__", " vs "), lw=0.9)
+    axes[0].axhline(0.0, color="k", lw=0.6)
+    axes[0].set_ylim(-1.05, 1.05)
+    axes[0].set_title("cosine similarity of task gradients (shared encoder)")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    for name, (s, v) in _series(train, "task_grad_norm/").items():
+        axes[1].plot(s, v, label=name, lw=0.9)
+    axes[1].set_yscale("log")
+    axes[1].set_title("task gradient norms (shared encoder)")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    save(fig, "gradient_conflict.png")
+    return paths
+
+
+def conflict_summary(history: Mapping[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean cosine similarity of each task pair over the run and the fraction of steps in conflict (< 0)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, (_, v) in _series(history.get("train", []), "task_grad_cosine/").items():
+        out[name] = {"mean_cosine": float(np.mean(v)), "conflict_fraction": float(np.mean(v < 0))}
+    return out
+
+
+def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of the TensorBoard event files under ``tb_dir``: ``{tag: [(step, value), ...]}``.
+
+    Reads the TFRecord framing directly (tensorboardX writes it; no TensorBoard install needed).
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            record = data[pos + 12:pos + 12 + length]
+            pos += 12 + length + 4
+            event = event_pb2.Event()
+            event.ParseFromString(record)
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out
+
+
+__all__ = ["FinetuneMonitor", "conflict_summary", "flatten_metrics", "read_scalars", "write_curves"]

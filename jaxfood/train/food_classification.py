@@ -1,0 +1,60 @@
+"""Food classification loss: cross-entropy with optional label smoothing and class weights.
+
+Conventions follow ``torch.nn.functional.cross_entropy``: with label smoothing ``eps`` the target
+is ``(1 - eps) * onehot + eps / num_classes``; with class weights the mean is weighted,
+``sum_i w_{y_i} CE_i / sum_i w_{y_i}`` (over the supervised samples only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0, class_weights=None):
+    """Mean cross-entropy over the samples in ``mask``.
+
+    Args:
+      logits: [B, C] food logits.
+      labels: [B] int food index (entries outside ``mask`` may be -1).
+      mask: [B] bool, samples that count (default: all with ``labels >= 0``).
+      label_smoothing: ``eps`` in [0, 1).
+      class_weights: optional [C] weight per class (e.g. :func:`balanced_class_weights`).
+
+    Returns a scalar; 0 when no sample is selected.
+    """
+    num_classes = logits.shape[-1]
+    labels = jnp.asarray(labels)
+    valid = labels >= 0
+    mask = valid if mask is None else (jnp.asarray(mask) & valid)
+    safe = jnp.where(valid, labels, 0)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target = jax.nn.one_hot(safe, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        target = (1.0 - label_smoothing) * target + label_smoothing / num_classes
+    per_sample = -jnp.sum(target * log_probs, axis=-1)
+    weight = mask.astype(jnp.float32)
+    if class_weights is not None:
+        weight = weight * jnp.asarray(class_weights, jnp.float32)[safe]
+    return jnp.sum(weight * per_sample) / jnp.maximum(jnp.sum(weight), 1e-12)
+
+
+def accuracy(logits, labels, mask=None):
+    """Fraction of the samples in ``mask`` whose arg-max logit is their label: [B, C], [B] -> scalar."""
+    labels = jnp.asarray(labels)
+    valid = labels >= 0
+    mask = valid if mask is None else (jnp.asarray(mask) & valid)
+    hit = (jnp.argmax(logits, -1) == labels) & mask
+    return jnp.sum(hit) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[C] weights ``n / (C_present * count_c)`` (scikit-learn's "balanced"); 0 for absent classes."""
+    labels = np.asarray(labels)
+    labels = labels[labels >= 0]
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes, np.float64)
+    weights[present] = labels.size / (present.sum() * counts[present])
+    return weights.astype(np.float32)

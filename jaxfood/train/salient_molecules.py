@@ -1,0 +1,281 @@
+"""Salient molecule discovery: faithful molecule importances and their rankings per food.
+
+Importance of molecule ``m`` in sample ``s`` is a score on the ``contains_molecule`` edge
+``(s, m)``. Three scorers share one interface, ``scorer(model, params, graph, edge_masks) -> [E]``
+(one score per ``contains_molecule`` edge, normalised over each sample's edges):
+
+* ``attention`` -- the weights of the gated attention pooling head (Ilse et al. 2018);
+* ``gat_attention`` -- the last encoder layer's attention on ``Molecule|rev_contains_molecule|Sample``
+  edges, averaged over heads;
+* ``gradient`` -- gradient x input with the molecule's presence as input: the first-order change
+  of the predicted food's log-probability when the molecule is taken out of the sample's pooling.
+
+Training makes the attention scores faithful with a *sufficiency* loss: the food predicted from
+the top-k scored molecules of a sample alone (encoder and pooling restricted to those edges) must
+agree with the full prediction, ``KL(p_full || p_topk)``; the top-k mask is hard in the forward
+pass and straight-through (a sigmoid around the k-th score) in the backward pass, so molecules
+just outside the top-k receive gradient. A normalised-entropy term keeps the weights sparse.
+
+Removal and restriction of a sample's molecules act on both edge directions. They rely on the
+reverse relation listing its edges in the forward order, which :func:`align_reverse_edges`
+establishes (``with_reverse_edges`` already builds graphs that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfood.errors import GraphError
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph
+from jaxfood.models.heads import (  # noqa: F401 (re-exported: the salient-molecule toolbox)
+    restricted_softmax,
+    segment_softmax,
+    segment_topk_mask,
+    straight_through_topk,
+)
+
+REV_CONTAINS = schema.reverse_key(schema.CONTAINS)
+
+
+# ---- edge bookkeeping --------------------------------------------------------------------------
+def align_reverse_edges(graph: HeteroGraph, key: str = schema.CONTAINS) -> HeteroGraph:
+    """Reorders the edges of ``reverse_key(key)`` so that reverse edge ``e`` is forward edge ``e``.
+
+    The encoder's output does not depend on edge order; masks over one direction can then be
+    used for the other. Raises :class:`GraphError` if the reverse relation is not the exact mirror.
+    """
+    rkey = schema.reverse_key(key)
+    fwd, rev = graph.edges[key], graph.edges[rkey]
+    fs, fr = np.asarray(fwd.senders), np.asarray(fwd.receivers)
+    rs, rr = np.asarray(rev.senders), np.asarray(rev.receivers)
+    if fs.shape == rr.shape and np.array_equal(fs, rr) and np.array_equal(fr, rs):
+        return graph
+    if fs.shape != rs.shape:
+        raise GraphError(f"relation '{rkey}' has {rs.size} edges but '{key}' has {fs.size}; expected a mirror")
+    width = int(max(fr.max(initial=0), rs.max(initial=0))) + 1
+    fwd_code = fs.astype(np.int64) * width + fr
+    rev_code = rr.astype(np.int64) * width + rs
+    order_f, order_r = np.argsort(fwd_code, kind="stable"), np.argsort(rev_code, kind="stable")
+    if not np.array_equal(fwd_code[order_f], rev_code[order_r]):
+        raise GraphError(f"relation '{rkey}' is not the mirror of '{key}' (edge sets differ)")
+    perm = np.empty_like(order_f)
+    perm[order_f] = order_r  # reverse edge matching forward edge e
+    edges = dict(graph.edges)
+    edges[rkey] = EdgeSet(senders=rs[perm], receivers=rr[perm], attributes=np.asarray(rev.attributes)[perm])
+    return graph.replace(edges=edges)
+
+
+def contains_edge_masks(keep) -> dict[str, Any]:
+    """Encoder edge masks keeping the ``contains_molecule`` edges in ``keep`` [E], both directions."""
+    return {schema.CONTAINS: keep, REV_CONTAINS: keep}
+
+
+def label_edge_masks(graph: HeteroGraph, hidden_samples) -> dict[str, Any]:
+    """Masks of the label edges (both directions) that switch off those of ``hidden_samples`` [S] bool."""
+    fwd = graph.edges[schema.IS_INSTANCE_OF]
+    rev = graph.edges[schema.reverse_key(schema.IS_INSTANCE_OF)]
+    hidden_samples = jnp.asarray(hidden_samples)
+    return {schema.IS_INSTANCE_OF: ~hidden_samples[fwd.senders],
+            schema.reverse_key(schema.IS_INSTANCE_OF): ~hidden_samples[rev.receivers]}
+
+
+def merge_edge_masks(*masks: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Logical AND of several relation-key -> [E] bool mappings (missing key = all on)."""
+    out: dict[str, Any] = {}
+    for m in masks:
+        for k, v in (m or {}).items():
+            out[k] = v if k not in out else (out[k] & v)
+    return out
+
+
+# ---- top-k --------------------------------------------------------------------------------------
+# ---- losses ---------------------------------------------------------------------------------------
+def sufficiency_loss(full_logits, topk_logits, mask=None):
+    """``mean_s KL(p_full_s || p_topk_s)`` with the full prediction held fixed: [B, C], [B, C], [B]."""
+    p_full = jax.nn.softmax(jax.lax.stop_gradient(full_logits.astype(jnp.float32)), -1)
+    log_full = jax.nn.log_softmax(jax.lax.stop_gradient(full_logits.astype(jnp.float32)), -1)
+    log_topk = jax.nn.log_softmax(topk_logits.astype(jnp.float32), -1)
+    kl = jnp.sum(p_full * (log_full - log_topk), -1)
+    if mask is None:
+        return jnp.mean(kl)
+    w = jnp.asarray(mask).astype(jnp.float32)
+    return jnp.sum(w * kl) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def attention_entropy(weights, segment_ids, num_segments: int, sample_mask=None, edge_mask=None):
+    """Mean normalised entropy ``H(alpha_s) / log(n_s)`` of each sample's weights (0 where n_s < 2).
+
+    ``weights`` [E] sum to one within each sample; ``sample_mask`` [S] selects samples.
+    """
+    edge_mask = jnp.ones(weights.shape, bool) if edge_mask is None else edge_mask
+    w = jnp.where(edge_mask, weights, 0.0)
+    plogp = jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, w, 1.0)), 0.0)
+    entropy = -jax.ops.segment_sum(plogp, segment_ids, num_segments)
+    count = jax.ops.segment_sum(edge_mask.astype(jnp.float32), segment_ids, num_segments)
+    norm = jnp.where(count > 1, entropy / jnp.log(jnp.maximum(count, 2.0)), 0.0)
+    sel = (count > 1) if sample_mask is None else (jnp.asarray(sample_mask) & (count > 1))
+    sel = sel.astype(jnp.float32)
+    return jnp.sum(sel * norm) / jnp.maximum(jnp.sum(sel), 1.0)
+
+
+def mass_outside_topk(weights, topk_mask, segment_ids, num_segments: int, sample_mask=None):
+    """Mean over samples of the attention mass outside their top-k edges, ``1 - sum_{top-k} alpha``.
+
+    A sparsity term that asks for ``k`` molecules to carry the prediction without forcing a single
+    one (as minimal entropy does). ``weights`` [E] sum to 1 per sample; ``topk_mask`` [E] bool.
+    """
+    inside = jax.ops.segment_sum(jnp.where(topk_mask, weights, 0.0), segment_ids, num_segments)
+    total = jax.ops.segment_sum(weights, segment_ids, num_segments)
+    outside = jnp.maximum(total - inside, 0.0)
+    sel = total > 0 if sample_mask is None else (jnp.asarray(sample_mask) & (total > 0))
+    sel = sel.astype(jnp.float32)
+    return jnp.sum(sel * outside) / jnp.maximum(jnp.sum(sel), 1.0)
+
+
+# ---- scorers -------------------------------------------------------------------------------------
+def _per_sample_normalise(scores, graph: HeteroGraph, edge_mask=None):
+    contains = graph.edges[schema.CONTAINS]
+    scores = jnp.abs(scores.astype(jnp.float32))
+    if edge_mask is not None:
+        scores = jnp.where(edge_mask, scores, 0.0)
+    total = jax.ops.segment_sum(scores, contains.senders, graph.num_nodes[schema.SAMPLE])
+    return scores / jnp.where(total > 0, total, 1.0)[contains.senders]
+
+
+def attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
+    """Weights of the attention-pooling head, [E_contains]."""
+    out = model.apply(params, graph, edge_masks=edge_masks)
+    return out.molecule_weights
+
+
+def gat_attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
+    """Last-layer GAT attention of every molecule on its samples, mean over heads, [E_contains]."""
+    _, attention = model.encode(params, graph, edge_masks=edge_masks, return_attention=True)
+    att = attention[-1][REV_CONTAINS]
+    att = jnp.mean(att.astype(jnp.float32), axis=-1)
+    mask = None if edge_masks is None else edge_masks.get(schema.CONTAINS)
+    return _per_sample_normalise(att, graph, mask)
+
+
+def gradient_scorer(model, params, graph: HeteroGraph, edge_masks=None):
+    """Gradient x input with the *presence* of each molecule as the input, [E_contains].
+
+    Every edge's pooling weight is multiplied by a gate ``g_e = 1``; the score is
+    ``d log p(predicted food) / d g_e``: the first-order change of the prediction when the molecule
+    is taken out of the sample (Grad-CAM-like: attention times the gradient of the pooled vector),
+    positive for molecules that support the prediction. Normalised by each sample's total |score|.
+    """
+    contains = graph.edges[schema.CONTAINS]
+    S = graph.num_nodes[schema.SAMPLE]
+    representation = model.represent(params, graph, edge_masks=edge_masks)
+    mask = None if edge_masks is None else edge_masks.get(schema.CONTAINS)
+    features = model.pool_features(representation)
+
+    def objective(gate):
+        pooled, _, _ = model.pool(params, graph, features, edge_mask=mask, gate=gate)
+        log_p = jax.nn.log_softmax(model.classify(params, representation[schema.SAMPLE], pooled), -1)
+        predicted = jax.lax.stop_gradient(jnp.argmax(log_p, -1))
+        return jnp.sum(jnp.take_along_axis(log_p, predicted[:, None], -1))
+
+    saliency = jax.grad(objective)(jnp.ones(contains.senders.shape, jnp.float32))
+    if mask is not None:
+        saliency = jnp.where(mask, saliency, 0.0)
+    total = jax.ops.segment_sum(jnp.abs(saliency), contains.senders, S)
+    return saliency / jnp.where(total > 0, total, 1.0)[contains.senders]
+
+
+SCORERS: dict[str, Callable[..., Any]] = {
+    "attention": attention_scorer,
+    "gat_attention": gat_attention_scorer,
+    "gradient": gradient_scorer,
+}
+
+
+def score_molecules(method: str, model, params, graph: HeteroGraph, edge_masks=None):
+    """Importance of every ``contains_molecule`` edge by scorer ``method`` (see :data:`SCORERS`)."""
+    if method not in SCORERS:
+        raise ValueError(f"unknown scorer '{method}' (expected one of {sorted(SCORERS)})")
+    return SCORERS[method](model, params, graph, edge_masks)
+
+
+# ---- rankings -----------------------------------------------------------------------------------
+def rank_molecules_per_food(edge_scores, graph: HeteroGraph, sample_mask=None, sample_food=None,
+                            contrast: bool = True):
+    """Molecules ranked for each food by their importance in the food's samples.
+
+    Args:
+      edge_scores: [E_contains] per-sample importances (summing to 1 over each sample's edges).
+      sample_mask: [S] bool, samples to use (default: all with a known food).
+      sample_food: [S] food of each sample (default ``graph.sample_food``; predicted foods work too).
+      contrast: rank by the mean importance in the food's samples *minus* the mean importance in
+        the other foods' samples (specific to the food, as a fold change is), instead of the mean
+        alone (which also ranks molecules that matter for every food of a category high).
+
+    Returns ``(ranking [F, M] int molecule indices, best first; importance [F, M] float)``; a
+    molecule absent from a sample counts 0 for it; ties keep molecule order.
+    """
+    contains = graph.edges[schema.CONTAINS]
+    senders = np.asarray(contains.senders)
+    receivers = np.asarray(contains.receivers)
+    scores = np.asarray(edge_scores, np.float64)
+    food = np.asarray(graph.sample_food if sample_food is None else sample_food)
+    use = food >= 0 if sample_mask is None else (np.asarray(sample_mask) & (food >= 0))
+    num_foods, num_molecules = graph.num_nodes[schema.FOOD], graph.num_nodes[schema.MOLECULE]
+    keep = use[senders]
+    total = np.zeros((num_foods, num_molecules), np.float64)
+    np.add.at(total, (food[senders[keep]], receivers[keep]), scores[keep])
+    counts = np.bincount(food[use], minlength=num_foods).astype(np.float64)
+    importance = total / np.maximum(counts, 1.0)[:, None]
+    if contrast:
+        rest = (total.sum(0, keepdims=True) - total) / np.maximum(counts.sum() - counts, 1.0)[:, None]
+        importance = importance - rest
+    ranking = np.argsort(-importance, axis=1, kind="stable")
+    return ranking, importance
+
+
+def rankings_by_id(ranking: np.ndarray, graph: HeteroGraph, top: int | None = None) -> dict[str, list[str]]:
+    """``{food id: [molecule id, ...]}`` from :func:`rank_molecules_per_food`'s index ranking."""
+    food_ids = graph.meta.node_ids.get(schema.FOOD) or [str(i) for i in range(ranking.shape[0])]
+    mol_ids = graph.meta.node_ids.get(schema.MOLECULE) or [str(i) for i in range(ranking.shape[1])]
+    top = ranking.shape[1] if top is None else top
+    return {food_ids[f]: [mol_ids[m] for m in ranking[f, :top]] for f in range(ranking.shape[0])}
+
+
+def fidelity_probabilities(model, params, graph: HeteroGraph, edge_scores, k: int, sample_mask,
+                           target_class=None, base_masks=None):
+    """Probabilities of ``target_class`` [S] (default: the full model's prediction), three ways.
+
+    Returns ``(p_full, p_removed, p_kept)`` each [S]: with all molecules, with the top-``k``
+    molecules of each sample in ``sample_mask`` [S] bool removed, and with only them kept (both
+    edge directions and the pooling; all selected samples at once). Fidelity+ =
+    mean(p_full - p_removed), fidelity- = mean(p_full - p_kept) (GraphFramEx, Amara et al. 2022).
+    """
+    contains = graph.edges[schema.CONTAINS]
+    S = graph.num_nodes[schema.SAMPLE]
+    sample_mask = jnp.asarray(sample_mask)
+    base = base_masks.get(schema.CONTAINS) if base_masks else None
+    topk = segment_topk_mask(jnp.asarray(edge_scores), contains.senders, S, k, base)
+    selected = sample_mask[contains.senders]
+    keep_removed = ~(topk & selected)
+    keep_kept = ~selected | topk
+    if base is not None:
+        keep_removed, keep_kept = keep_removed & base, keep_kept & base
+
+    def proba(masks):
+        out = model.apply(params, graph, edge_masks=merge_edge_masks(base_masks, masks), stats_mask=~sample_mask)
+        return jax.nn.softmax(out.food_logits.astype(jnp.float32), -1)
+
+    p_full = proba(None)
+    target = jnp.argmax(p_full, -1) if target_class is None else jnp.asarray(target_class)
+
+    def pick(p):
+        return jnp.take_along_axis(p, target[:, None], -1)[:, 0]
+
+    return (pick(p_full), pick(proba(contains_edge_masks(keep_removed))),
+            pick(proba(contains_edge_masks(keep_kept))))

@@ -1,0 +1,133 @@
+"""Task heads and parameter groups: the attention pooling computes what it documents; a head whose
+learning rate is 0 does not move; a frozen encoder stays frozen (and unfreezes on schedule)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_toy_graph
+
+from jaxfood.graph import schema
+from jaxfood.models import heads as heads_mod
+from jaxfood.models.encoder import EncoderConfig
+from jaxfood.models.heads import GatedAttentionPool, HeadsConfig, make_multitask_model
+from jaxfood.train import multitask as mt
+from jaxfood.train import task_weighting as tw
+from jaxfood.train.finetune import prepare_graph
+from jaxfood.train.optimizer import GroupConfig, OptimizerConfig, make_optimizer
+
+SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=2, embedding_dim=16, dropout=0.0,
+                              input_modes={"Sample": "shared", "Molecule": "both", "Food": "both",
+                                           "Nutrient": "embedding"})
+SMALL_HEADS = HeadsConfig(hidden_dim=16, pool_dim=16, attention_dim=8, projection_dim=8, dropout=0.0)
+
+
+def test_gated_attention_pool_matches_numpy_and_respects_masks(monkeypatch):
+    rng = np.random.default_rng(0)
+    senders = np.array([0, 0, 0, 1, 1, 2], np.int32)
+    receivers = np.array([0, 2, 3, 1, 2, 3], np.int32)
+    mol = rng.normal(size=(4, 5)).astype(np.float32)
+    x = rng.normal(size=(6, 1)).astype(np.float32)
+    pool = GatedAttentionPool(pool_dim=6, attention_dim=3)
+    params = pool.init(jax.random.key(0), mol, senders, receivers, x, 3)["params"]
+    pooled, weights, logits = pool.apply({"params": params}, mol, senders, receivers, x, 3)
+
+    # The documented formula in numpy.
+    p = jax.tree_util.tree_map(np.asarray, params)
+    h = mol @ p["instance"]["kernel"] + p["instance"]["bias"]
+    gv = np.tanh(h @ p["attention_v"]["kernel"] + p["attention_v"]["bias"])
+    gu = 1 / (1 + np.exp(-(h @ p["attention_u"]["kernel"] + p["attention_u"]["bias"])))
+    a_mol = (gv * gu) @ p["attention_w"]["kernel"][:, 0] + p["attention_w"]["bias"][0]
+    raw = a_mol[receivers] + np.sum((h @ p["attention_intensity"]["kernel"])[receivers] * x, -1)
+    a = raw.copy()
+    for s in range(3):  # centred per sample, then bounded: c tanh(a / c), c = 3
+        sel = senders == s
+        a[sel] = 3.0 * np.tanh((a[sel] - a[sel].mean()) / 3.0)
+    np.testing.assert_allclose(np.asarray(logits), a, rtol=1e-5, atol=1e-6)
+    alpha = np.zeros(6)
+    expected = np.zeros((3, 6))
+    for s in range(3):
+        sel = senders == s
+        e = np.exp(a[sel] - a[sel].max())
+        alpha[sel] = e / e.sum()
+        inst = h[receivers[sel]] + x[sel] @ p["instance_intensity"]
+        expected[s] = alpha[sel] @ inst
+    expected = (expected - expected.mean(0)) / np.sqrt(expected.var(0) + 1e-5)  # standardised over samples
+    np.testing.assert_allclose(np.asarray(weights), alpha, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-4, atol=1e-4)
+
+    # Masked edges get weight 0; the rest of their sample is centred and normalised without them.
+    mask = np.array([True, False, True, True, True, True])
+    _, w_masked, _ = pool.apply({"params": params}, mol, senders, receivers, x, 3, mask)
+    w_masked = np.asarray(w_masked)
+    assert w_masked[1] == 0.0
+    kept = raw[[0, 2]]
+    e = np.exp(3.0 * np.tanh((kept - kept.mean()) / 3.0))
+    np.testing.assert_allclose(w_masked[[0, 2]], e / e.sum(), rtol=1e-5)
+
+    # The segment-sum path for large graphs gives the same result as the dense one.
+    monkeypatch.setattr(heads_mod, "DENSE_POOL_LIMIT", 0)
+    pooled_seg, _, _ = pool.apply({"params": params}, mol, senders, receivers, x, 3)
+    np.testing.assert_allclose(np.asarray(pooled_seg), np.asarray(pooled), rtol=1e-5, atol=1e-6)
+
+
+def _train(optimizer_cfg: OptimizerConfig, steps: int):
+    graph = prepare_graph(make_toy_graph())
+    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
+    weighting = tw.WeightingConfig(method="static")
+    tx, _ = make_optimizer(optimizer_cfg, 10)
+    state = mt.init_train_state(model, weighting, tx, jax.random.key(0), graph)
+    step = jax.jit(mt.make_train_step(model, mt.LossConfig(), weighting, tx))
+    seed_mask = jnp.asarray(np.asarray(graph.sample_split) == 0)
+    snapshots = [jax.device_get(state.params)]
+    for i in range(steps):
+        state, _ = step(state, graph, mt.Batch(seed_mask, jax.random.key(i)))
+        snapshots.append(jax.device_get(state.params))
+    return snapshots
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_zero_learning_rate_head_and_frozen_encoder_do_not_move():
+    cfg = OptimizerConfig(classifier=GroupConfig(learning_rate=0.0, weight_decay=1e-2),
+                          freeze_encoder_steps=2)
+    snaps = _train(cfg, steps=3)
+    first, frozen_end, after = snaps[0], snaps[2], snaps[3]
+    # Learning rate 0 (even with weight decay): the classifier never moves.
+    assert _same(first["classifier"], after["classifier"])
+    # The encoder is frozen for the first two optimizer steps, then trains.
+    assert _same(first["encoder"], frozen_end["encoder"])
+    assert not _same(frozen_end["encoder"], after["encoder"])
+    # The other heads train from the first step.
+    for head in ("nutrient_head", "food_projection", "salient_pool"):
+        assert not _same(first[head], snaps[1][head]), head
+
+
+def test_optimizer_groups_follow_parameter_paths():
+    from jaxfood.train.optimizer import param_labels
+
+    params = {"encoder": {"layer_0": {"w": 1.0}}, "classifier": {"b": 2.0}, "task_weighting": {"log_vars": 0.0}}
+    assert param_labels(params) == {"encoder": {"layer_0": {"w": "encoder"}}, "classifier": {"b": "classifier"},
+                                    "task_weighting": {"log_vars": "task_weighting"}}
+    with pytest.raises(ValueError, match="no optimizer group"):
+        param_labels({"mystery": 1.0})
+
+
+def test_model_params_have_the_documented_layout():
+    graph = prepare_graph(make_toy_graph())
+    model = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS))
+    params = model.init(jax.random.key(0), graph)
+    assert set(params) == {"encoder", "classifier", "nutrient_head", "food_projection", "salient_pool"}
+    out = model.apply(params, graph)
+    S, F = graph.num_nodes[schema.SAMPLE], graph.num_nodes[schema.FOOD]
+    assert out.food_logits.shape == (S, F)
+    assert out.nutrient_profile.shape == (S, graph.food_nutrients.shape[1])
+    assert out.food_projection.shape == (F, SMALL_HEADS.projection_dim)
+    per_sample = jax.ops.segment_sum(out.molecule_weights, graph.edges[schema.CONTAINS].senders, S)
+    np.testing.assert_allclose(np.asarray(per_sample), 1.0, rtol=1e-5)

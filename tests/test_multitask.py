@@ -1,0 +1,164 @@
+"""The multi-task step: gradient accumulation equals one step on the union, one compilation per run,
+and no label leakage (held-out accuracy at chance when only label edges carry information)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import make_toy_graph
+
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import make_edge_set, with_reverse_edges
+from jaxfood.graph.splits import SPLIT_CODES
+from jaxfood.models.encoder import EncoderConfig
+from jaxfood.models.heads import HeadsConfig, make_multitask_model
+from jaxfood.train import multitask as mt
+from jaxfood.train import task_weighting as tw
+from jaxfood.train.finetune import prepare_graph
+from jaxfood.train.optimizer import OptimizerConfig, make_optimizer
+
+SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=2, embedding_dim=16, dropout=0.0,
+                              input_modes={"Sample": "shared", "Molecule": "both", "Food": "both",
+                                           "Nutrient": "embedding"})
+SMALL_HEADS = HeadsConfig(hidden_dim=16, pool_dim=16, attention_dim=8, projection_dim=8, dropout=0.0)
+
+
+def _without_label_edges(graph):
+    edges = {k: e for k, e in graph.edges.items() if k not in schema.LABEL_RELATIONS}
+    edges[schema.IS_INSTANCE_OF] = make_edge_set([], [])
+    edges[schema.reverse_key(schema.IS_INSTANCE_OF)] = make_edge_set([], [])
+    return graph.replace(edges=edges)
+
+
+def _counted_jit(step):
+    traces = []
+
+    def counted(state, graph, batch):
+        traces.append(1)
+        return step(state, graph, batch)
+
+    return jax.jit(counted), traces
+
+
+def test_multisteps_over_four_micro_batches_equals_one_step_on_their_union():
+    # No label edges (so masking differs in nothing between the batches), no dropout, static
+    # weights: every loss is a mean over the supervised samples, linear in them. (The sufficiency
+    # term standardises its restricted pass with the unsupervised samples' statistics, which
+    # depend on the batch; its weight is 0 here.)
+    graph = prepare_graph(_without_label_edges(make_toy_graph(num_samples=40, per_sample=6)))
+    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
+    loss_cfg = mt.LossConfig(supervised_fraction=1.0, salient_top_k=8)
+    weighting = tw.WeightingConfig(method="static", static_weights={"salient_molecules": 0.0})
+    train = np.nonzero(np.asarray(graph.sample_split) == SPLIT_CODES["train"])[0][:16]
+    parts = np.split(train, 4)
+    masks = [np.isin(np.arange(40), p) for p in parts]
+
+    def run(accumulation: int, batches):
+        tx, _ = make_optimizer(OptimizerConfig(accumulation_steps=accumulation), 10)
+        state = mt.init_train_state(model, weighting, tx, jax.random.key(0), graph)
+        step, traces = _counted_jit(mt.make_train_step(model, loss_cfg, weighting, tx))
+        start = jax.device_get(state.params)
+        for i, mask in enumerate(batches):
+            state, _ = step(state, graph, mt.Batch(jnp.asarray(mask), jax.random.key(i)))
+        return start, jax.device_get(state.params), traces
+
+    start, accumulated, traces = run(4, masks)
+    _, union, _ = run(1, [np.any(masks, axis=0)])
+    assert len(traces) == 1  # four calls, one compilation
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(start),
+                                                     jax.tree_util.tree_leaves(accumulated))]
+    assert sum(moved) > len(moved) // 2
+    # Compared on the whole update: Adam's first step is g / (|g| + eps), which turns the float
+    # rounding noise of gradients that are exactly 0 in theory (attention over identical messages)
+    # into full-size steps; everything else agrees to float precision.
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)]) for t in (start, accumulated, union)]
+    d_acc, d_union = flat[1] - flat[0], flat[2] - flat[0]
+    assert np.linalg.norm(d_acc - d_union) < 2e-2 * np.linalg.norm(d_union)
+    close = np.isclose(flat[1], flat[2], rtol=1e-5, atol=1e-6)
+    assert close.mean() > 0.97, close.mean()
+    heads = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t["classifier"])]) for t in (accumulated, union)]
+    np.testing.assert_allclose(heads[0], heads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_step_compiles_once_for_a_run():
+    graph = prepare_graph(make_toy_graph())
+    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
+    weighting = tw.WeightingConfig(method="gradnorm")
+    tx, _ = make_optimizer(OptimizerConfig(), 10)
+    state = mt.init_train_state(model, weighting, tx, jax.random.key(0), graph)
+    step, traces = _counted_jit(mt.make_train_step(model, mt.LossConfig(), weighting, tx))
+    seed_mask = jnp.asarray(np.asarray(graph.sample_split) == 0)
+    losses = []
+    for i in range(4):
+        state, metrics = step(state, graph, mt.Batch(seed_mask, jax.random.fold_in(jax.random.key(0), i)))
+        losses.append(float(metrics["loss/total"]))
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert all(np.isfinite(losses))
+    w = np.asarray(state.params[mt.WEIGHTING_KEY]["weights"])
+    assert w.sum() == np.float32(3.0) or abs(w.sum() - 3.0) < 1e-5  # GradNorm renormalised
+
+
+def _shuffled_graph(leaky: bool):
+    """Molecule edges shuffled: molecules say nothing about the food, only label edges do.
+
+    ``leaky``: held-out samples get label edges too (what a broken graph builder would do).
+    """
+    graph = make_toy_graph(num_samples=160, num_molecules=40, num_foods=4, per_sample=8, seed=1)
+    rng = np.random.default_rng(1)
+    contains = graph.edges[schema.CONTAINS]
+    senders = np.asarray(contains.senders)
+    receivers = rng.integers(0, 40, senders.size)
+    key = senders.astype(np.int64) * 40 + receivers
+    _, first = np.unique(key, return_index=True)  # no duplicate (sample, molecule) pairs
+    first = np.sort(first)
+    food = np.asarray(graph.sample_food)
+    split = np.asarray(graph.sample_split)
+    labelled = np.ones(160, bool) if leaky else split == SPLIT_CODES["train"]
+    forward = {
+        schema.CONTAINS: make_edge_set(senders[first], receivers[first], np.asarray(contains.attributes)[first]),
+        schema.IS_INSTANCE_OF: make_edge_set(np.nonzero(labelled)[0], food[labelled]),
+        schema.HAS_NUTRIENT: graph.edges[schema.HAS_NUTRIENT],
+    }
+    return graph.replace(edges=with_reverse_edges(forward))
+
+
+def _held_out_accuracy(graph, loss_cfg: mt.LossConfig, steps: int = 40) -> tuple[float, float]:
+    dgraph = jax.device_put(graph)
+    # One layer: a sample's embedding reads its food's input embedding straight through a label
+    # edge, so a leak would be used at once (the positive control below).
+    encoder = dataclasses.replace(SMALL_ENCODER, num_layers=1)
+    model = make_multitask_model(dgraph, encoder, SMALL_HEADS)
+    weighting = tw.WeightingConfig(method="static")
+    tx, _ = make_optimizer(OptimizerConfig(), steps)
+    state = mt.init_train_state(model, weighting, tx, jax.random.key(0), dgraph)
+    step = jax.jit(mt.make_train_step(model, loss_cfg, weighting, tx))
+    split = np.asarray(graph.sample_split)
+    seed_mask = jnp.asarray(split == SPLIT_CODES["train"])
+    for i in range(steps):
+        state, metrics = step(state, dgraph, mt.Batch(seed_mask, jax.random.key(i)))
+    logits = np.asarray(mt.make_predict_fn(model)(state.params, dgraph).food_logits)
+    held_out = split != SPLIT_CODES["train"]
+    food = np.asarray(graph.sample_food)
+    return float(np.mean(logits[held_out].argmax(1) == food[held_out])), float(metrics["train/accuracy"])
+
+
+def test_no_label_leakage_held_out_accuracy_stays_at_chance():
+    # 4 foods: chance 0.25; 48 held-out samples -> 3 standard deviations above chance is 0.44.
+    correct = prepare_graph(_shuffled_graph(leaky=False))
+    accuracy, _ = _held_out_accuracy(correct, mt.LossConfig())
+    assert accuracy < 0.44, accuracy
+
+    # The test can fail: label edges of held-out samples in the graph (refused by prepare_graph)
+    # with a step that does not mask the supervised samples' own label edges is a perfect leak.
+    leaky = _shuffled_graph(leaky=True)
+    try:
+        prepare_graph(leaky)
+        raise AssertionError("prepare_graph accepted held-out label edges")
+    except Exception as err:  # GraphError
+        assert "held-out" in str(err)
+    leaked, train_accuracy = _held_out_accuracy(
+        leaky.replace(edges=dict(leaky.edges)), mt.LossConfig(mask_label_edges=False, supervised_fraction=1.0))
+    assert train_accuracy > 0.9 and leaked > 0.9, (train_accuracy, leaked)
