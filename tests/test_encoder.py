@@ -208,3 +208,26 @@ def test_edge_blocks_change_nothing_but_speed(graph, setup):
     np.testing.assert_allclose(value_a, value_b, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_vmap_over_graphs_matches_one_by_one(graph, setup):
+    # Data-parallel steps vmap the encoder over padded subgraphs of equal shapes.
+    encoder, params, apply = setup
+    blocked = encoder.clone(edge_block=64)
+    rng = np.random.default_rng(1)
+    other = graph.replace(edges={k: EdgeSet(e.senders, e.receivers, rng.normal(size=np.shape(e.attributes)).astype(np.float32))
+                                 for k, e in graph.edges.items()})
+    masks = [{schema.CONTAINS: jnp.asarray(rng.uniform(size=graph.edges[schema.CONTAINS].num_edges) < 0.8)} for _ in range(2)]
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)]), graph, other)
+    stacked_masks = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), masks[0], masks[1])
+
+    def loss(p, g, m):
+        return sum(jnp.sum(jnp.tanh(v)) for v in blocked.apply({"params": p}, g, edge_masks=m).values())
+
+    grad_fn = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))
+    values, grads = grad_fn(params, stacked, stacked_masks)
+    for i, g in enumerate((graph, other)):
+        value, grad = jax.jit(jax.value_and_grad(loss))(params, g, masks[i])
+        np.testing.assert_allclose(values[i], value, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grad)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6)

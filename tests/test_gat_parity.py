@@ -80,6 +80,17 @@ def flax_layer(keys, heads, channels, concat, aggr, edge_block=None):
     return HeteroGATConv(tuple(keys), heads, channels, concat=concat, aggr=aggr, edge_block=edge_block)
 
 
+def layer_forward_and_grads(layer, params, x_jax, edges, masks, probes):
+    """One compilation: outputs, attention and the gradients of sum(out * probe) (params, inputs)."""
+
+    def loss(p, xs):
+        out, attention = layer.apply({"params": p}, xs, edges, masks, return_attention=True)
+        return sum(jnp.sum(out[t] * probes[t]) for t in out), (out, attention)
+
+    (_, (out, attention)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x_jax)
+    return out, attention, grads
+
+
 def assert_tree_close(actual: dict, expected: dict, path: str = "", **tol) -> None:
     assert set(actual) == set(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
     for k in expected:
@@ -112,11 +123,13 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
     x_torch = {t: torch.tensor(v, requires_grad=True) for t, v in x.items()}
     expected = conv(x_torch, edge_index, edge_attr_dict=edge_attr)
 
+    # Gradients of a fixed random projection of every output, wrt inputs and weights.
+    rng = np.random.default_rng(seed + 100)
+    probes = {t: rng.normal(size=tuple(v.shape)).astype(np.float32) for t, v in expected.items()}
     layer = flax_layer(keys, heads, channels, concat, aggr, block)
     params = hetero_conv_to_flax(conv, keys)
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
-    out, attention = jax.jit(lambda p, xs: layer.apply({"params": p}, xs, edges, return_attention=True))(
-        params, x_jax)
+    out, attention, (grad_params, grad_x) = layer_forward_and_grads(layer, params, x_jax, edges, None, probes)
 
     # HeteroConv only returns node types some relation ends in; so must we.
     assert set(out) == set(expected)
@@ -131,17 +144,7 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
         assert attention[key].shape == (edges[key].num_edges, heads)
         np.testing.assert_allclose(np.asarray(attention[key]), alpha.detach().numpy(), err_msg=key, **OUT_TOL)
 
-    # Gradients of a fixed random projection of every output, wrt inputs and weights.
-    rng = np.random.default_rng(seed + 100)
-    probes = {t: rng.normal(size=tuple(v.shape)).astype(np.float32) for t, v in expected.items()}
-    torch_loss = sum((expected[t] * torch.as_tensor(probes[t])).sum() for t in expected)
-    torch_loss.backward()
-
-    def loss(p, xs):
-        o = layer.apply({"params": p}, xs, edges)
-        return sum(jnp.sum(o[t] * probes[t]) for t in o)
-
-    grad_params, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x_jax)
+    sum((expected[t] * torch.as_tensor(probes[t])).sum() for t in expected).backward()
     assert_tree_close(grad_params, hetero_conv_to_flax(conv, keys, grads=True), "params", **GRAD_TOL)
     for t in x:
         expected_grad = x_torch[t].grad
@@ -170,8 +173,9 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
     params = hetero_conv_to_flax(conv, keys)
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
     jmasks = {k: jnp.asarray(m) for k, m in masks.items()}
-    out, attention = jax.jit(lambda p, xs: layer.apply({"params": p}, xs, edges, jmasks, return_attention=True))(
-        params, x_jax)
+    probes = {t: np.random.default_rng(seed).normal(size=tuple(v.shape)).astype(np.float32)
+              for t, v in expected.items()}
+    out, attention, (grad_params, grad_x) = layer_forward_and_grads(layer, params, x_jax, edges, jmasks, probes)
     for t in expected:
         np.testing.assert_allclose(np.asarray(out[t]), expected[t].detach().numpy(), err_msg=t, **OUT_TOL)
     for key in keys:
@@ -184,15 +188,7 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
         np.testing.assert_array_equal(att[~masks[key]], 0.0)
         np.testing.assert_allclose(att[masks[key]], alpha.detach().numpy(), err_msg=key, **OUT_TOL)
 
-    probes = {t: np.random.default_rng(seed).normal(size=tuple(v.shape)).astype(np.float32)
-              for t, v in expected.items()}
     sum((expected[t] * torch.as_tensor(probes[t])).sum() for t in expected).backward()
-
-    def loss(p, xs):
-        o = layer.apply({"params": p}, xs, edges, jmasks)
-        return sum(jnp.sum(o[t] * probes[t]) for t in o)
-
-    grad_params, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x_jax)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grad_params))
     assert_tree_close(grad_params, hetero_conv_to_flax(conv, keys, grads=True), "params", **GRAD_TOL)
     for t in x:
@@ -222,17 +218,15 @@ def test_encoder_matches_pyg_encoder(aggr, block):
     assert jax.tree_util.tree_structure(init_params) == jax.tree_util.tree_structure(params)
     assert jax.tree_util.tree_map(np.shape, init_params) == jax.tree_util.tree_map(np.shape, params)
 
-    out = jax.jit(lambda p: encoder.apply({"params": p}, graph))(params)
+    probes = {t: np.random.default_rng(1).normal(size=tuple(v.shape)).astype(np.float32) for t, v in expected.items()}
+
+    def loss(p):
+        out = encoder.apply({"params": p}, graph)
+        return sum(jnp.sum(out[t] * probes[t]) for t in out), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     assert set(out) == set(expected)
     for t in expected:
         np.testing.assert_allclose(np.asarray(out[t]), expected[t].detach().numpy(), err_msg=t, **OUT_TOL)
-
-    probes = {t: np.random.default_rng(1).normal(size=tuple(v.shape)).astype(np.float32) for t, v in expected.items()}
     sum((expected[t] * torch.as_tensor(probes[t])).sum() for t in expected).backward()
-
-    def loss(p):
-        o = encoder.apply({"params": p}, graph)
-        return sum(jnp.sum(o[t] * probes[t]) for t in o)
-
-    grads = jax.jit(jax.grad(loss))(params)
     assert_tree_close(grads, reference.to_flax(grads=True), "params", **GRAD_TOL)
