@@ -55,7 +55,7 @@ class AugmentConfig:
         default_factory=lambda: {schema.SAMPLE: 0.1, schema.MOLECULE: 0.1})
     #: Fraction of the real edges of the relation removed (with their reverse edges).
     edge_drop: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"contains_molecule": 0.2, "has_nutrient": 0.1})
+        default_factory=lambda: {"contains_molecule": 0.2, "has_nutrient": 0.3})
     #: Number of candidate edges switched on, as a fraction of the relation's real edges.
     edge_add: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"contains_molecule": 0.05})
@@ -64,9 +64,10 @@ class AugmentConfig:
     #: Fraction of feature dimensions zeroed (same dimensions for every node of the type).
     feature_mask: dict[str, float] = dataclasses.field(
         default_factory=lambda: {schema.MOLECULE: 0.2, schema.FOOD: 0.2})
-    #: Fraction of edges whose attribute row (intensity, quantity) is zeroed.
+    #: Fraction of edges whose attribute row (intensity, quantity) is zeroed. Not ``has_nutrient`` by
+    #: default: quantities are what tells foods apart (they drive the attention over nutrients).
     edge_attr_mask: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"contains_molecule": 0.2, "has_nutrient": 0.2})
+        default_factory=lambda: {"contains_molecule": 0.2})
 
 
 def relation_key(name: str, graph: HeteroGraph | None = None) -> str:

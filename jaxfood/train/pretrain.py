@@ -78,7 +78,7 @@ class PretrainConfig:
     #: Nodes per type drawn for the loss each step (all nodes where a type has fewer).
     batch_size: int = 256
     #: Softmax temperature of NT-Xent.
-    temperature: float = 0.5
+    temperature: float = 0.2
     #: Robinson et al. (2021) concentration beta; 0 = plain NT-Xent.
     hard_negative_beta: float = 0.0
     projection_hidden: int = 64
@@ -362,36 +362,14 @@ def embedding_readouts(embeddings: Mapping[str, np.ndarray], graph: HeteroGraph,
 
 
 def food_embedding_figure(food_embeddings: np.ndarray, graph: HeteroGraph, path: Path, title: str) -> Path:
-    """2-D PCA map of Food embeddings coloured by USDA food category, written as PNG."""
-    import matplotlib
+    """2-D PCA map of Food embeddings [F, hidden] coloured by USDA food category, written as PNG."""
+    from jaxfood.eval.figures import plot_embedding_categories
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from jaxfood.io_utils import atomic_path
-
-    x = np.asarray(food_embeddings, np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    xy = x @ vt[:2].T if vt.shape[0] >= 2 else np.pad(x @ vt.T, ((0, 0), (0, 2 - vt.shape[0])))
-    explained = (s[:2] ** 2) / max(float((s ** 2).sum()), 1e-12)
-    category = np.asarray(graph.food_category)
     names = list(graph.meta.food_categories)
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    cmap = plt.get_cmap("tab20")
-    for i, c in enumerate(sorted(set(category.tolist()))):
-        sel = category == c
-        label = names[c] if 0 <= c < len(names) else "unknown"
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=28, color=cmap(i % 20), label=label, edgecolors="none")
-    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}% var.)")
-    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}% var.)" if explained.size > 1 else "PC2")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    categories = [names[c] if 0 <= c < len(names) else "unknown" for c in np.asarray(graph.food_category).tolist()]
+    foods = graph.meta.node_ids.get(schema.FOOD)
+    return plot_embedding_categories(food_embeddings, categories, path, point_labels=foods, method="pca",
+                                     title=title)
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -510,7 +488,10 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, progr
     random_emb = jax.device_get(eval_fn(initial_params, pre_graph)[1])
     metrics = {"pretrained": embedding_readouts(pretrained_emb, graph, cfg.knn_k, cfg.seed),
                "random": embedding_readouts(random_emb, graph, cfg.knn_k, cfg.seed)}
-    write_json(workdir / "pretrain_metrics.json", metrics)
+    # NaN (a read-out the graph cannot support, e.g. no test split) is written as JSON null.
+    write_json(workdir / "pretrain_metrics.json",
+               {side: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+                for side, values in metrics.items()})
     write_json(workdir / "pretrain_history.json", history)
     figures = {
         "food_embeddings": food_embedding_figure(
