@@ -207,3 +207,35 @@ def test_checkpointer_round_trip_and_resume_target(tmp_path):
     assert core_meta["step"] == 5 and np.all(core_state["params"]["w"] == 1)
     with pytest.raises(CheckpointError):
         dist.Checkpointer(tmp_path / "empty").restore()
+
+
+def test_padding_changes_nothing_for_the_real_nodes():
+    """The same draws padded to two budgets give the same multi-task outputs on the real nodes
+    (the padding-aware model masks padding edges in the encoder and in the attention pooling)."""
+    from conftest import make_toy_graph
+
+    from jaxfood.graph import schema
+    from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
+    from jaxfood.models.encoder import EncoderConfig
+    from jaxfood.models.heads import HeadsConfig, make_multitask_model
+
+    graph = make_toy_graph(num_samples=40, num_molecules=30, per_sample=6, seed=4)
+    tight = NeighbourSampler(graph, SamplerConfig(batch_size=4, num_hops=1))
+    loose = NeighbourSampler(graph, SamplerConfig(
+        batch_size=4, num_hops=1, node_budget={t: n + 7 for t, n in tight.node_budget.items() if t != "Food"
+                                               and t != "Nutrient"},
+        edge_budget={k: n + 11 for k, n in tight.edge_budget.items() if "Sample" in k}))
+    a, b = tight.batch(3), loose.batch(3)
+    enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
+                        input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
+    model = dist.padding_aware_model(make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8)))
+    params = model.init(jax.random.PRNGKey(1), a.graph)
+    out_a = model.apply(params, a.graph, node_index=a.node_index)
+    out_b = model.apply(params, b.graph, node_index=b.node_index)
+    assert b.graph.num_nodes[schema.SAMPLE] > a.graph.num_nodes[schema.SAMPLE]
+    np.testing.assert_allclose(out_a.food_logits[a.seed_mask], out_b.food_logits[b.seed_mask], atol=1e-5)
+    np.testing.assert_allclose(out_a.pooled[a.seed_mask], out_b.pooled[b.seed_mask], atol=1e-5)
+    np.testing.assert_allclose(out_a.food_projection, out_b.food_projection, atol=1e-5)
+    real = a.edge_masks[schema.CONTAINS]
+    np.testing.assert_allclose(np.sort(out_a.molecule_weights[real]),
+                               np.sort(out_b.molecule_weights[b.edge_masks[schema.CONTAINS]]), atol=1e-6)

@@ -9,9 +9,9 @@ from conftest import make_toy_graph
 from jaxfood.errors import ConfigError
 from jaxfood.graph import schema
 from jaxfood.graph.sampling import (
+    _CSR,
     NeighbourSampler,
     SamplerConfig,
-    _CSR,
     _draw_per_segment,
     _sample_incoming,
     compute_budgets,
@@ -195,5 +195,7 @@ def test_bad_sampler_settings_are_config_errors(graph):
         NeighbourSampler(graph, SamplerConfig(fanouts={"eats": 3}))
     with pytest.raises(ConfigError, match="must include 'Food'"):
         NeighbourSampler(graph, SamplerConfig(full_types=("Nutrient",)))
+    with pytest.raises(ConfigError, match="joins two full types"):
+        NeighbourSampler(graph, SamplerConfig(edge_budget={schema.HAS_NUTRIENT: 1000}))
     with pytest.raises(ConfigError, match=r"node_budget\['Molecule'\] = 3"):
         NeighbourSampler(graph, SamplerConfig(batch_size=4, node_budget={"Molecule": 3})).batch(0)

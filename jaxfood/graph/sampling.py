@@ -274,6 +274,10 @@ class NeighbourSampler:
         for k, n in config.edge_budget.items():
             if k not in edges:
                 raise ConfigError(f"sampler.edge_budget: unknown relation '{k}'")
+            if _both_full(k, self.full_types) and int(n) != edges[k]:
+                # Padding needs a padding node; relations between full types are copied whole.
+                raise ConfigError(f"sampler.edge_budget['{k}'] = {n}: '{k}' joins two full types and "
+                                  f"always holds its {edges[k]} edges")
             edges[k] = int(n)
         if nodes[schema.SAMPLE] < config.batch_size + 1:
             raise ConfigError(f"sampler.node_budget['Sample'] = {nodes[schema.SAMPLE]}: must exceed batch_size {config.batch_size}")

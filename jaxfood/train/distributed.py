@@ -333,12 +333,9 @@ class PaddingAwareEncoder:
         return self.encoder.init(rngs, graph, *args, **kwargs)
 
     def apply(self, variables, graph, *args, edge_masks=None, **kwargs):
-        from jaxfood.graph.sampling import padding_edge_masks
-
-        masks = dict(padding_edge_masks(graph))
-        for key, m in (edge_masks or {}).items():
-            masks[key] = m if key not in masks else masks[key] & m
-        return self.encoder.apply(variables, graph, *args, edge_masks=masks or None, **kwargs)
+        if "method" in kwargs:  # another entry point of the module: nothing to mask
+            return self.encoder.apply(variables, graph, *args, **kwargs)
+        return self.encoder.apply(variables, graph, *args, edge_masks=_with_padding(graph, edge_masks), **kwargs)
 
     def __getattr__(self, name):
         if name == "encoder":  # not yet set (copy/unpickle): no recursion
@@ -346,11 +343,42 @@ class PaddingAwareEncoder:
         return getattr(self.encoder, name)
 
 
+def _with_padding(graph, edge_masks):
+    """``edge_masks`` AND the padding masks of a sampled subgraph (``None`` when nothing is masked)."""
+    from jaxfood.graph.sampling import padding_edge_masks
+
+    masks = dict(padding_edge_masks(graph))
+    for key, m in (edge_masks or {}).items():
+        masks[key] = m if key not in masks else masks[key] & m
+    return masks or None
+
+
 def padding_aware_model(model):
-    """The :class:`~jaxfood.models.heads.MultiTaskModel` ``model`` with a :class:`PaddingAwareEncoder`."""
-    if isinstance(model.encoder, PaddingAwareEncoder):
+    """``model`` (a :class:`~jaxfood.models.heads.MultiTaskModel`) made blind to subgraph padding.
+
+    Its encoder becomes a :class:`PaddingAwareEncoder` and its attention pooling ignores padding
+    ``contains_molecule`` edges (so the padding sample has no molecules and stays out of the pooled
+    standardisation statistics). Parameters and results on full graphs are unchanged.
+    """
+    from jaxfood.graph import schema
+    from jaxfood.models.heads import MultiTaskModel
+
+    if getattr(model, "_padding_aware", False):
         return model
-    return dataclasses.replace(model, encoder=PaddingAwareEncoder(model.encoder))
+
+    class PaddingAwareModel(type(model)):
+        _padding_aware = True
+
+        def pool(self, params, graph, molecule_features, edge_mask=None, gate=None, stats_mask=None):
+            padding = _with_padding(graph, None) or {}
+            if schema.CONTAINS in padding:
+                edge_mask = padding[schema.CONTAINS] if edge_mask is None else edge_mask & padding[schema.CONTAINS]
+            return super().pool(params, graph, molecule_features, edge_mask, gate=gate, stats_mask=stats_mask)
+
+    assert isinstance(model, MultiTaskModel)
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    fields["encoder"] = PaddingAwareEncoder(model.encoder)
+    return PaddingAwareModel(**fields)
 
 
 def as_graph_and_index(batch):
@@ -363,18 +391,20 @@ def as_graph_and_index(batch):
     return batch, None, batch.sample_split == 0
 
 
-def multitask_step_fn(model, loss_cfg, weighting, tx) -> StepFn:
+def multitask_step_fn(model, loss_cfg, weighting, tx, **step_options) -> StepFn:
     """The multi-task step of :mod:`jaxfood.train.multitask` as ``step(state, batch, rng)``.
 
     ``state`` is the ``TrainState`` as a plain dict (:func:`train_state_to_dict`; checkpoints
     hold that form, which ``load_encoder`` reads). ``batch`` is a
     :class:`~jaxfood.graph.sampling.SampledSubgraph` (its seeds are supervised) or a full graph
     (its training split is). Gradients, task losses and weighting statistics are averaged over
-    :data:`DATA_AXES` by the step itself.
+    :data:`DATA_AXES` by the step itself. ``step_options`` go to ``make_train_step``
+    (e.g. ``task_gradient_scope``).
     """
     from jaxfood.train import multitask
 
-    step = multitask.make_train_step(padding_aware_model(model), loss_cfg, weighting, tx, axis_name=DATA_AXES)
+    step = multitask.make_train_step(padding_aware_model(model), loss_cfg, weighting, tx, axis_name=DATA_AXES,
+                                     **step_options)
 
     def run(state, batch, rng):
         graph, node_index, seed_mask = as_graph_and_index(batch)
@@ -627,7 +657,8 @@ class DataParallelConfig:
     ``sampled``: train on neighbour-sampled subgraphs (``sampler``); False: every shard holds the
     full graph (different random streams). ``per_device``: subgraphs per device per step (the
     global batch is ``processes x devices x per_device x sampler.batch_size`` seed samples).
-    ``steps`` is the total of the run, resumed or not. ``eval_batches``: val-split subgraphs
+    ``steps`` is the total of the run, resumed or not. ``task_gradient_scope``: see
+    ``multitask.make_train_step``. ``eval_batches``: val-split subgraphs
     scored at the end by process 0 (0: no evaluation).
     """
 
@@ -637,6 +668,7 @@ class DataParallelConfig:
     weighting: WeightingConfig = dataclasses.field(default_factory=WeightingConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    task_gradient_scope: str = "representation"
     sampled: bool = True
     steps: int = 200
     per_device: int = 1
@@ -720,7 +752,8 @@ def finetune_data_parallel(graph, cfg: DataParallelConfig, workdir: str | os.Pat
     state = multitask.init_train_state(model, cfg.weighting, tx, jax.random.PRNGKey(cfg.seed), example,
                                        encoder_params)
     state = jax.tree_util.tree_map(np.asarray, train_state_to_dict(state))
-    step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx), layout, seed=cfg.seed)
+    step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx,
+                                           task_gradient_scope=cfg.task_gradient_scope), layout, seed=cfg.seed)
     meta = {"kind": "finetune", "encoder_config": config_to_dict(cfg.encoder), "config": config_to_dict(cfg),
             "num_shards": layout.num_shards, "node_ids": graph.meta.node_ids.get("Food", [])}
 
