@@ -1,0 +1,388 @@
+"""Prediction for new samples, and the out-of-library score.
+
+A new sample (or many, from a GNPS feature table) is appended to the graph a model was fine-tuned
+on as new ``Sample`` nodes with ``contains_molecule`` edges (and their reverse) and no label edge.
+Its intensities are normalised exactly as the builder normalised training intensities
+(:func:`jaxfood.graph.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
+graph's ``normalisation["contains_molecule"]`` mean/std). The encoder's Sample input mode must be
+``shared`` (one learned vector for every sample: inductive), so no per-sample parameter is needed.
+
+Why the new samples' ``contains_molecule`` edges (Sample -> Molecule) are masked in the encoder
+(they stay on in the attention pooling, and the reverse Molecule -> Sample edges carry the
+molecules' messages to the new sample): with them on, every new sample would send
+messages to its molecules and change their embeddings, so predictions of the training graph's
+samples -- and of one new sample -- would depend on which other new samples came in the same
+batch. Masked (the encoder renormalises the attention softmax over the remaining edges), the
+molecule embeddings are exactly those of the training graph, the pooled standardisation uses the
+training graph's samples only (``stats_mask``), and a new sample with the same molecules and
+intensities as a sample of the graph gets exactly that sample's prediction (tested).
+
+Out-of-library score: ``1 - max softmax probability`` (Hendrycks & Gimpel, ICLR 2017, "A baseline
+for detecting misclassified and out-of-distribution examples"), in [0, 1); a sample is flagged
+when its score is above the ``quantile`` (default 95th percentile) of the scores of the graph's
+labelled validation samples, so about 5% of samples of known foods are flagged by construction.
+:func:`out_of_library_rates` measures detection on foods held out entirely from training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxfood.data.tables import FeatureTable
+from jaxfood.errors import CheckpointError, UserError
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph
+
+OOL_SCORE = "1 - max softmax probability"
+DEFAULT_QUANTILE = 0.95
+SAMPLE_COLUMNS = ("molecule_id", "intensity")
+GNPS_ROW_ID = "row ID"
+
+
+# ---- reading new samples ----------------------------------------------------------------------------
+def _row_error(path, column: str, row: int, what: str) -> UserError:
+    return UserError(f"{path}: column '{column}', line {row + 2}: {what}")
+
+
+def read_sample_file(path: str | Path, sample_id: str | None = None) -> FeatureTable:
+    """Reads ``F.csv`` of one sample (columns ``molecule_id,intensity``) or a GNPS/MZmine feature
+    table of many (``row ID`` + ``<file> Peak area`` columns) into a sparse :class:`FeatureTable`
+    (detected entries, intensity > 0, only). Errors are one-line :class:`UserError` naming file,
+    column and line."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: sample file not found")
+    try:
+        header = pd.read_csv(path, nrows=0, sep=None if path.suffix.lower() in (".tsv", ".txt") else ",",
+                             engine="python").columns.tolist()
+    except Exception as err:  # noqa: BLE001 -- any parse failure is the user's file
+        raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    header = [str(c).strip() for c in header]
+    if GNPS_ROW_ID in header or path.suffix.lower() == ".npz":
+        from jaxfood.data.readers import read_feature_table
+
+        return read_feature_table(path)
+    missing = [c for c in SAMPLE_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{path}: missing column '{missing[0]}' (expected columns 'molecule_id,intensity' for one "
+                        f"sample, or a GNPS feature table with '{GNPS_ROW_ID}' and '<file> Peak area' columns)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    ids = [str(x).strip() for x in df["molecule_id"].tolist()]
+    seen: dict[str, int] = {}
+    for i, mid in enumerate(ids):
+        if not mid:
+            raise _row_error(path, "molecule_id", i, "empty molecule id")
+        if mid in seen:
+            raise _row_error(path, "molecule_id", i, f"duplicate molecule id '{mid}' (first on line {seen[mid] + 2})")
+        seen[mid] = i
+    values = np.empty(len(ids), np.float64)
+    for i, raw in enumerate(df["intensity"].tolist()):
+        text = str(raw).strip()
+        try:
+            v = float(text)
+        except ValueError:
+            raise _row_error(path, "intensity", i, f"'{text}' is not a number (expected a peak area >= 0)") from None
+        if math.isnan(v) or math.isinf(v):
+            raise _row_error(path, "intensity", i, f"'{text}' is not a finite number (expected a peak area >= 0)")
+        if v < 0:
+            raise _row_error(path, "intensity", i, f"negative intensity {text} (expected a peak area >= 0)")
+        values[i] = v
+    if not ids:
+        raise UserError(f"{path}: no rows (expected one 'molecule_id,intensity' row per detected molecule)")
+    detected = np.nonzero(values > 0)[0]
+    return FeatureTable(molecule_ids=ids, sample_ids=[sample_id or path.stem],
+                        sample_index=np.zeros(detected.size, np.int64), molecule_index=detected.astype(np.int64),
+                        intensity=values[detected], source=str(path))
+
+
+# ---- appending new samples to the graph --------------------------------------------------------------
+@dataclasses.dataclass
+class MatchedSamples:
+    """New samples mapped onto the graph's molecules (unknown ids dropped and counted)."""
+
+    sample_ids: list[str]
+    sample_index: np.ndarray      # [E_new] local index of the new sample
+    molecule_index: np.ndarray    # [E_new] graph molecule index
+    intensity: np.ndarray         # [E_new] raw peak areas
+    detected: np.ndarray          # [n] detected molecules per sample (known + unknown)
+    unknown: np.ndarray           # [n] detected molecules the graph does not have
+    unknown_examples: list[list[str]]
+
+
+def match_molecules(table: FeatureTable, graph: HeteroGraph, source: str | None = None) -> MatchedSamples:
+    """Maps ``table``'s molecule ids onto ``graph``'s; a sample with no known molecule is a UserError."""
+    source = source or table.source
+    pos = {m: i for i, m in enumerate(graph.meta.node_ids[schema.MOLECULE])}
+    col = np.asarray([pos.get(m, -1) for m in table.molecule_ids], np.int64)
+    s = np.asarray(table.sample_index, np.int64)
+    m = col[np.asarray(table.molecule_index, np.int64)] if s.size else np.zeros(0, np.int64)
+    x = np.asarray(table.intensity, np.float64)
+    n = len(table.sample_ids)
+    detected = np.bincount(s, minlength=n)
+    known = m >= 0
+    unknown = np.bincount(s[~known], minlength=n)
+    examples = [[] for _ in range(n)]
+    for si, mi in zip(s[~known], np.asarray(table.molecule_index)[~known]):
+        if len(examples[si]) < 3:
+            examples[si].append(table.molecule_ids[mi])
+    for j in range(n):
+        if detected[j] == 0:
+            raise UserError(f"{source}: sample '{table.sample_ids[j]}' has no detected molecule (every intensity is 0)")
+        if detected[j] == unknown[j]:
+            raise UserError(f"{source}: sample '{table.sample_ids[j]}': none of its {detected[j]} molecule id(s) is in "
+                            f"the graph (e.g. '{examples[j][0]}'); expected ids like "
+                            f"'{graph.meta.node_ids[schema.MOLECULE][0]}' (the graph's molecule ids)")
+    return MatchedSamples(sample_ids=list(table.sample_ids), sample_index=s[known], molecule_index=m[known],
+                          intensity=x[known], detected=detected, unknown=unknown, unknown_examples=examples)
+
+
+def normalise_intensity(intensity, molecule_index, normalisation: dict[str, Any]) -> np.ndarray:
+    """[E] raw peak areas -> [E] edge attribute as in training: ``(log1p(x) - mean[m]) / std[m]``."""
+    stats = normalisation.get("contains_molecule") if normalisation else None
+    if not stats or "mean" not in stats or "std" not in stats:
+        raise CheckpointError("graph meta 'normalisation': no 'contains_molecule' mean/std (rebuild the graph with "
+                              "'jaxfood build-graph')")
+    if stats.get("transform", "log1p") != "log1p":
+        raise CheckpointError(f"graph meta 'normalisation': unknown intensity transform '{stats.get('transform')}'")
+    mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+    return (np.log1p(np.asarray(intensity, np.float64)) - mean[molecule_index]) / std[molecule_index]
+
+
+def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.ndarray):
+    """Appends the new samples to ``dgraph`` (a :func:`~jaxfood.train.finetune.prepare_graph` output).
+
+    Returns ``(graph, edge_masks, stats_mask, new_edges)``: ``edge_masks`` switches off the
+    Sample -> Molecule edges of the new samples in the encoder (see the module docstring), ``stats_mask`` [S + n] the old samples,
+    ``new_edges`` [E_new] the positions of the new ``contains_molecule`` edges.
+    """
+    S = int(dgraph.num_nodes[schema.SAMPLE])
+    n = len(matched.sample_ids)
+    rkey = schema.reverse_key(schema.CONTAINS)
+    fwd, rev = dgraph.edges[schema.CONTAINS], dgraph.edges[rkey]
+    old_e = int(np.asarray(fwd.senders).shape[0])
+    senders = (S + matched.sample_index).astype(np.int32)
+    receivers = matched.molecule_index.astype(np.int32)
+    attr = np.asarray(attributes, np.float32).reshape(-1, 1)
+    if np.asarray(fwd.attributes).shape[1] != attr.shape[1]:
+        raise CheckpointError(f"graph relation '{schema.CONTAINS}' has {np.asarray(fwd.attributes).shape[1]} "
+                              "attribute columns, expected 1 (intensity)")
+    edges = dict(dgraph.edges)
+    edges[schema.CONTAINS] = EdgeSet(np.concatenate([np.asarray(fwd.senders), senders]),
+                                     np.concatenate([np.asarray(fwd.receivers), receivers]),
+                                     np.concatenate([np.asarray(fwd.attributes), attr]))
+    edges[rkey] = EdgeSet(np.concatenate([np.asarray(rev.senders), receivers]),
+                          np.concatenate([np.asarray(rev.receivers), senders]),
+                          np.concatenate([np.asarray(rev.attributes), attr]))
+    meta = dgraph.meta
+    num_nodes = dict(meta.num_nodes)
+    num_nodes[schema.SAMPLE] = S + n
+    node_ids = dict(meta.node_ids)
+    node_ids[schema.SAMPLE] = list(node_ids.get(schema.SAMPLE, [])) + [f"new:{s}" for s in matched.sample_ids]
+    new_meta = dataclasses.replace(meta, num_nodes=num_nodes, node_ids=node_ids)
+    node_features = dict(dgraph.node_features)
+    if schema.SAMPLE in node_features:
+        feats = np.asarray(node_features[schema.SAMPLE])
+        node_features[schema.SAMPLE] = np.concatenate([feats, np.zeros((n, feats.shape[1]), feats.dtype)])
+    graph = dgraph.replace(
+        edges=edges, node_features=node_features, meta=new_meta,
+        sample_food=np.concatenate([np.asarray(dgraph.sample_food), np.full(n, -1, np.int32)]),
+        sample_split=np.concatenate([np.asarray(dgraph.sample_split), np.full(n, SPLIT_CODES["test"], np.int32)]),
+    )
+    keep_fwd = np.concatenate([np.ones(old_e, bool), np.zeros(senders.size, bool)])
+    stats_mask = np.concatenate([np.ones(S, bool), np.zeros(n, bool)])
+    return graph, {schema.CONTAINS: keep_fwd}, stats_mask, np.arange(old_e, old_e + senders.size)
+
+
+def _softmax(logits):
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def ool_scores(logits) -> np.ndarray:
+    """[n, F] logits -> [n] out-of-library score ``1 - max softmax probability``."""
+    return 1.0 - _softmax(logits).max(-1)
+
+
+def _forward(model, params, graph, edge_masks, stats_mask):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxfood.train.multitask import split_params
+
+    model_params, _ = split_params(params)
+    pool_mask = jnp.ones(np.asarray(graph.edges[schema.CONTAINS].senders).shape, bool)  # pooling sees every edge
+    out = jax.jit(lambda p, g, e, s: model.apply(p, g, edge_masks=e, pool_mask=pool_mask, stats_mask=s))(
+        model_params, jax.device_put(graph), {k: jnp.asarray(v) for k, v in edge_masks.items()},
+        jnp.asarray(stats_mask))
+    return jax.device_get(out)
+
+
+def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int = 5, top_molecules: int = 10,
+                    quantile: float = DEFAULT_QUANTILE, normalisation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predictions for the samples of ``table`` with a loaded fine-tuning checkpoint.
+
+    Args:
+      loaded: :class:`~jaxfood.train.finetune.LoadedFinetune` for ``graph``.
+      graph: the graph the checkpoint was fine-tuned on (checked against its id maps by the loader).
+      table: the new samples (raw peak areas), e.g. from :func:`read_sample_file`.
+      normalisation: intensity / nutrient statistics (default: the checkpoint's, else the graph's).
+
+    Returns the JSON-ready dict documented in ``jaxfood predict --help``.
+    """
+    from jaxfood.train.finetune import prepare_graph
+
+    if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
+        raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
+                              f"'{loaded.model.encoder_config.input_mode(schema.SAMPLE)}'; predicting new samples needs "
+                              "'shared' (inductive), fine-tune with encoder.input_modes.Sample=shared")
+    norm = normalisation or loaded.meta.get("normalisation") or graph.meta.normalisation
+    matched = match_molecules(table, graph)
+    attr = normalise_intensity(matched.intensity, matched.molecule_index, norm)
+    dgraph = prepare_graph(graph)
+    ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
+    out = _forward(loaded.model, loaded.params, ext, edge_masks, stats_mask)
+    S = int(dgraph.num_nodes[schema.SAMPLE])
+    logits = np.asarray(out.food_logits, np.float64)
+    scores = ool_scores(logits)
+    labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    val = np.nonzero((split == SPLIT_CODES["val"]) & (labels >= 0))[0]
+    threshold = float(np.quantile(scores[val], quantile)) if val.size else math.nan
+
+    foods = list(graph.meta.node_ids[schema.FOOD])
+    names = list(graph.meta.nutrient_names) or [str(i) for i in range(out.nutrient_profile.shape[1])]
+    nstats = (norm or {}).get("has_nutrient") or {}
+    n_mean = np.asarray(nstats.get("mean", np.zeros(len(names))), np.float64)
+    n_std = np.asarray(nstats.get("std", np.ones(len(names))), np.float64)
+    proba = _softmax(logits[S:])
+    nutrients = np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean
+    weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
+    mol_ids = graph.meta.node_ids[schema.MOLECULE]
+    k = max(1, min(int(top_k), len(foods)))
+    samples = []
+    for j, sid in enumerate(matched.sample_ids):
+        order = np.argsort(-proba[j], kind="stable")[:k]
+        mine = np.nonzero(matched.sample_index == j)[0]
+        top = mine[np.argsort(-weights[mine], kind="stable")[:top_molecules]]
+        score = float(scores[S + j])
+        samples.append({
+            "sample_id": sid,
+            "molecules_detected": int(matched.detected[j]),
+            "molecules_known": int(matched.detected[j] - matched.unknown[j]),
+            "molecules_unknown": int(matched.unknown[j]),
+            "unknown_examples": matched.unknown_examples[j],
+            "top_foods": [{"food": foods[f], "probability": float(proba[j, f])} for f in order],
+            "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
+            "top_molecules": [{"molecule_id": mol_ids[matched.molecule_index[e]], "weight": float(weights[e]),
+                               "intensity": float(matched.intensity[e])} for e in top],
+            "out_of_library_score": score,
+            "out_of_library": bool(score > threshold) if math.isfinite(threshold) else None,
+        })
+    return {
+        "source": table.source,
+        "num_samples": len(samples),
+        "out_of_library": {"score": OOL_SCORE, "threshold": threshold, "quantile": quantile,
+                           "calibration": f"quantile {quantile} of the scores of {val.size} validation samples"},
+        "samples": samples,
+    }
+
+
+# ---- out-of-library detection on foods held out from training ------------------------------------------
+def subset_samples(ft: FeatureTable, cols) -> FeatureTable:
+    """The samples ``cols`` (indices into ``ft.sample_ids``, in that order) of a feature table."""
+    cols = np.asarray(cols, np.int64)
+    new_pos = np.full(len(ft.sample_ids), -1, np.int64)
+    new_pos[cols] = np.arange(cols.size)
+    s_new = new_pos[np.asarray(ft.sample_index, np.int64)]
+    keep = s_new >= 0
+    order = np.argsort(s_new[keep], kind="stable")
+    return dataclasses.replace(ft, sample_ids=[ft.sample_ids[c] for c in cols], sample_index=s_new[keep][order],
+                               molecule_index=np.asarray(ft.molecule_index)[keep][order],
+                               intensity=np.asarray(ft.intensity)[keep][order])
+
+
+def split_tables_by_food(tables, held_out: Sequence[str]):
+    """``(tables without the samples of held_out foods, FeatureTable of those samples)``."""
+    ft, md = tables.features, tables.metadata
+    label = dict(zip(md.sample_ids, md.food_labels))
+    held = set(held_out)
+    out_cols = np.asarray([label.get(s) in held for s in ft.sample_ids])
+
+    kept = np.nonzero(~out_cols)[0]
+    keep_md = [i for i, f in enumerate(md.food_labels) if f not in held]
+    meta = dataclasses.replace(md, sample_ids=[md.sample_ids[i] for i in keep_md],
+                               food_labels=[md.food_labels[i] for i in keep_md],
+                               hierarchy={k: [v[i] for i in keep_md] for k, v in md.hierarchy.items()},
+                               ndb_number=None if md.ndb_number is None else [md.ndb_number[i] for i in keep_md])
+    return (dataclasses.replace(tables, features=subset_samples(ft, kept), metadata=meta),
+            subset_samples(ft, np.nonzero(out_cols)[0]))
+
+
+def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str | Path = "runs/ool", seed: int = 0,
+                         quantile: float = DEFAULT_QUANTILE, held_out: Sequence[str] | None = None) -> dict[str, Any]:
+    """Detection and false-alarm rates of the out-of-library flag.
+
+    ``num_held_out`` foods (random with ``seed``, or ``held_out``) lose all their samples; the graph
+    is built from the rest (:func:`jaxfood.graph.build.build_graph`), fine-tuned with ``cfg``, and
+    both the held-out foods' samples (unknown foods) and the graph's test samples (known foods)
+    are predicted as new samples. Detection rate: fraction of unknown-food samples flagged;
+    false-alarm rate: fraction of known-food test samples flagged (threshold: ``quantile`` of the
+    validation scores). Also returns the AUROC of the score separating the two groups.
+    """
+    import warnings
+
+    from sklearn.metrics import roc_auc_score
+
+    from jaxfood.graph.build import build_graph
+    from jaxfood.train.finetune import FinetuneConfig, finetune, load_finetuned
+
+    foods = sorted(set(tables.metadata.food_labels) - {""})
+    if held_out is None:
+        rng = np.random.default_rng(seed)
+        held_out = sorted(rng.choice(foods, size=min(num_held_out, len(foods) - 2), replace=False).tolist())
+    train_tables, unknown = split_tables_by_food(tables, held_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = build_graph(train_tables, seed=seed)
+    cfg = cfg or FinetuneConfig()
+    result = finetune(graph, cfg, workdir, progress=False)
+    loaded = load_finetuned(result.checkpoint_dir, graph)
+
+    ft = train_tables.features
+    test_cols = np.nonzero((np.asarray(graph.sample_split) == SPLIT_CODES["test"]) & (np.asarray(graph.sample_food) >= 0))[0]
+    test_ids = [graph.meta.node_ids[schema.SAMPLE][i] for i in test_cols]
+    pos = {s: i for i, s in enumerate(ft.sample_ids)}
+    known = subset_samples(ft, [pos[s] for s in test_ids])
+    pred_unknown = predict_samples(loaded, graph, unknown, top_k=1, top_molecules=0, quantile=quantile)
+    pred_known = predict_samples(loaded, graph, known, top_k=1, top_molecules=0, quantile=quantile)
+    su = np.asarray([s["out_of_library_score"] for s in pred_unknown["samples"]])
+    sk = np.asarray([s["out_of_library_score"] for s in pred_known["samples"]])
+    threshold = pred_known["out_of_library"]["threshold"]
+    y = np.concatenate([np.ones(su.size), np.zeros(sk.size)])
+    return {
+        "held_out_foods": list(held_out),
+        "num_unknown_samples": int(su.size),
+        "num_known_samples": int(sk.size),
+        "threshold": threshold,
+        "detection_rate": float(np.mean(su > threshold)),
+        "false_alarm_rate": float(np.mean(sk > threshold)),
+        "auroc": float(roc_auc_score(y, np.concatenate([su, sk]))) if su.size and sk.size else math.nan,
+        "mean_score_unknown": float(su.mean()),
+        "mean_score_known": float(sk.mean()),
+        "known_test_accuracy": float(np.mean([s["top_foods"][0]["food"] == graph.meta.node_ids[schema.FOOD][
+            graph.sample_food[i]] for s, i in zip(pred_known["samples"], test_cols)])),
+        "score": OOL_SCORE,
+        "quantile": quantile,
+    }

@@ -1,0 +1,166 @@
+"""`jaxfood predict`: a new sample appended to the graph reproduces the in-graph prediction of the
+sample it copies; unknown ids are counted; bad inputs are one-line errors (exit 2); the
+out-of-library experiment runs end to end."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from jaxfood import cli
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import SPLIT_CODES, save_graph
+
+TINY = [
+    "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
+    "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
+    "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
+    "loss.salient_top_k=3", "salient_k=3",
+]
+
+
+def _tables():
+    from jaxfood.data.simulate import SimConfig, simulate
+
+    cfg = SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
+                    contaminants=20, embedding_dim=4)
+    return simulate(cfg, seed=0).tables
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny fine-tuned model on a small simulated graph, saved the way run_mtl saves it."""
+    from jaxfood.config import load_config
+    from jaxfood.graph.build import build_graph
+    from jaxfood.train.finetune import FinetuneConfig, finetune
+
+    root = tmp_path_factory.mktemp("predict")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = build_graph(_tables(), seed=0)
+    save_graph(graph, root / "graph")
+    result = finetune(graph, load_config(FinetuneConfig(), None, TINY), root, progress=False)
+    return root, graph, result
+
+
+def _sample_csv(graph, index, path, extra_unknown=0):
+    """Writes sample ``index`` of ``graph`` as raw peak areas (inverting the normalisation)."""
+    contains = graph.edges[schema.CONTAINS]
+    edges = np.nonzero(np.asarray(contains.senders) == index)[0]
+    mols = np.asarray(contains.receivers)[edges]
+    z = np.asarray(contains.attributes, np.float64)[edges, 0]
+    stats = graph.meta.normalisation["contains_molecule"]
+    area = np.expm1(z * np.asarray(stats["std"])[mols] + np.asarray(stats["mean"])[mols])
+    ids = graph.meta.node_ids[schema.MOLECULE]
+    lines = ["molecule_id,intensity"] + [f"{ids[m]},{float(a)!r}" for m, a in zip(mols, area)]
+    lines += [f"nosuch{i},1000" for i in range(extra_unknown)] + ["zero_is_not_detected,0"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
+    from jaxfood.train.finetune import Evaluator, load_finetuned, prepare_graph
+
+    root, graph, result = run
+    test = np.nonzero(np.asarray(graph.sample_split) == SPLIT_CODES["test"])[0][0]
+    csv = _sample_csv(graph, test, tmp_path / "s.csv", extra_unknown=2)
+    # --graph left out: CHECKPOINT/../graph is found, as after run_mtl.
+    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(csv),
+                     "--top-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["graph"].endswith("graph") and out["num_samples"] == 1
+    s = out["samples"][0]
+    assert s["molecules_unknown"] == 2 and s["unknown_examples"] == ["nosuch0", "nosuch1"]
+    assert s["molecules_known"] == int(np.sum(np.asarray(graph.edges[schema.CONTAINS].senders) == test))
+    probs = [f["probability"] for f in s["top_foods"]]
+    assert len(probs) == 3 and sum(probs) <= 1 + 1e-9 and probs == sorted(probs, reverse=True)
+    assert 0.0 <= s["out_of_library_score"] < 1.0 and isinstance(s["out_of_library"], bool)
+    assert set(s["nutrients_per_100g"]) == set(graph.meta.nutrient_names)
+    assert 0 < len(s["top_molecules"]) <= 10
+
+    # The model's own evaluation of that sample inside the graph.
+    loaded = load_finetuned(result.checkpoint_dir, graph)
+    own = Evaluator(loaded.model, prepare_graph(graph)).predict(loaded.params)
+    logits = np.asarray(own.food_logits, np.float64)[test]
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    foods = graph.meta.node_ids[schema.FOOD]
+    assert s["top_foods"][0]["food"] == foods[int(np.argmax(p))]
+    np.testing.assert_allclose(probs, np.sort(p)[::-1][:3], rtol=1e-4, atol=1e-6)
+    # Nutrients de-normalised: z * std + mean of the graph's has_nutrient statistics.
+    stats = graph.meta.normalisation["has_nutrient"]
+    want = np.asarray(own.nutrient_profile, np.float64)[test] * np.asarray(stats["std"]) + np.asarray(stats["mean"])
+    np.testing.assert_allclose([s["nutrients_per_100g"][n] for n in graph.meta.nutrient_names], want,
+                               rtol=1e-4, atol=1e-4)
+    # Driving molecules: the in-graph attention-pooling weights of that sample.
+    contains = graph.edges[schema.CONTAINS]
+    mine = np.nonzero(np.asarray(prepare_graph(graph).edges[schema.CONTAINS].senders) == test)[0]
+    w = np.asarray(own.molecule_weights)[mine]
+    top = graph.meta.node_ids[schema.MOLECULE][int(np.asarray(contains.receivers)[mine][np.argmax(w)])]
+    assert s["top_molecules"][0]["molecule_id"] == top
+    np.testing.assert_allclose(s["top_molecules"][0]["weight"], w.max(), rtol=1e-4)
+
+
+def test_gnps_table_many_samples_and_table_output(run, tmp_path, capsys):
+    root, graph, result = run
+    ids = graph.meta.node_ids[schema.MOLECULE]
+    table = tmp_path / "features.csv"
+    rows = ["row ID,row m/z,row retention time,a.mzML Peak area,b.mzML Peak area"]
+    rows += [f"{m},100.0,1.0,{1000 + i},{0 if i % 2 else 500}" for i, m in enumerate(ids[:30])]
+    rows += ["unknown_feature,100.0,1.0,10,10"]
+    table.write_text("\n".join(rows) + "\n")
+    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--graph", str(root / "graph"),
+                     "--sample", str(table), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["sample_id"] for s in out["samples"]] == ["a.mzML", "b.mzML"]
+    assert [s["molecules_known"] for s in out["samples"]] == [30, 15]
+    assert [s["molecules_unknown"] for s in out["samples"]] == [1, 1]
+    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(table)]) == 0
+    text = capsys.readouterr().out
+    assert "a.mzML" in text and "out-of-library score" in text and "probability" in text
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("nosuch,1\nnope,2\n", "none of its 2 molecule id(s) is in the graph"),
+    ("{m0},1\n{m1},-3\n", "column 'intensity', line 3: negative intensity"),
+    ("{m0},1\n{m1},nan\n", "column 'intensity', line 3: 'nan' is not a finite number"),
+    ("{m0},abc\n", "column 'intensity', line 2: 'abc' is not a number"),
+    ("{m0},1\n{m0},2\n", "column 'molecule_id', line 3: duplicate molecule id"),
+    ("{m0},0\n", "has no detected molecule"),
+])
+def test_bad_samples_exit_2(run, tmp_path, capsys, content, expect):
+    root, graph, result = run
+    ids = graph.meta.node_ids[schema.MOLECULE]
+    csv = tmp_path / "bad.csv"
+    csv.write_text("molecule_id,intensity\n" + content.format(m0=ids[0], m1=ids[1]))
+    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(csv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(csv) in err and expect in err and "\n" not in err
+
+
+def test_missing_column_exit_2(run, tmp_path, capsys):
+    root, graph, result = run
+    csv = tmp_path / "cols.csv"
+    csv.write_text("molecule,intensity\nx,1\n")
+    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert "missing column 'molecule_id'" in err and str(csv) in err
+
+
+def test_out_of_library_rates_pipeline(tmp_path):
+    from jaxfood.config import load_config
+    from jaxfood.eval.predict import out_of_library_rates
+    from jaxfood.train.finetune import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig(), None, TINY)
+    tables = _tables()
+    rates = out_of_library_rates(tables, num_held_out=4, cfg=cfg, workdir=tmp_path, seed=0)
+    labels = dict(zip(tables.metadata.sample_ids, tables.metadata.food_labels))
+    assert rates["num_unknown_samples"] == sum(f in rates["held_out_foods"] for f in labels.values())
+    assert rates["num_known_samples"] > 0
+    for key in ("detection_rate", "false_alarm_rate", "auroc"):
+        assert 0.0 <= rates[key] <= 1.0
+    assert 0.0 <= rates["mean_score_known"] < 1.0 and 0.0 <= rates["mean_score_unknown"] < 1.0
