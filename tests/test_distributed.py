@@ -115,6 +115,7 @@ def _max_diff(a, b) -> float:
     return max(jax.tree_util.tree_leaves(diffs))
 
 
+@pytest.mark.slow
 def test_multitask_step_pmap_over_4_devices_equals_one_device_on_the_same_4_subgraphs(tmp_path):
     out = run_with_devices(tmp_path, MULTITASK_WORKER)
     pmapped, single = out["4x1"], out["1x4"]
@@ -127,6 +128,7 @@ def test_multitask_step_pmap_over_4_devices_equals_one_device_on_the_same_4_subg
     assert pmapped["loss"][0] != pmapped["loss"][-1]
 
 
+@pytest.mark.slow
 def test_graphcl_step_pmap_over_4_devices_equals_one_device_with_4_views(tmp_path):
     out = run_with_devices(tmp_path, PRETRAIN_WORKER)
     assert _max_diff(out["4x1"]["params"], out["1x4"]["params"]) < 1e-5

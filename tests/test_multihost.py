@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import make_toy_graph
 
 from jaxfood.graph.hetero_graph import save_graph
@@ -46,6 +47,7 @@ def job_env(tmp_path: Path, devices: int) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
+@pytest.mark.slow
 def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path):
     graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
     save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), graph_dir)
