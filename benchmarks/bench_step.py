@@ -16,9 +16,11 @@ mean squared embedding of every node type (so no side can skip computing any nod
 
 Each side runs in its own subprocess (so thread pools and peak memory do not mix), builds the
 same graph from the same seed, compiles / warms up, then times ``--steps`` steps. Printed: median
-(and min) step time of each, peak resident memory of each process, XLA's buffer sizes of the
-compiled JAX step, the JAX step time at 0.25x, 0.5x, 1x and 2x the edges (molecules per sample
-scaled; node counts fixed) and, last, ``speedup_vs_pyg: X.XX`` (PyG median / JAX median at 1x).
+(and min) wall-clock step time of each, CPU time per step (user + system, all threads: less
+sensitive than wall time to other load on a shared machine), peak resident memory of each
+process, XLA's temporary buffers of the compiled JAX step, the JAX step time at 0.25x, 0.5x, 1x
+and 2x the edges (molecules per sample scaled; node counts fixed) and, last,
+``speedup_vs_pyg: X.XX`` (PyG median / JAX median wall-clock step time at 1x).
 """
 
 from __future__ import annotations
@@ -244,11 +246,11 @@ def main(argv=None) -> int:
           f"cpu {pyg_result['cpu_per_step'] * 1e3:8.1f} ms  peak RSS {pyg_result['peak_rss_mib']:7.0f} MiB  (torch threads {pyg_result['threads']})")
     if not args.skip_scaling:
         print("jax step time vs edges:")
-        print(f"  {'scale':>6} {'edges':>11} {'median ms':>10} {'ms / 100k edges':>16}")
+        print(f"  {'scale':>6} {'edges':>11} {'median ms':>10} {'cpu ms':>8} {'cpu ms / 100k edges':>20}")
         for scale in [float(s) for s in args.scales.split(",")]:
             r = jax_result if scale == 1.0 else worker("jax", scale, max(3, args.steps // 2))
-            med = float(np.median(r["times"])) * 1e3
-            print(f"  {scale:>6.2f} {r['edges']:>11,} {med:>10.1f} {med / (r['edges'] / 1e5):>16.2f}")
+            med, cpu = float(np.median(r["times"])) * 1e3, r["cpu_per_step"] * 1e3
+            print(f"  {scale:>6.2f} {r['edges']:>11,} {med:>10.1f} {cpu:>8.1f} {cpu / (r['edges'] / 1e5):>20.1f}")
     print(f"cpu-time ratio (pyg / jax, per step): {pyg_result['cpu_per_step'] / jax_result['cpu_per_step']:.2f}")
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -2,10 +2,10 @@
 
 Implements GAT (Velickovic et al., "Graph Attention Networks", ICLR 2018) in its bipartite,
 edge-attributed form as PyTorch Geometric's ``GATConv((d_src, d_dst), C, heads=H, edge_dim=F,
-add_self_loops=False)``, wrapped per relation like PyG's ``HeteroConv`` (Schlichtkrull-style
-relation-wise message passing). For a relation ``r = (Src, rel, Dst)`` with source features
-``x_s`` [N_src, d_src], destination features ``x_d`` [N_dst, d_dst] and edge attributes ``a``
-[E, F]::
+add_self_loops=False)``, wrapped per relation like PyG's ``HeteroConv`` (relation-wise message
+passing as in R-GCN, Schlichtkrull et al. 2018). For a relation ``r = (Src, rel, Dst)`` with
+source features ``x_s`` [N_src, d_src], destination features ``x_d`` [N_dst, d_dst] and edge
+attributes ``a`` [E, F]::
 
     h_s = x_s W_src                      [N_src, H, C]      (no bias)
     e_ij = LeakyReLU_0.2(<h_s[j], att_src> + <x_d[i] W_dst, att_dst> + <a_ij W_edge, att_edge>)
@@ -27,6 +27,17 @@ Parameters of one relation (under the relation key ``"Src|rel|Dst"``)::
     lin_edge {"kernel": [F, H*C]}         PyG lin_edge.weight.T    only where F > 0
     att_edge [H, C]                        PyG att_edge[0]          only where F > 0
     bias     [H*C] (concat) or [C]         PyG bias
+
+How it is computed (the numbers are PyG's up to float rounding; ``benchmarks/bench_step.py``
+measures the speed, ``docs/benchmarks.md`` has the figures):
+
+- attention scores are per node: each kernel is folded with its attention vector
+  ([d, H*C] x [H, C] -> [d, H]) so an edge gathers H scalars per side, and the [E, H*C] edge
+  projection PyG builds never exists;
+- attention dropout is applied before the softmax division, so the [E, H] coefficients are
+  materialised once rather than recomputed inside every [E, H, C] consumer;
+- the neighbour sum (:func:`aggregate_messages`) runs over blocks of edges with a hand-written
+  VJP: the [E, H, C] messages and their gradients exist one block at a time.
 """
 
 from __future__ import annotations
