@@ -32,18 +32,29 @@ def _tables():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny fine-tuned model on a small simulated graph, saved the way run_mtl saves it."""
+    """A small simulated graph saved the way run_mtl saves it, beside a fine-tuning checkpoint of the
+    tiny model at its initial parameters (prediction consistency needs no training; skipping it
+    keeps the test fast)."""
+    import jax
+
     from jaxfood.config import load_config
     from jaxfood.graph.build import build_graph
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.models.heads import make_multitask_model
+    from jaxfood.train.checkpoint import save_checkpoint
+    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph
 
     root = tmp_path_factory.mktemp("predict")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = build_graph(_tables(), seed=0)
     save_graph(graph, root / "graph")
-    result = finetune(graph, load_config(FinetuneConfig(), None, TINY), root, progress=False)
-    return root, graph, result
+    cfg = load_config(FinetuneConfig(), None, TINY)
+    dgraph = prepare_graph(graph)
+    model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
+    params = model.init(jax.random.key(1), dgraph)
+    ckpt = root / "checkpoints"
+    save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
+    return root, graph, ckpt
 
 
 def _sample_csv(graph, index, path, extra_unknown=0):
@@ -64,11 +75,11 @@ def _sample_csv(graph, index, path, extra_unknown=0):
 def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
     from jaxfood.train.finetune import Evaluator, load_finetuned, prepare_graph
 
-    root, graph, result = run
+    root, graph, ckpt = run
     test = np.nonzero(np.asarray(graph.sample_split) == SPLIT_CODES["test"])[0][0]
     csv = _sample_csv(graph, test, tmp_path / "s.csv", extra_unknown=2)
     # --graph left out: CHECKPOINT/../graph is found, as after run_mtl.
-    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(csv),
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--sample", str(csv),
                      "--top-k", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["graph"].endswith("graph") and out["num_samples"] == 1
@@ -82,7 +93,7 @@ def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
     assert 0 < len(s["top_molecules"]) <= 10
 
     # The model's own evaluation of that sample inside the graph.
-    loaded = load_finetuned(result.checkpoint_dir, graph)
+    loaded = load_finetuned(ckpt, graph)
     own = Evaluator(loaded.model, prepare_graph(graph)).predict(loaded.params)
     logits = np.asarray(own.food_logits, np.float64)[test]
     p = np.exp(logits - logits.max())
@@ -105,20 +116,20 @@ def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
 
 
 def test_gnps_table_many_samples_and_table_output(run, tmp_path, capsys):
-    root, graph, result = run
+    root, graph, ckpt = run
     ids = graph.meta.node_ids[schema.MOLECULE]
     table = tmp_path / "features.csv"
     rows = ["row ID,row m/z,row retention time,a.mzML Peak area,b.mzML Peak area"]
     rows += [f"{m},100.0,1.0,{1000 + i},{0 if i % 2 else 500}" for i, m in enumerate(ids[:30])]
     rows += ["unknown_feature,100.0,1.0,10,10"]
     table.write_text("\n".join(rows) + "\n")
-    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--graph", str(root / "graph"),
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--graph", str(root / "graph"),
                      "--sample", str(table), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [s["sample_id"] for s in out["samples"]] == ["a.mzML", "b.mzML"]
     assert [s["molecules_known"] for s in out["samples"]] == [30, 15]
     assert [s["molecules_unknown"] for s in out["samples"]] == [1, 1]
-    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(table)]) == 0
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--sample", str(table)]) == 0
     text = capsys.readouterr().out
     assert "a.mzML" in text and "out-of-library score" in text and "probability" in text
 
@@ -132,20 +143,20 @@ def test_gnps_table_many_samples_and_table_output(run, tmp_path, capsys):
     ("{m0},0\n", "has no detected molecule"),
 ])
 def test_bad_samples_exit_2(run, tmp_path, capsys, content, expect):
-    root, graph, result = run
+    root, graph, ckpt = run
     ids = graph.meta.node_ids[schema.MOLECULE]
     csv = tmp_path / "bad.csv"
     csv.write_text("molecule_id,intensity\n" + content.format(m0=ids[0], m1=ids[1]))
-    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(csv)]) == 2
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--sample", str(csv)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(csv) in err and expect in err and "\n" not in err
 
 
 def test_missing_column_exit_2(run, tmp_path, capsys):
-    root, graph, result = run
+    root, graph, ckpt = run
     csv = tmp_path / "cols.csv"
     csv.write_text("molecule,intensity\nx,1\n")
-    assert cli.main(["predict", "--checkpoint", str(result.checkpoint_dir), "--sample", str(csv)]) == 2
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--sample", str(csv)]) == 2
     err = capsys.readouterr().err
     assert "missing column 'molecule_id'" in err and str(csv) in err
 
@@ -155,7 +166,7 @@ def test_out_of_library_rates_pipeline(tmp_path):
     from jaxfood.eval.predict import out_of_library_rates
     from jaxfood.train.finetune import FinetuneConfig
 
-    cfg = load_config(FinetuneConfig(), None, TINY)
+    cfg = load_config(FinetuneConfig(), None, [*TINY, "weighting.method=static"])
     tables = _tables()
     rates = out_of_library_rates(tables, num_held_out=4, cfg=cfg, workdir=tmp_path, seed=0)
     labels = dict(zip(tables.metadata.sample_ids, tables.metadata.food_labels))
