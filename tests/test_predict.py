@@ -175,3 +175,18 @@ def test_out_of_library_rates_pipeline(tmp_path):
     for key in ("detection_rate", "false_alarm_rate", "auroc"):
         assert 0.0 <= rates[key] <= 1.0
     assert 0.0 <= rates["mean_score_known"] < 1.0 and 0.0 <= rates["mean_score_unknown"] < 1.0
+    for alt in ("energy", "knn"):
+        for key in ("detection_rate", "false_alarm_rate", "auroc"):
+            assert 0.0 <= rates["alternative_scores"][alt][key] <= 1.0
+
+
+def test_knn_and_energy_scores_hand_computed():
+    from jaxfood.eval.predict import energy_scores, knn_distance_scores, ool_scores
+
+    logits = np.array([[0.0, 0.0], [np.log(3.0), 0.0]])
+    np.testing.assert_allclose(ool_scores(logits), [0.5, 0.25])
+    np.testing.assert_allclose(energy_scores(logits), [-np.log(2.0), -np.log(4.0)])
+    ref = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # [1, 0]: distances 0 (itself, skipped), 1 - 1/sqrt(2), 1; [-1, 0]: 2, 1, 1 + 1/sqrt(2) -> nearest 1
+    np.testing.assert_allclose(knn_distance_scores(np.array([[1.0, 0.0], [-1.0, 0.0]]), ref, k=1),
+                               [1 - 1 / np.sqrt(2), 1.0])

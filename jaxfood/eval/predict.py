@@ -216,6 +216,29 @@ def ool_scores(logits) -> np.ndarray:
     return 1.0 - _softmax(logits).max(-1)
 
 
+def energy_scores(logits) -> np.ndarray:
+    """[n, F] -> [n] negative free energy ``-logsumexp(logits)`` (Liu et al., NeurIPS 2020); higher =
+    more out-of-library. Reported by :func:`out_of_library_rates` for comparison."""
+    z = np.asarray(logits, np.float64)
+    m = z.max(-1)
+    return -(m + np.log(np.exp(z - m[:, None]).sum(-1)))
+
+
+def knn_distance_scores(features, reference, k: int = 5) -> np.ndarray:
+    """[n, d], [r, d] -> [n] cosine distance to the k-th nearest ``reference`` row (Sun et al., ICML
+    2022, deep nearest neighbours; a sample's distance to itself, if in ``reference``, is skipped
+    by taking the (k+1)-th when it is 0)."""
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    d = 1.0 - unit(features) @ unit(reference).T
+    d = np.sort(d, axis=1)
+    k = min(k, d.shape[1] - 1)
+    self_hit = d[:, 0] <= 1e-9
+    return np.where(self_hit, d[:, min(k, d.shape[1] - 1)], d[:, k - 1])
+
+
 def _forward(model, params, graph, edge_masks, stats_mask):
     import jax
     import jax.numpy as jnp
@@ -230,6 +253,23 @@ def _forward(model, params, graph, edge_masks, stats_mask):
     return jax.device_get(out)
 
 
+def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisation: dict[str, Any]):
+    """``(outputs, S, matched, new_edges)``: the model's outputs on the graph extended with the
+    samples of ``table`` (rows ``S:`` of the per-sample arrays; ``new_edges`` their edges)."""
+    from jaxfood.train.finetune import prepare_graph
+
+    if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
+        raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
+                              f"'{loaded.model.encoder_config.input_mode(schema.SAMPLE)}'; predicting new samples needs "
+                              "'shared' (inductive), fine-tune with encoder.input_modes.Sample=shared")
+    matched = match_molecules(table, graph)
+    attr = normalise_intensity(matched.intensity, matched.molecule_index, normalisation)
+    dgraph = prepare_graph(graph)
+    ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
+    out = _forward(loaded.model, loaded.params, ext, edge_masks, stats_mask)
+    return out, int(dgraph.num_nodes[schema.SAMPLE]), matched, new_edges
+
+
 def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int = 5, top_molecules: int = 10,
                     quantile: float = DEFAULT_QUANTILE, normalisation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predictions for the samples of ``table`` with a loaded fine-tuning checkpoint.
@@ -242,19 +282,8 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
 
     Returns the JSON-ready dict documented in ``jaxfood predict --help``.
     """
-    from jaxfood.train.finetune import prepare_graph
-
-    if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
-        raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
-                              f"'{loaded.model.encoder_config.input_mode(schema.SAMPLE)}'; predicting new samples needs "
-                              "'shared' (inductive), fine-tune with encoder.input_modes.Sample=shared")
     norm = normalisation or loaded.meta.get("normalisation") or graph.meta.normalisation
-    matched = match_molecules(table, graph)
-    attr = normalise_intensity(matched.intensity, matched.molecule_index, norm)
-    dgraph = prepare_graph(graph)
-    ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
-    out = _forward(loaded.model, loaded.params, ext, edge_masks, stats_mask)
-    S = int(dgraph.num_nodes[schema.SAMPLE])
+    out, S, matched, new_edges = predict_arrays(loaded, graph, table, norm)
     logits = np.asarray(out.food_logits, np.float64)
     scores = ool_scores(logits)
     labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
@@ -365,24 +394,40 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
     test_ids = [graph.meta.node_ids[schema.SAMPLE][i] for i in test_cols]
     pos = {s: i for i, s in enumerate(ft.sample_ids)}
     known = subset_samples(ft, [pos[s] for s in test_ids])
-    pred_unknown = predict_samples(loaded, graph, unknown, top_k=1, top_molecules=0, quantile=quantile)
-    pred_known = predict_samples(loaded, graph, known, top_k=1, top_molecules=0, quantile=quantile)
-    su = np.asarray([s["out_of_library_score"] for s in pred_unknown["samples"]])
-    sk = np.asarray([s["out_of_library_score"] for s in pred_known["samples"]])
-    threshold = pred_known["out_of_library"]["threshold"]
-    y = np.concatenate([np.ones(su.size), np.zeros(sk.size)])
+    norm = loaded.meta.get("normalisation") or graph.meta.normalisation
+    split, labels = np.asarray(graph.sample_split), np.asarray(graph.sample_food)
+    train = np.nonzero((split == SPLIT_CODES["train"]) & (labels >= 0))[0]
+    val = np.nonzero((split == SPLIT_CODES["val"]) & (labels >= 0))[0]
+    groups = {}
+    for name, ft_new in (("unknown", unknown), ("known", known)):
+        out, S, _, _ = predict_arrays(loaded, graph, ft_new, norm)
+        logits = np.asarray(out.food_logits, np.float64)
+        feats = np.concatenate([np.asarray(out.embeddings[schema.SAMPLE], np.float64), np.asarray(out.pooled)], 1)
+        all_scores = {"msp": ool_scores(logits), "energy": energy_scores(logits),
+                      "knn": knn_distance_scores(feats, feats[train])}
+        groups[name] = {k: v[S:] for k, v in all_scores.items()}
+        groups["val"] = {k: v[val] for k, v in all_scores.items()}  # identical in both passes
+    pred_known_top = np.argmax(logits[S:], 1)
+    per_score = {}
+    for key in ("msp", "energy", "knn"):
+        su, sk, sv = groups["unknown"][key], groups["known"][key], groups["val"][key]
+        threshold = float(np.quantile(sv, quantile))
+        y = np.concatenate([np.ones(su.size), np.zeros(sk.size)])
+        per_score[key] = {
+            "threshold": threshold,
+            "detection_rate": float(np.mean(su > threshold)),
+            "false_alarm_rate": float(np.mean(sk > threshold)),
+            "auroc": float(roc_auc_score(y, np.concatenate([su, sk]))) if su.size and sk.size else math.nan,
+            "mean_score_unknown": float(su.mean()),
+            "mean_score_known": float(sk.mean()),
+        }
     return {
         "held_out_foods": list(held_out),
-        "num_unknown_samples": int(su.size),
-        "num_known_samples": int(sk.size),
-        "threshold": threshold,
-        "detection_rate": float(np.mean(su > threshold)),
-        "false_alarm_rate": float(np.mean(sk > threshold)),
-        "auroc": float(roc_auc_score(y, np.concatenate([su, sk]))) if su.size and sk.size else math.nan,
-        "mean_score_unknown": float(su.mean()),
-        "mean_score_known": float(sk.mean()),
-        "known_test_accuracy": float(np.mean([s["top_foods"][0]["food"] == graph.meta.node_ids[schema.FOOD][
-            graph.sample_food[i]] for s, i in zip(pred_known["samples"], test_cols)])),
+        "num_unknown_samples": int(groups["unknown"]["msp"].size),
+        "num_known_samples": int(groups["known"]["msp"].size),
+        **per_score["msp"],
         "score": OOL_SCORE,
         "quantile": quantile,
+        "known_test_accuracy": float(np.mean(pred_known_top == labels[test_cols])),
+        "alternative_scores": {"energy": per_score["energy"], "knn": per_score["knn"]},
     }
