@@ -193,27 +193,13 @@ def test_jit_matches_eager_and_node_index_relabels(graph, setup):
     np.testing.assert_allclose(out["Sample"], jitted["Sample"], rtol=1e-5, atol=1e-6)
 
 
-def test_edge_blocks_change_nothing_but_speed(graph, setup):
+def test_blocked_and_vmapped_match_one_block_one_graph(graph, setup):
+    # Edge blocks change nothing but speed (same dropout draws, same values and gradients), and
+    # data-parallel steps vmap the encoder over padded subgraphs of equal shapes.
     encoder, params, apply = setup
     blocked = encoder.clone(edge_block=16)  # 227 contains edges -> 15 blocks, the last one padded
-    key = jax.random.key(5)
-
-    def loss(p, enc):
-        out = enc.apply({"params": p}, graph, deterministic=False, rngs={"dropout": key})
-        return sum(jnp.sum(jnp.sin(v)) for v in out.values())
-
     one_block = encoder.clone(edge_block=0)
-    value_a, grads_a = jax.jit(jax.value_and_grad(lambda p: loss(p, one_block)))(params)
-    value_b, grads_b = jax.jit(jax.value_and_grad(lambda p: loss(p, blocked)))(params)
-    np.testing.assert_allclose(value_a, value_b, rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_vmap_over_graphs_matches_one_by_one(graph, setup):
-    # Data-parallel steps vmap the encoder over padded subgraphs of equal shapes.
-    encoder, params, apply = setup
-    blocked = encoder.clone(edge_block=64)
+    key = jax.random.key(5)
     rng = np.random.default_rng(1)
     other = graph.replace(edges={k: EdgeSet(e.senders, e.receivers, rng.normal(size=np.shape(e.attributes)).astype(np.float32))
                                  for k, e in graph.edges.items()})
@@ -221,13 +207,15 @@ def test_vmap_over_graphs_matches_one_by_one(graph, setup):
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)]), graph, other)
     stacked_masks = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), masks[0], masks[1])
 
-    def loss(p, g, m):
-        return sum(jnp.sum(jnp.tanh(v)) for v in blocked.apply({"params": p}, g, edge_masks=m).values())
+    def loss(p, g, m, enc):
+        out = enc.apply({"params": p}, g, edge_masks=m, deterministic=False, rngs={"dropout": key})
+        return sum(jnp.sum(jnp.tanh(v)) for v in out.values())
 
-    grad_fn = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))
+    grad_fn = jax.jit(jax.vmap(jax.value_and_grad(lambda p, g, m: loss(p, g, m, blocked)), in_axes=(None, 0, 0)))
     values, grads = grad_fn(params, stacked, stacked_masks)
+    reference = jax.jit(jax.value_and_grad(lambda p, g, m: loss(p, g, m, one_block)))
     for i, g in enumerate((graph, other)):
-        value, grad = jax.jit(jax.value_and_grad(loss))(params, g, masks[i])
+        value, grad = reference(params, g, masks[i])
         np.testing.assert_allclose(values[i], value, rtol=1e-5)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grad)):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6)
