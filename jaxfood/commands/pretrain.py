@@ -30,7 +30,7 @@ Writes to WORKDIR:
   figures/                 PCA maps of Food embeddings coloured by USDA food category
 
 Configuration keys (--set key=value, dotted for nested sections), e.g.:
-  epochs=20  steps_per_epoch=10  learning_rate=3e-3  temperature=0.2  batch_size=256
+  epochs=15  steps_per_epoch=10  learning_rate=1e-2  temperature=0.2  batch_size=256
   hard_negative_beta=1.0  patience=5  seed=0  encoder.hidden_dim=64  encoder.num_layers=1
   'loss_weights={Sample: 1.0, Food: 1.0}'  'augment.edge_drop={contains_molecule: 0.3}'
 A dict-valued key given with --set replaces the whole dict. Set JAX_COMPILATION_CACHE_DIR to

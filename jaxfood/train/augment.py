@@ -270,56 +270,69 @@ def augment(graph: HeteroGraph, rng: Array, cfg: AugmentConfig,
     """
     counts = num_candidate_edges(graph)
     masks = base_edge_masks(graph)
-    keys = iter(jax.random.split(rng, 64))
 
-    # Edge removal (real edges only), same mask for both directions.
+    # What each augmentation draws, planned statically: (what, node type or relation, rate, size).
+    plan: list[tuple[str, str, float, int]] = []
     for key, rate in _rates(cfg.edge_drop, graph).items():
-        n = graph.edges[key].senders.shape[0]
-        n_real = n - counts.get(key, 0)
-        keep = jax.random.bernoulli(next(keys), 1.0 - rate, (n,)) | (jnp.arange(n) >= n_real)
-        masks = _and_both_directions(masks, key, keep)
-
-    # Edge addition: each candidate switched on with the probability that adds rate * E_real edges.
+        plan.append(("edge_drop", key, rate, graph.edges[key].senders.shape[0] - counts.get(key, 0)))
     for key, rate in _rates(cfg.edge_add, graph).items():
         k = counts.get(key, 0)
-        if k == 0:
-            continue
-        n = graph.edges[key].senders.shape[0]
-        p_on = min(1.0, rate * (n - k) / k)
-        on = jax.random.bernoulli(next(keys), p_on, (n,)) & (jnp.arange(n) >= n - k)
-        masks = _or_both_directions(masks, key, on)
-
-    # Node dropping: every incident edge, in every relation (hence both directions), masked.
-    node_masks = {t: jnp.ones((n,), bool) for t, n in graph.num_nodes.items()}
+        if k:
+            # Each candidate is switched on with the probability that adds rate * E_real edges.
+            n_real = graph.edges[key].senders.shape[0] - k
+            plan.append(("edge_add", key, min(1.0, rate * n_real / k), k))
     for t, rate in cfg.node_drop.items():
         if float(rate) > 0 and t in graph.num_nodes:
-            node_masks[t] = jax.random.bernoulli(next(keys), 1.0 - float(rate), (graph.num_nodes[t],))
+            plan.append(("node_drop", t, float(rate), graph.num_nodes[t]))
+    for t, rate in cfg.feature_mask.items():
+        if float(rate) > 0 and t in graph.node_features:
+            plan.append(("feature_mask", t, float(rate), graph.node_features[t].shape[1]))
+    for key, rate in _rates(cfg.edge_attr_mask, graph).items():
+        if graph.edges[key].attributes.shape[1]:
+            plan.append(("edge_attr_mask", key, rate, graph.edges[key].senders.shape[0]))
+    # One uniform draw for the whole view, sliced per augmentation: one RNG kernel to compile
+    # instead of one per mask (they dominated the compile time of the pretraining step).
+    total = sum(size for *_, size in plan)
+    uniform = jax.random.uniform(rng, (max(total, 1),))
+    draws, offset = {}, 0
+    for what, name, rate, size in plan:
+        draws[what, name] = (rate, uniform[offset:offset + size])
+        offset += size
+
+    features = dict(graph.node_features)
+    edges = dict(graph.edges)
+    node_masks = {t: jnp.ones((n,), bool) for t, n in graph.num_nodes.items()}
+    for (what, name), (rate, u) in draws.items():
+        if what == "edge_drop":
+            # Real edges only; candidates keep their (off unless added) state. Both directions.
+            n_cand = counts.get(name, 0)
+            keep = jnp.concatenate([u >= rate, jnp.ones((n_cand,), bool)])
+            masks = _and_both_directions(masks, name, keep)
+        elif what == "edge_add":
+            n_real = graph.edges[name].senders.shape[0] - u.shape[0]
+            on = jnp.concatenate([jnp.zeros((n_real,), bool), u < rate])
+            masks = _or_both_directions(masks, name, on)
+        elif what == "node_drop":
+            node_masks[name] = u >= rate
+        elif what == "feature_mask":
+            # The same dimensions zeroed for every node of the type.
+            x = features[name]
+            features[name] = x * (u >= rate).astype(x.dtype)[None, :]
+        elif what == "edge_attr_mask":
+            # Whole attribute rows, both directions.
+            keep = (u >= rate)
+            for k in (name, schema.reverse_key(name)):
+                if k in edges:
+                    ek = edges[k]
+                    edges[k] = ek.replace(attributes=ek.attributes * keep.astype(ek.attributes.dtype)[:, None])
+
+    # Node dropping: every incident edge, in every relation (hence both directions), masked.
     for key, e in graph.edges.items():
         src_t, _, dst_t = schema.split_key(key)
-        if float(cfg.node_drop.get(src_t, 0.0)) > 0:
+        if ("node_drop", src_t) in draws:
             masks[key] = masks[key] & node_masks[src_t][e.senders]
-        if float(cfg.node_drop.get(dst_t, 0.0)) > 0:
+        if ("node_drop", dst_t) in draws:
             masks[key] = masks[key] & node_masks[dst_t][e.receivers]
-
-    # Feature masking: the same dimensions zeroed for every node of the type.
-    features = dict(graph.node_features)
-    for t, rate in cfg.feature_mask.items():
-        if float(rate) > 0 and t in features:
-            x = features[t]
-            keep_dim = jax.random.bernoulli(next(keys), 1.0 - float(rate), (x.shape[1],))
-            features[t] = x * keep_dim.astype(x.dtype)[None, :]
-
-    # Edge-attribute masking: whole attribute rows, both directions.
-    edges = dict(graph.edges)
-    for key, rate in _rates(cfg.edge_attr_mask, graph).items():
-        e = edges[key]
-        if e.attributes.shape[1] == 0:
-            continue
-        keep = jax.random.bernoulli(next(keys), 1.0 - rate, (e.senders.shape[0],))
-        for k in (key, schema.reverse_key(key)):
-            if k in edges:
-                ek = edges[k]
-                edges[k] = ek.replace(attributes=ek.attributes * keep.astype(ek.attributes.dtype)[:, None])
 
     view = graph.replace(node_features=features, edges=edges)
     if return_node_masks:
