@@ -107,7 +107,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
-def _apply(cfg: T, updates: Mapping[str, Any], source: str, prefix: str = "") -> T:
+def _apply(cfg: T, updates: Mapping[str, Any], source: str, prefix: str = "", merge_dicts: bool = False) -> T:
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
     changes = {}
@@ -118,7 +118,10 @@ def _apply(cfg: T, updates: Mapping[str, Any], source: str, prefix: str = "") ->
             )
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            changes[key] = _apply(current, value, source, prefix=f"{prefix}{key}.")
+            changes[key] = _apply(current, value, source, prefix=f"{prefix}{key}.", merge_dicts=merge_dicts)
+        elif merge_dicts and isinstance(current, Mapping) and isinstance(value, Mapping):
+            # --set a.b.c=v on a dict-valued key updates one entry and keeps the others.
+            changes[key] = _coerce({**current, **value}, hints[key], f"{prefix}{key}", source)
         else:
             changes[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
     return dataclasses.replace(cfg, **changes)
@@ -169,7 +172,7 @@ def load_config(default: T, path: str | Path | None = None, overrides: Sequence[
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         cfg = _apply(cfg, data, str(path))
     for key, value in parse_overrides(overrides):
-        cfg = _apply(cfg, _nest(key, value), f"--set {key}")
+        cfg = _apply(cfg, _nest(key, value), f"--set {key}", merge_dicts=True)
     return cfg
 
 

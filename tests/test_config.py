@@ -49,3 +49,15 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("- 1\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(Cfg(), path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    rates: dict[str, float] = dataclasses.field(default_factory=lambda: {"a": 0.1, "b": 0.2})
+
+
+def test_dotted_set_into_a_dict_keeps_the_other_entries():
+    assert load_config(Rates(), None, ["rates.b=0.5"]).rates == {"a": 0.1, "b": 0.5}
+    assert load_config(Rates(), None, ["rates.c=1"]).rates == {"a": 0.1, "b": 0.2, "c": 1.0}
+    with pytest.raises(ConfigError, match="rates.b"):
+        load_config(Rates(), None, ["rates.b=high"])
