@@ -75,7 +75,7 @@ MULTITASK_WORKER = """
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
     step = dist.data_parallel(step_fn, dist.ShardLayout(0, 1, devices, per_device), seed=11)
     result = dist.fit(step, state, sampler.batch, num_steps=3)
-    seeds = [sorted(sampler.seeds_for(0, s, 4).tolist()) for s in range(4)]
+    seeds = [sorted(sampler.seeds_for(0, s).tolist()) for s in range(4)]
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
                "loss": [h["loss/total"] for h in result.history], "compilations": step.compile_count(),
                "weights": [result.history[-1][f"weight/{t}"] for t in multitask.TASKS],

@@ -28,9 +28,9 @@ import os, sys, time
 sys.path.insert(0, {str(ROOT / "experiments/pod")!r})
 from jaxfood.graph import sampling
 draw = sampling.NeighbourSampler.batch
-def slow_batch(self, step, shard=0, num_shards=1):
+def slow_batch(self, step, shard=0):
     time.sleep(float(os.environ.get("STEP_DELAY", "0")))
-    return draw(self, step, shard, num_shards)
+    return draw(self, step, shard)
 sampling.NeighbourSampler.batch = slow_batch
 import train
 sys.exit(train.main(sys.argv[1:]))

@@ -45,7 +45,7 @@ def test_padded_shapes_never_change_and_the_step_compiles_once(graph):
     reference = _shapes(first)
     real_edges = set()
     for step in range(25):
-        sub = sampler.batch(step, shard=step % 3, num_shards=3)
+        sub = sampler.batch(step, shard=step % 3)
         assert _shapes(sub) == reference
         assert sub.graph.meta is first.graph.meta  # same static part: jit cache hit
         assert int(total(sub)) == sub.num_real_edges
@@ -176,10 +176,10 @@ def test_budgets_are_the_worst_case_of_the_fanouts():
 
 def test_seeds_are_deterministic_disjoint_across_shards_and_vary_with_the_step(graph):
     sampler = NeighbourSampler(graph, SamplerConfig(batch_size=4, seed=5))
-    a = [sampler.seeds_for(3, shard, 4) for shard in range(4)]
+    a = [sampler.seeds_for(3, shard) for shard in range(4)]
     assert np.unique(np.concatenate(a)).size == 16
-    assert all(np.array_equal(x, sampler.seeds_for(3, i, 4)) for i, x in enumerate(a))
-    assert not np.array_equal(a[0], sampler.seeds_for(4, 0, 4))
+    assert all(np.array_equal(x, sampler.seeds_for(3, i)) for i, x in enumerate(a))
+    assert not np.array_equal(a[0], sampler.seeds_for(4, 0))
     pool = set(sampler.seed_pool.tolist())
     assert set(np.concatenate(a).tolist()) <= pool
     assert all(np.asarray(graph.sample_split)[i] == 0 for i in pool)

@@ -311,8 +311,8 @@ class NeighbourSampler:
         return src in self.full_types and dst in self.full_types
 
     # ---- seeds ---------------------------------------------------------------------------------
-    def seeds_for(self, step: int, shard: int = 0, num_shards: int = 1) -> np.ndarray:
-        """The seed samples of subgraph ``shard`` of ``num_shards`` at ``step`` (global indices).
+    def seeds_for(self, step: int, shard: int = 0) -> np.ndarray:
+        """The seed samples of subgraph ``shard`` (global shard index) at ``step`` (global sample indices).
 
         Each step draws a fresh permutation of the seed pool from ``(seed, step)``; shard ``i`` takes
         the ``i``-th run of ``batch_size`` entries (wrapping), so shards of one step are disjoint
@@ -324,10 +324,10 @@ class NeighbourSampler:
         pos = (int(shard) * b + np.arange(b)) % pool.size
         return pool[perm[pos]]
 
-    def batch(self, step: int, shard: int = 0, num_shards: int = 1) -> SampledSubgraph:
+    def batch(self, step: int, shard: int = 0) -> SampledSubgraph:
         """The subgraph of ``shard`` at ``step``: deterministic in ``(config.seed, step, shard)``."""
         rng = np.random.default_rng([self.config.seed, 0xB17, int(step), int(shard)])
-        return self.sample(self.seeds_for(step, shard, num_shards), rng)
+        return self.sample(self.seeds_for(step, shard), rng)
 
     # ---- one subgraph --------------------------------------------------------------------------
     def sample(self, seeds: np.ndarray, rng: np.random.Generator) -> SampledSubgraph:

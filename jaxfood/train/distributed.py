@@ -28,7 +28,6 @@ same step); rerun with the same workdir, it restores the latest checkpoint and c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import signal
@@ -624,12 +623,6 @@ def _progress(steps: range, enabled: bool) -> Iterator[int]:
     return tqdm(steps, initial=steps.start, total=steps.stop, desc="train", dynamic_ncols=True)
 
 
-@contextlib.contextmanager
-def primary_only() -> Iterator[bool]:
-    """``with primary_only() as writes:`` -- ``writes`` is True on process 0 only."""
-    yield is_primary()
-
-
 def global_mean(x: jax.Array, axis_name=DATA_AXES) -> jax.Array:
     """``lax.pmean`` over the data-parallel axes (inside a step run by :func:`data_parallel`)."""
     return jax.lax.pmean(x, axis_name)
@@ -639,7 +632,7 @@ __all__ = [
     "DATA_AXES", "DEVICE_AXIS", "SUBGRAPH_AXIS", "Checkpointer", "DistributedInfo", "FitResult", "ParallelStep",
     "PreemptionGuard", "ShardLayout", "add_distributed_arguments", "aggregate_metrics", "data_parallel",
     "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
-    "local_batch", "primary_only", "replicate", "shard_rng", "stack_trees", "unreplicate",
+    "local_batch", "replicate", "shard_rng", "stack_trees", "unreplicate",
 ]
 
 
