@@ -38,10 +38,10 @@ def test_gated_attention_pool_matches_numpy_and_respects_masks(monkeypatch):
 
     # The documented formula in numpy.
     p = jax.tree_util.tree_map(np.asarray, params)
-    h = mol @ p["instance"]["kernel"] + p["instance"]["bias"]
+    h = mol @ p["instance"]["kernel"]  # no bias: the pooled vectors are standardised
     gv = np.tanh(h @ p["attention_v"]["kernel"] + p["attention_v"]["bias"])
     gu = 1 / (1 + np.exp(-(h @ p["attention_u"]["kernel"] + p["attention_u"]["bias"])))
-    a_mol = (gv * gu) @ p["attention_w"]["kernel"][:, 0] + p["attention_w"]["bias"][0]
+    a_mol = (gv * gu) @ p["attention_w"]["kernel"][:, 0]
     raw = a_mol[receivers] + np.sum((h @ p["attention_intensity"]["kernel"])[receivers] * x, -1)
     a = raw.copy()
     for s in range(3):  # centred per sample, then bounded: c tanh(a / c), c = 3

@@ -83,24 +83,6 @@ def test_multisteps_over_four_micro_batches_equals_one_step_on_their_union():
     np.testing.assert_allclose(heads[0], heads[1], rtol=1e-5, atol=1e-6)
 
 
-def test_step_compiles_once_for_a_run():
-    graph = prepare_graph(make_toy_graph())
-    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
-    weighting = tw.WeightingConfig(method="gradnorm")
-    tx, _ = make_optimizer(OptimizerConfig(), 10)
-    state = mt.init_train_state(model, weighting, tx, jax.random.key(0), graph)
-    step, traces = _counted_jit(mt.make_train_step(model, mt.LossConfig(), weighting, tx))
-    seed_mask = jnp.asarray(np.asarray(graph.sample_split) == 0)
-    losses = []
-    for i in range(4):
-        state, metrics = step(state, graph, mt.Batch(seed_mask, jax.random.fold_in(jax.random.key(0), i)))
-        losses.append(float(metrics["loss/total"]))
-    assert len(traces) == 1 and step._cache_size() == 1
-    assert all(np.isfinite(losses))
-    w = np.asarray(state.params[mt.WEIGHTING_KEY]["weights"])
-    assert w.sum() == np.float32(3.0) or abs(w.sum() - 3.0) < 1e-5  # GradNorm renormalised
-
-
 def _shuffled_graph(leaky: bool):
     """Molecule edges shuffled: molecules say nothing about the food, only label edges do.
 

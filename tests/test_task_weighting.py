@@ -25,7 +25,7 @@ def toy_losses(theta):
 
 
 def test_uncertainty_weighting_downweights_the_large_task_and_removes_the_scale():
-    cfg = tw.WeightingConfig(method="uncertainty", static_weights={})
+    cfg = tw.WeightingConfig(method="uncertainty", static_weights={}, log_variance_bounds=(-10.0, 10.0))
     wparams, _ = tw.init_weighting(cfg, TASKS2)
     params = {"theta": jnp.zeros(4), "w": wparams}
     opt = optax.adam(0.05)

@@ -163,11 +163,15 @@ class GatedAttentionPool(nn.Module):
         """
         x = intensities.astype(jnp.float32)
         num_attr = x.shape[-1]
-        h_mol = nn.Dense(self.pool_dim, name="instance")(molecule_embeddings.astype(jnp.float32))  # [M, P]
+        # Parameters the output cannot depend on are left out (a bias before the standardisation,
+        # a shift of softmax logits): their gradient is pure rounding noise, which Adam would turn
+        # into full-size random steps.
+        h_mol = nn.Dense(self.pool_dim, use_bias=not self.standardise, name="instance")(
+            molecule_embeddings.astype(jnp.float32))                                                # [M, P]
         w_x = self.param("instance_intensity", nn.initializers.lecun_normal(), (num_attr, self.pool_dim))
         gated = (jnp.tanh(nn.Dense(self.attention_dim, name="attention_v")(h_mol))
                  * nn.sigmoid(nn.Dense(self.attention_dim, name="attention_u")(h_mol)))
-        mol_logit = nn.Dense(1, name="attention_w")(gated)[:, 0]                                  # [M]
+        mol_logit = nn.Dense(1, use_bias=False, name="attention_w")(gated)[:, 0]                  # [M]
         logits = mol_logit[receivers]
         if num_attr:
             slope = nn.Dense(num_attr, use_bias=False, name="attention_intensity")(h_mol)          # [M, A]

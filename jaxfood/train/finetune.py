@@ -46,12 +46,11 @@ CHECKPOINT_KIND = "finetune"
 
 
 def default_encoder_config() -> EncoderConfig:
-    """Inductive for samples (one shared input vector), as the GraphCL default."""
-    return EncoderConfig(
-        hidden_dim=64, num_heads=4, num_layers=2, embedding_dim=64, dropout=0.1, aggr="sum",
-        input_modes={schema.SAMPLE: "shared", schema.MOLECULE: "both", schema.FOOD: "both",
-                     schema.NUTRIENT: "embedding"},
-    )
+    """The GraphCL default (:func:`jaxfood.train.pretrain.default_encoder_config`): training from
+    scratch and from a pretrained checkpoint then compare the same architecture."""
+    from jaxfood.train.pretrain import default_encoder_config as pretrain_default
+
+    return pretrain_default()
 
 
 def default_selection() -> dict[str, float]:
@@ -149,21 +148,25 @@ def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
     from jaxfood.eval.metrics import biomarkers_from_pairs
 
     ds = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
-    return biomarkers_from_pairs(ds.biomarkers)
+    return _as_reference(biomarkers_from_pairs(ds.biomarkers))
 
 
 def _as_reference(biomarkers) -> dict[str, set[str]] | None:
+    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
+    the same order wherever the reference comes from keeps the metrics bit-identical)."""
     if biomarkers is None:
         return None
     if isinstance(biomarkers, (str, Path)):
         from jaxfood.eval.metrics import read_biomarkers
 
-        return read_biomarkers(biomarkers)
-    if isinstance(biomarkers, Mapping):
-        return {str(k): {str(m) for m in v} for k, v in biomarkers.items()}
-    from jaxfood.eval.metrics import biomarkers_from_pairs
+        reference = read_biomarkers(biomarkers)
+    elif isinstance(biomarkers, Mapping):
+        reference = biomarkers
+    else:
+        from jaxfood.eval.metrics import biomarkers_from_pairs
 
-    return biomarkers_from_pairs(biomarkers)
+        reference = biomarkers_from_pairs(biomarkers)
+    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -519,7 +522,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=Non
     if biomarkers is not None:
         reference = _as_reference(biomarkers)
     elif loaded.meta.get("biomarkers") is not None:
-        reference = {f: set(m) for f, m in loaded.meta["biomarkers"].items()}
+        reference = _as_reference(loaded.meta["biomarkers"])
     else:
         reference = None
     evaluator = Evaluator(loaded.model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers)

@@ -73,7 +73,7 @@ class LossConfig:
     salient_sparsity: Literal["topk_mass", "entropy"] = "topk_mass"
     salient_sparsity_weight: float = 0.5
     salient_warmup_steps: int = 0
-    sufficiency_trains: Literal["scores", "heads"] = "scores"
+    sufficiency_trains: Literal["scores", "heads"] = "heads"
 
 
 @flax.struct.dataclass

@@ -28,7 +28,10 @@ class GroupConfig:
     """Optimisation of one parameter group.
 
     ``schedule``: constant | cosine | warmup_cosine | linear (decay to ``end_factor`` x the learning
-    rate over the run; ``warmup_steps`` of linear warm-up first where used).
+    rate over the run; ``warmup_steps`` of linear warm-up first where used). ``eps``: Adam's
+    epsilon; gradients far below it move a parameter by much less than the learning rate (Adam
+    otherwise turns the rounding noise of gradients that are 0 in theory -- e.g. attention over
+    identical messages -- into full-size steps, which makes runs differ across program layouts).
     """
 
     learning_rate: float = 3e-3
@@ -37,6 +40,7 @@ class GroupConfig:
     end_factor: float = 0.1
     weight_decay: float = 1e-4
     clip_norm: float = 1.0
+    eps: float = 1e-6
 
 
 def _group(lr: float, wd: float = 1e-4, schedule: str = "constant") -> Callable[[], GroupConfig]:
@@ -105,7 +109,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         parts = []
         if group.clip_norm and group.clip_norm > 0:
             parts.append(optax.clip_by_global_norm(group.clip_norm))
-        parts.append(optax.adamw(schedules[name], weight_decay=group.weight_decay))
+        parts.append(optax.adamw(schedules[name], eps=group.eps, weight_decay=group.weight_decay))
         transforms[name] = optax.chain(*parts)
     tx: optax.GradientTransformation = optax.multi_transform(transforms, param_labels)
     if cfg.accumulation_steps > 1:
