@@ -37,14 +37,16 @@ TASK_KINDS: dict[str, str] = {"food_classification": "classification", "nutritio
 class WeightingConfig:
     """How task losses are combined.
 
-    ``method``: static | uncertainty | gradnorm. ``static_weights``: task -> weight (static; also
+    ``method``: static | uncertainty | gradnorm (static by default: on the embedded data it gave the
+    best food classification in 150 steps; uncertainty weighting settles the cross-entropy at a
+    weight of ~0.25, GradNorm drives the nutrition weight towards 0). ``static_weights``: task -> weight (static; also
     the starting weights of gradnorm, renormalised). ``gradnorm_alpha``: restoring-force strength.
     ``initial_log_variance``: start value of the uncertainty log-variances;
     ``log_variance_bounds``: they are clipped to this range -- a loss that can reach ~0 (the
     sufficiency KL) would otherwise drive its weight ``exp(-s)`` without bound.
     """
 
-    method: Literal["static", "uncertainty", "gradnorm"] = "uncertainty"
+    method: Literal["static", "uncertainty", "gradnorm"] = "static"
     static_weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"food_classification": 1.0, "nutrition": 1.0, "salient_molecules": 1.0})
     gradnorm_alpha: float = 1.5
