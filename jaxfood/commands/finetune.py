@@ -79,8 +79,9 @@ def load_graph_arg(graph_dir: str | None):
         return build_default_graph(seed=0)
 
 
-def print_summary(metrics: dict, out=sys.stdout) -> None:
-    """A short table of the headline metrics."""
+def print_summary(metrics: dict, out=None) -> None:
+    """A short table of the headline metrics (to ``out``, default: the current ``sys.stdout``)."""
+    out = out if out is not None else sys.stdout
     fc, nu, sm = metrics["food_classification"], metrics["nutrition"], metrics["salient_molecules"]
     k = sm.get("k", 10)
     rows = [
