@@ -6,7 +6,15 @@ from conftest import make_toy_graph
 
 from jaxfood.errors import GraphError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import EdgeSet, load_graph, save_graph, summary, validate
+from jaxfood.graph.hetero_graph import (
+    EdgeSet,
+    align_reverse_edges,
+    load_graph,
+    mirror_permutation,
+    save_graph,
+    summary,
+    validate,
+)
 from jaxfood.graph.splits import restrict_label_edges, samples_reaching_own_food, stratified_split
 
 
@@ -92,3 +100,45 @@ def test_no_held_out_sample_reaches_its_food(toy_graph):
     leaky = restrict_label_edges(toy_graph.replace(sample_split=np.zeros_like(toy_graph.sample_split)))
     leaky = leaky.replace(sample_split=toy_graph.sample_split)
     assert samples_reaching_own_food(leaky).size == int((np.asarray(toy_graph.sample_split) != 0).sum())
+
+
+def test_mirror_permutation_pairs_shuffled_and_parallel_edges():
+    # Forward edges with a parallel pair (0->1 twice, different attributes); the reverse is shuffled.
+    fwd = EdgeSet(senders=np.array([0, 0, 2, 1]), receivers=np.array([1, 1, 0, 2]),
+                  attributes=np.array([[1.0], [2.0], [3.0], [4.0]], np.float32))
+    order = np.array([3, 1, 0, 2])
+    rev = EdgeSet(senders=fwd.receivers[order], receivers=fwd.senders[order], attributes=fwd.attributes[order])
+    perm = mirror_permutation("A|r|B", fwd, rev)
+    np.testing.assert_array_equal(rev.senders[perm], fwd.receivers)
+    np.testing.assert_array_equal(rev.receivers[perm], fwd.senders)
+    np.testing.assert_array_equal(rev.attributes[perm], fwd.attributes)  # the parallel pair is not swapped
+
+
+def test_mirror_permutation_rejects_a_non_mirror():
+    fwd = EdgeSet(senders=np.array([0, 1]), receivers=np.array([1, 2]), attributes=np.zeros((2, 0), np.float32))
+    rev = EdgeSet(senders=np.array([1, 0]), receivers=np.array([0, 1]), attributes=np.zeros((2, 0), np.float32))
+    with pytest.raises(GraphError, match="not relation 'A|r|B' reversed"):
+        mirror_permutation("A|r|B", fwd, rev)
+    with pytest.raises(GraphError, match="has 1 edges"):
+        mirror_permutation("A|r|B", fwd, EdgeSet(rev.senders[:1], rev.receivers[:1], rev.attributes[:1]))
+
+
+def test_align_reverse_edges_keeps_the_encoder_output(toy_graph):
+    from jaxfood.models.encoder import EncoderConfig, make_encoder
+
+    rkey = schema.reverse_key(schema.CONTAINS)
+    rev = toy_graph.edges[rkey]
+    order = np.random.default_rng(0).permutation(np.asarray(rev.senders).size)
+    edges = dict(toy_graph.edges)
+    edges[rkey] = EdgeSet(np.asarray(rev.senders)[order], np.asarray(rev.receivers)[order],
+                          np.asarray(rev.attributes)[order])
+    shuffled = toy_graph.replace(edges=edges)
+    aligned = align_reverse_edges(shuffled)
+    fwd = aligned.edges[schema.CONTAINS]
+    np.testing.assert_array_equal(np.asarray(aligned.edges[rkey].senders), np.asarray(fwd.receivers))
+    np.testing.assert_array_equal(np.asarray(aligned.edges[rkey].receivers), np.asarray(fwd.senders))
+    encoder = make_encoder(toy_graph, EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8))
+    params = encoder.init(jax.random.key(0), shuffled)
+    a, b = encoder.apply(params, shuffled), encoder.apply(params, aligned)
+    for t in a:
+        np.testing.assert_allclose(np.asarray(a[t]), np.asarray(b[t]), atol=1e-5)

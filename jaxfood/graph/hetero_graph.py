@@ -166,6 +166,55 @@ def with_reverse_edges(edges: Mapping[str, EdgeSet]) -> dict[str, EdgeSet]:
     return out
 
 
+def mirror_permutation(key: str, fwd: EdgeSet, rev: EdgeSet) -> np.ndarray:
+    """[E] index, in the reverse relation ``rev``, of the mirror of each edge of ``fwd`` (relation ``key``).
+
+    Pairs edges by (source, destination, attributes), so parallel edges with different attributes
+    pair up as well. The identity when ``rev`` already lists the mirrors in the forward order (as
+    :func:`with_reverse_edges` builds them). Raises :class:`GraphError` if ``rev`` is not ``fwd`` reversed.
+    """
+    fs, fr = np.asarray(fwd.senders), np.asarray(fwd.receivers)
+    rs, rr = np.asarray(rev.senders), np.asarray(rev.receivers)
+    rkey = schema.reverse_key(key)
+    if fs.shape == rr.shape and np.array_equal(fs, rr) and np.array_equal(fr, rs):
+        return np.arange(fs.size, dtype=np.int64)
+    if fs.shape != rs.shape:
+        raise GraphError(f"relation '{rkey}' has {rs.size} edges but '{key}' has {fs.size}; "
+                         "expected the same edges reversed")
+    fa = np.asarray(fwd.attributes).reshape(fs.size, -1)
+    ra = np.asarray(rev.attributes).reshape(rs.size, -1)
+    f_order = np.lexsort((*fa.T[::-1], fr, fs)) if fa.shape[1] == ra.shape[1] else None
+    r_order = np.lexsort((*ra.T[::-1], rs, rr)) if f_order is not None else None
+    if f_order is None or not (np.array_equal(fs[f_order], rr[r_order]) and np.array_equal(fr[f_order], rs[r_order])):
+        raise GraphError(f"relation '{rkey}' is not relation '{key}' reversed (edge sets differ)")
+    perm = np.empty(fs.size, np.int64)
+    perm[f_order] = r_order  # reverse edge paired with forward edge i
+    return perm
+
+
+def align_reverse_edges(graph: HeteroGraph, keys=None) -> HeteroGraph:
+    """Reorders each reverse relation (of the forward relations ``keys``, default all) so that
+    reverse edge ``i`` is the mirror of forward edge ``i``.
+
+    Message passing sums over edges, so the order changes nothing but floating-point rounding;
+    afterwards one ``[E]`` mask serves both directions (edge dropping, removing a sample's
+    molecules). Raises :class:`GraphError` if a reverse relation is not its forward one reversed.
+    """
+    edges = dict(graph.edges)
+    keys = [k for k in graph.edges if not schema.is_reverse(k)] if keys is None else list(keys)
+    for key in keys:
+        rkey = schema.reverse_key(key)
+        if key not in graph.edges or rkey not in graph.edges:
+            continue
+        rev = graph.edges[rkey]
+        perm = mirror_permutation(key, graph.edges[key], rev)
+        if np.array_equal(perm, np.arange(perm.size)):
+            continue
+        edges[rkey] = EdgeSet(senders=np.asarray(rev.senders)[perm], receivers=np.asarray(rev.receivers)[perm],
+                              attributes=np.asarray(rev.attributes)[perm])
+    return graph.replace(edges=edges)
+
+
 def make_edge_set(senders, receivers, attributes=None) -> EdgeSet:
     senders = np.asarray(senders, dtype=np.int32).reshape(-1)
     receivers = np.asarray(receivers, dtype=np.int32).reshape(-1)

@@ -39,9 +39,9 @@ from typing import Any
 import flax.struct
 import numpy as np
 
-from jaxfood.errors import ConfigError, GraphError
+from jaxfood.errors import ConfigError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import EdgeSet, GraphMeta, HeteroGraph
+from jaxfood.graph.hetero_graph import EdgeSet, GraphMeta, HeteroGraph, mirror_permutation
 
 Array = Any
 
@@ -286,7 +286,7 @@ class NeighbourSampler:
                      for k in self.relations if not self._is_full_relation(k)}
         # Edge id in relation `rev(k)` of each edge of relation `k` (identity for graphs built with
         # `with_reverse_edges`; found by matching (src, dst) pairs otherwise).
-        self._mirror = {k: _mirror_ids(k, graph.edges[k], graph.edges[schema.reverse_key(k)])
+        self._mirror = {k: mirror_permutation(k, graph.edges[k], graph.edges[schema.reverse_key(k)])
                         for k in self.relations if schema.reverse_key(k) in graph.edges}
         if seed_pool is None:
             seed_pool = np.nonzero((np.asarray(graph.sample_split) == 0) & (np.asarray(graph.sample_food) >= 0))[0]
@@ -481,25 +481,6 @@ def padding_edge_masks(graph: HeteroGraph) -> dict[str, Array]:
         if mask is not None:
             masks[key] = mask
     return masks
-
-
-def _mirror_ids(key: str, fwd: EdgeSet, rev: EdgeSet) -> np.ndarray:
-    """[E] id in ``rev`` of the reversed edge of each edge of ``fwd``."""
-    fs, fr = np.asarray(fwd.senders), np.asarray(fwd.receivers)
-    rs, rr = np.asarray(rev.senders), np.asarray(rev.receivers)
-    if fs.shape == rr.shape and np.array_equal(fs, rr) and np.array_equal(fr, rs):
-        return np.arange(fs.size)
-    if fs.size != rs.size:
-        raise GraphError(f"relation '{key}': its reverse has {rs.size} edges, expected {fs.size}")
-    scale = int(max(fr.max(initial=0), rs.max(initial=0))) + 1
-    f_key = fs.astype(np.int64) * scale + fr
-    r_key = rr.astype(np.int64) * scale + rs
-    f_order, r_order = np.argsort(f_key, kind="stable"), np.argsort(r_key, kind="stable")
-    if not np.array_equal(f_key[f_order], r_key[r_order]):
-        raise GraphError(f"relation '{key}': its reverse does not hold the same edges reversed")
-    out = np.empty(fs.size, np.int64)
-    out[f_order] = r_order
-    return out
 
 
 def stack_subgraphs(subgraphs: Sequence[SampledSubgraph]) -> SampledSubgraph:

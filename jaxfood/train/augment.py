@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfood.errors import ConfigError, GraphError
-from jaxfood.graph import schema
+from jaxfood.errors import ConfigError
+from jaxfood.graph import hetero_graph, schema
 from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph, make_edge_set
 
 Array = Any
@@ -121,37 +121,9 @@ def _rates(mapping: Mapping[str, float], graph: HeteroGraph) -> dict[str, float]
 
 # ---- once per run, outside jit ------------------------------------------------------------------
 def align_reverse_edges(graph: HeteroGraph) -> HeteroGraph:
-    """Reorders each reverse relation so that reverse edge ``i`` is forward edge ``i`` reversed.
-
-    Message passing is a sum over edges, so the order changes nothing but floating-point rounding;
-    afterwards one ``[E]`` mask serves both directions. Raises :class:`GraphError` if a reverse
-    relation is not the forward relation reversed.
-    """
-    edges = dict(graph.edges)
-    for key, fwd in graph.edges.items():
-        if schema.is_reverse(key):
-            continue
-        rkey = schema.reverse_key(key)
-        rev = graph.edges.get(rkey)
-        if rev is None:
-            continue
-        fs, fr = np.asarray(fwd.senders), np.asarray(fwd.receivers)
-        rs, rr = np.asarray(rev.senders), np.asarray(rev.receivers)
-        if np.array_equal(fs, rr) and np.array_equal(fr, rs):
-            continue
-        if rs.shape != fs.shape:
-            raise GraphError(f"relation '{rkey}': {rs.size} edges, but '{key}' has {fs.size}; "
-                             "expected the same edges reversed")
-        # Sort both by (source, destination, attributes) of the forward direction and pair them up.
-        fa, ra = np.asarray(fwd.attributes), np.asarray(rev.attributes)
-        f_order = np.lexsort((*fa.T[::-1], fr, fs))
-        r_order = np.lexsort((*ra.T[::-1], rs, rr))
-        if not (np.array_equal(fs[f_order], rr[r_order]) and np.array_equal(fr[f_order], rs[r_order])):
-            raise GraphError(f"relation '{rkey}' is not relation '{key}' reversed")
-        perm = np.empty_like(r_order)
-        perm[f_order] = r_order  # reverse edge paired with forward edge i
-        edges[rkey] = EdgeSet(senders=rs[perm], receivers=rr[perm], attributes=ra[perm])
-    return graph.replace(edges=edges)
+    """Every reverse relation listed in its forward relation's order (one ``[E]`` mask serves both
+    directions); see :func:`jaxfood.graph.hetero_graph.align_reverse_edges`."""
+    return hetero_graph.align_reverse_edges(graph)
 
 
 def num_candidate_edges(graph: HeteroGraph) -> dict[str, int]:

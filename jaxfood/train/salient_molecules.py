@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfood.errors import GraphError
-from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph
+from jaxfood.graph import hetero_graph, schema
+from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.models.heads import (  # noqa: F401 (re-exported: the salient-molecule toolbox)
     restricted_softmax,
     segment_softmax,
@@ -45,30 +44,9 @@ REV_CONTAINS = schema.reverse_key(schema.CONTAINS)
 
 # ---- edge bookkeeping --------------------------------------------------------------------------
 def align_reverse_edges(graph: HeteroGraph, key: str = schema.CONTAINS) -> HeteroGraph:
-    """Reorders the edges of ``reverse_key(key)`` so that reverse edge ``e`` is forward edge ``e``.
-
-    The encoder's output does not depend on edge order; masks over one direction can then be
-    used for the other. Raises :class:`GraphError` if the reverse relation is not the exact mirror.
-    """
-    rkey = schema.reverse_key(key)
-    fwd, rev = graph.edges[key], graph.edges[rkey]
-    fs, fr = np.asarray(fwd.senders), np.asarray(fwd.receivers)
-    rs, rr = np.asarray(rev.senders), np.asarray(rev.receivers)
-    if fs.shape == rr.shape and np.array_equal(fs, rr) and np.array_equal(fr, rs):
-        return graph
-    if fs.shape != rs.shape:
-        raise GraphError(f"relation '{rkey}' has {rs.size} edges but '{key}' has {fs.size}; expected a mirror")
-    width = int(max(fr.max(initial=0), rs.max(initial=0))) + 1
-    fwd_code = fs.astype(np.int64) * width + fr
-    rev_code = rr.astype(np.int64) * width + rs
-    order_f, order_r = np.argsort(fwd_code, kind="stable"), np.argsort(rev_code, kind="stable")
-    if not np.array_equal(fwd_code[order_f], rev_code[order_r]):
-        raise GraphError(f"relation '{rkey}' is not the mirror of '{key}' (edge sets differ)")
-    perm = np.empty_like(order_f)
-    perm[order_f] = order_r  # reverse edge matching forward edge e
-    edges = dict(graph.edges)
-    edges[rkey] = EdgeSet(senders=rs[perm], receivers=rr[perm], attributes=np.asarray(rev.attributes)[perm])
-    return graph.replace(edges=edges)
+    """Reverse edge ``e`` of ``key`` becomes the mirror of forward edge ``e`` (see
+    :func:`jaxfood.graph.hetero_graph.align_reverse_edges`); one mask then serves both directions."""
+    return hetero_graph.align_reverse_edges(graph, (key,))
 
 
 def contains_edge_masks(keep) -> dict[str, Any]:
