@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,8 +45,15 @@ from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.graph.sampling import SamplerConfig
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig
+from jaxfood.train.finetune import FinetuneResult
 from jaxfood.train.multitask import LossConfig
 from jaxfood.train.optimizer import OptimizerConfig
+from jaxfood.train.parallel_options import (  # noqa: F401  (re-exported)
+    DataParallelOptions,
+    add_data_parallel_arguments,
+    add_distributed_arguments,
+    options_from_args,
+)
 from jaxfood.train.task_weighting import WeightingConfig
 
 #: Axis names of the data-parallel step: devices of all processes (pmap), subgraphs per device (vmap).
@@ -57,35 +65,6 @@ PyTree = Any
 
 
 # ---- processes -----------------------------------------------------------------------------------
-def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--coordinator HOST:PORT --num-processes N --process-id I`` (multi-host jobs).
-
-    Defaults come from ``JAXFOOD_COORDINATOR``, ``JAXFOOD_NUM_PROCESSES`` and
-    ``JAXFOOD_PROCESS_ID``; with none of them a job runs as one process (or, on a TPU pod slice,
-    discovers its peers itself). Pass the parsed args to :func:`init_from_args`.
-    """
-    group = parser.add_argument_group(
-        "multi-host", "Run one process per host; all processes get the same coordinator address. "
-                      "On a TPU pod slice leave these out: the processes find each other.")
-    group.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("JAXFOOD_COORDINATOR"),
-                       help="address of process 0's coordination service")
-    group.add_argument("--num-processes", metavar="N", type=int,
-                       default=_env_int("JAXFOOD_NUM_PROCESSES"), help="number of processes in the job")
-    group.add_argument("--process-id", metavar="I", type=int, default=_env_int("JAXFOOD_PROCESS_ID"),
-                       help="index of this process, 0 .. N-1 (0 writes logs and reports)")
-    return parser
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name} = {value!r}: expected an integer") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class DistributedInfo:
     """Where this process stands in the job."""
@@ -631,7 +610,8 @@ def global_mean(x: jax.Array, axis_name=DATA_AXES) -> jax.Array:
 __all__ = [
     "DATA_AXES", "DEVICE_AXIS", "SUBGRAPH_AXIS", "Checkpointer", "DistributedInfo", "FitResult", "ParallelStep",
     "PreemptionGuard", "ShardLayout", "add_distributed_arguments", "aggregate_metrics", "data_parallel",
-    "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
+    "DataParallelOptions", "DataParallelFinetuneResult", "add_data_parallel_arguments", "options_from_args",
+    "finetune_job", "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
     "local_batch", "replicate", "shard_rng", "stack_trees", "unreplicate",
 ]
 
@@ -799,3 +779,142 @@ def finetune_data_parallel(graph, cfg: DataParallelConfig, workdir: str | os.Pat
         write_json(os.path.join(workdir, "report.json"), report)
     report["state"] = result.state
     return report
+
+
+# ---- the training commands' data-parallel path ---------------------------------------------------
+def _noop(_msg: str) -> None:
+    return None
+
+
+def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParallelOptions = DataParallelOptions(),
+                 pretrained=None, biomarkers=None, progress: bool = True, log=None):
+    """``jaxfood finetune`` on every device of every process: :func:`jaxfood.train.finetune.finetune`'s
+    outputs, trained by the data-parallel step of this module.
+
+    Every process calls it with the same arguments. ``cfg`` is a
+    :class:`~jaxfood.train.finetune.FinetuneConfig`; its ``steps`` are data-parallel steps of
+    ``num_shards`` shards (full-graph replicas, or sampled subgraphs with ``options.sampled``).
+    There is no early stopping (every process must reach the same save points): the checkpoint is
+    that of the last step, scored on the test split like the single-device run's kept checkpoint.
+
+    Writes, process 0 only: ``config.yaml``, ``metrics.json`` (keys of the single-device run),
+    ``history.json``, ``tb/``, ``figures/``. All processes write ``checkpoints/`` (orbax, kind
+    ``finetune``: ``jaxfood evaluate`` reads it), every ``options.checkpoint_every`` steps, at the
+    end and on SIGTERM; rerunning with the same workdir resumes. Returns a
+    :class:`DataParallelFinetuneResult` (metrics and figures empty on the other processes and when
+    preempted).
+    """
+    from jaxfood.config import dump_config
+    from jaxfood.graph.sampling import NeighbourSampler
+    from jaxfood.io_utils import write_json, write_text
+    from jaxfood.models.heads import make_multitask_model
+    from jaxfood.train import finetune as ft
+    from jaxfood.train import multitask as mt
+    from jaxfood.train.finetune_monitoring import FinetuneMonitor
+    from jaxfood.train.optimizer import learning_rates, make_optimizer
+
+    start = time.perf_counter()
+    log = log or _noop
+    primary = is_primary()
+    cfg = ft.check_config(cfg)
+    workdir = os.fspath(workdir)
+    reference = ft._as_reference(biomarkers) if biomarkers is not None else ft.default_biomarkers(graph)
+    if pretrained is not None:
+        enc_cfg, enc_params, _ = ft._load_pretrained(pretrained, cfg)
+        log(f"encoder from {pretrained}")
+    else:
+        enc_cfg, enc_params = cfg.encoder, None
+    cfg = dataclasses.replace(cfg, encoder=enc_cfg)
+    if primary:
+        os.makedirs(workdir, exist_ok=True)
+        write_text(os.path.join(workdir, "config.yaml"), dump_config(cfg))
+
+    full = ft.prepare_graph(graph).to_numpy()
+    base = make_multitask_model(full, enc_cfg, cfg.heads)
+    model = padding_aware_model(base)
+    layout = ShardLayout.current(options.per_device, options.local_devices)
+    if options.sampled:
+        sampler = NeighbourSampler(full, SamplerConfig(batch_size=options.batch_size, num_hops=enc_cfg.num_layers,
+                                                       seed=cfg.seed))
+        make_shard, example = sampler.batch, sampler.batch(0).graph
+
+        def count_edges(batch):
+            return int(sum(np.asarray(m).sum() for m in batch.edge_masks.values()))
+    else:
+        full_edges = sum(e.num_edges for e in full.edges.values())
+
+        def make_shard(step, shard):
+            return full
+
+        def count_edges(batch):
+            return full_edges * layout.local_shards
+
+        example = full
+    accumulation = cfg.optimizer.accumulation_steps
+    tx, schedules = make_optimizer(cfg.optimizer, -(-cfg.steps // accumulation))
+    state = mt.init_train_state(model, cfg.weighting, tx, jax.random.PRNGKey(cfg.seed), example)
+    if enc_params is not None:
+        ft._check_encoder_params(enc_params, state.params["encoder"], pretrained)
+        params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
+        state = state.replace(params=params, opt_state=tx.init(params))
+    state = jax.tree_util.tree_map(np.asarray, train_state_to_dict(state))
+    step = data_parallel(multitask_step_fn(base, cfg.loss, cfg.weighting, tx,
+                                           task_gradient_scope=cfg.task_gradient_scope), layout, seed=cfg.seed)
+    spread = {"num_shards": layout.num_shards, "per_device": layout.per_device, "sampled": options.sampled,
+              "batch_size": options.batch_size if options.sampled else None,
+              "process_count": jax.process_count(), "device_count": jax.device_count()}
+    meta = ft.checkpoint_meta(cfg, enc_cfg, graph, reference, pretrained,
+                              {"best_step": cfg.steps, "data_parallel": spread})
+
+    def lr_at(done: int) -> dict[str, float]:
+        return {g: float(v) for g, v in learning_rates(schedules, (done - 1) // accumulation).items()}
+
+    monitor = (FinetuneMonitor(os.path.join(workdir, "tb") if cfg.tensorboard else None, lr_at, cfg.steps, progress)
+               if primary else None)
+
+    def on_log(done: int, metrics: dict[str, float]) -> None:
+        # Metrics are averaged over all processes: every process sees a divergence and stops.
+        if not np.isfinite(metrics.get("loss/total", 0.0)):
+            raise FloatingPointError(f"fine-tuning diverged at step {done} (total loss {metrics['loss/total']})")
+        if monitor is not None:
+            monitor.train(done, {k: v for k, v in metrics.items() if k != "step"})
+
+    figures: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    try:
+        result = fit(step, state, make_shard, cfg.steps, os.path.join(workdir, "checkpoints"),
+                     options.checkpoint_every, meta, 1, on_log, count_edges, progress=False, max_to_keep=1)
+        if monitor is not None and not result.preempted:
+            # The kept checkpoint is the last step's: score it as the single-device run scores its best.
+            evaluator = ft.Evaluator(base, jax.device_put(full), cfg.salient_k, cfg.knn_k, cfg.salient_scorer,
+                                     cfg.scorers)
+            params = result.state["params"]
+            val = evaluator.evaluate(params, "val", salient=False)
+            monitor.validation(result.end_step, val, ft.selection_score(val, cfg.selection))
+            metrics = evaluator.evaluate(params, "test", reference)
+            metrics["task_weights"] = ft.task_weight_summary(cfg.weighting, params)
+            metrics["best_step"] = result.end_step
+            write_json(os.path.join(workdir, "metrics.json"), metrics)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    if monitor is not None and not result.preempted:
+        write_json(os.path.join(workdir, "history.json"), monitor.history)
+        if cfg.figures:
+            figures = {p.stem: p for p in monitor.figures(os.path.join(workdir, "figures"))}
+    return DataParallelFinetuneResult(
+        params=result.state["params"], history=monitor.history if monitor is not None else {"train": [], "val": []},
+        metrics=metrics, best_step=result.end_step, checkpoint_dir=Path(workdir) / "checkpoints",
+        runtime_s=time.perf_counter() - start, num_step_compilations=step.compile_count(), config=cfg,
+        encoder_config=enc_cfg, figures=figures, preempted=result.preempted, start_step=result.start_step,
+        edges_per_second=result.edges_per_second, spread=spread)
+
+
+@dataclasses.dataclass
+class DataParallelFinetuneResult(FinetuneResult):
+    """:class:`~jaxfood.train.finetune.FinetuneResult` plus how the data-parallel run went."""
+
+    preempted: bool = False
+    start_step: int = 0
+    edges_per_second: float = 0.0
+    spread: dict = dataclasses.field(default_factory=dict)
