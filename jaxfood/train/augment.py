@@ -326,3 +326,105 @@ def _or_both_directions(masks, key, on):
         if k in masks:
             masks[k] = masks[k] | on
     return masks
+
+
+# ---- sampled subgraphs: a candidate pool per subgraph, outside jit ----------------------------------
+def subgraph_candidate_counts(cfg: AugmentConfig, sampler) -> dict[str, int]:
+    """``{forward relation key: K}`` candidate edges appended to every subgraph of ``sampler``.
+
+    ``K = ceil(candidate_pool_factor * rate * edge_budget)``: static, so every subgraph has the
+    same shapes. A relation between two full node types (copied whole into every subgraph) gets at
+    most as many candidates as it has free pairs. Forward and reverse relations must have the same
+    edge budget (one mask serves both directions).
+    """
+    graph = sampler.graph
+    counts = {}
+    for key in _augmented_relations(cfg, graph):
+        rkey = schema.reverse_key(key)
+        if rkey in sampler.edge_budget and sampler.edge_budget[rkey] != sampler.edge_budget[key]:
+            raise ConfigError(f"sampler.edge_budget: '{key}' ({sampler.edge_budget[key]}) and '{rkey}' "
+                              f"({sampler.edge_budget[rkey]}) must be equal for GraphCL augmentations")
+    for key, rate in _rates(cfg.edge_add, graph).items():
+        k = int(math.ceil(cfg.candidate_pool_factor * rate * sampler.edge_budget[key]))
+        src_t, _, dst_t = schema.split_key(key)
+        if src_t in sampler.full_types and dst_t in sampler.full_types:
+            k = min(k, graph.num_nodes[src_t] * graph.num_nodes[dst_t] - graph.edges[key].num_edges)
+        if k > 0:
+            counts[key] = k
+    return counts
+
+
+def _augmented_relations(cfg: AugmentConfig, graph: HeteroGraph) -> set[str]:
+    keys = set()
+    for rates in (cfg.edge_drop, cfg.edge_add, cfg.edge_attr_mask):
+        keys.update(_rates(rates, graph))
+    return keys
+
+
+def add_candidate_edges(subgraph, counts: Mapping[str, int], rng: np.random.Generator, meta):
+    """``subgraph`` (a :class:`~jaxfood.graph.sampling.SampledSubgraph`) with ``counts[key]``
+    candidate edges appended to each relation and, in the same order, to its reverse.
+
+    The per-subgraph form of :func:`prepare_pretrain_graph`'s pool: a candidate joins a real
+    source node of the subgraph to a real destination node (drawn in proportion to its degree in
+    the subgraph) it is not joined to there, and copies the attribute row of a random edge of that
+    destination. Where the subgraph has too few free pairs, the rest are padding edges (they join
+    the padding nodes, which the encoder masks). ``meta`` is the subgraphs' shared static meta,
+    with ``extra[CANDIDATES_KEY] = counts`` (:func:`augment` reads it). Arrays only; deterministic
+    in ``rng``.
+    """
+    from jaxfood.graph.sampling import SampledSubgraph
+
+    sub = subgraph.graph
+    edges, edge_masks, edge_index = dict(sub.edges), dict(subgraph.edge_masks), dict(subgraph.edge_index)
+    padding = sub.meta.extra.get("padding_node", {})
+    for key, k in counts.items():
+        src_t, _, dst_t = schema.split_key(key)
+        e, real = sub.edges[key], np.asarray(subgraph.edge_masks[key])
+        s, r, a = np.asarray(e.senders)[real], np.asarray(e.receivers)[real], np.asarray(e.attributes)[real]
+        n_dst = sub.num_nodes[dst_t]
+        real_src = np.nonzero(np.asarray(subgraph.node_mask[src_t]))[0]
+        real_dst = np.nonzero(np.asarray(subgraph.node_mask[dst_t]))[0]
+        degree = np.bincount(r, minlength=n_dst)
+        weight = degree[real_dst].astype(np.float64)
+        weight = weight / weight.sum() if weight.sum() > 0 else None
+        existing = s.astype(np.int64) * n_dst + r
+        chosen = np.zeros(0, np.int64)
+        for _ in range(3):  # rejection rounds; a dense subgraph may leave the pool short
+            need = k - chosen.size
+            if need <= 0 or real_src.size == 0 or real_dst.size == 0:
+                break
+            m = 4 * need + 16
+            codes = rng.choice(real_src, m) * n_dst + rng.choice(real_dst, m, p=weight)
+            codes = codes[~np.isin(codes, existing) & ~np.isin(codes, chosen)]
+            _, first = np.unique(codes, return_index=True)
+            chosen = np.concatenate([chosen, codes[np.sort(first)][:need]])
+        cs, cr = (chosen // n_dst).astype(np.int32), (chosen % n_dst).astype(np.int32)
+        # Attribute row of a random real edge into the same destination.
+        order = np.argsort(r, kind="stable")
+        start = np.concatenate([[0], np.cumsum(degree)[:-1]])
+        pick = start[cr] + np.floor(rng.random(cr.size) * degree[cr]).astype(np.int64)
+        ca = (a[order[np.minimum(pick, max(order.size - 1, 0))]] if order.size
+              else np.zeros((cr.size, a.shape[1]), np.float32))
+        ca = np.where((degree[cr] > 0)[:, None], ca, 0.0)  # a destination without edges: zero attributes
+        short = k - cs.size
+        if short and (src_t not in padding or dst_t not in padding):
+            raise ConfigError(f"augment.edge_add: '{key}' has only {cs.size} free pairs in a subgraph, "
+                              f"{k} candidates needed (lower augment.candidate_pool_factor)")
+        cs = np.concatenate([cs, np.full(short, padding.get(src_t, 0), np.int32)])
+        cr = np.concatenate([cr, np.full(short, padding.get(dst_t, 0), np.int32)])
+        ca = np.concatenate([np.asarray(ca, np.float32).reshape(-1, a.shape[1]),
+                             np.zeros((short, a.shape[1]), np.float32)])
+        on = np.arange(k) < k - short
+        for rel, snd, rcv in ((key, cs, cr), (schema.reverse_key(key), cr, cs)):
+            if rel not in edges:
+                continue
+            old = edges[rel]
+            edges[rel] = EdgeSet(senders=np.concatenate([np.asarray(old.senders), snd]),
+                                 receivers=np.concatenate([np.asarray(old.receivers), rcv]),
+                                 attributes=np.concatenate([np.asarray(old.attributes), ca]))
+            edge_masks[rel] = np.concatenate([np.asarray(edge_masks[rel]), on])
+            edge_index[rel] = np.concatenate([np.asarray(edge_index[rel]), np.full(k, -1, np.int32)])
+    return SampledSubgraph(graph=sub.replace(edges=edges, meta=meta), node_index=subgraph.node_index,
+                           node_mask=subgraph.node_mask, edge_masks=edge_masks, edge_index=edge_index,
+                           seed_mask=subgraph.seed_mask)

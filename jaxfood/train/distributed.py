@@ -399,17 +399,22 @@ def train_state_to_dict(state) -> dict[str, Any]:
 
 
 def pretrain_step_fn(model, optimizer) -> StepFn:
-    """The GraphCL step of :mod:`jaxfood.train.pretrain` as ``step({"params", "opt_state"}, graph, rng)``.
+    """The GraphCL step of :mod:`jaxfood.train.pretrain` as ``step({"params", "opt_state"}, batch, rng)``.
 
-    Each shard contrasts its own pair of views (different ``rng``) of a full graph; gradients and
-    losses are averaged over :data:`DATA_AXES`.
+    ``batch``: the full pretraining graph (each shard contrasts its own pair of views, different
+    ``rng``) or a sampled subgraph of :class:`~jaxfood.train.pretrain.PretrainSampler` (each shard
+    contrasts views of its own subgraph). Gradients and losses are averaged over :data:`DATA_AXES`.
     """
     from jaxfood.train import pretrain
 
     step = pretrain.make_pretrain_step(model, optimizer, axis_name=DATA_AXES)
 
-    def run(state, graph, rng):
-        params, opt_state, metrics = step(state["params"], state["opt_state"], graph, rng)
+    def run(state, batch, rng):
+        if hasattr(batch, "node_mask") and hasattr(batch, "graph"):
+            graph, node_index, node_mask = batch.graph, batch.node_index, batch.node_mask
+        else:
+            graph, node_index, node_mask = batch, None, None
+        params, opt_state, metrics = step(state["params"], state["opt_state"], graph, rng, node_index, node_mask)
         return {"params": params, "opt_state": opt_state}, metrics
 
     return run
@@ -611,7 +616,7 @@ __all__ = [
     "DATA_AXES", "DEVICE_AXIS", "SUBGRAPH_AXIS", "Checkpointer", "DistributedInfo", "FitResult", "ParallelStep",
     "PreemptionGuard", "ShardLayout", "add_distributed_arguments", "aggregate_metrics", "data_parallel",
     "DataParallelOptions", "DataParallelFinetuneResult", "add_data_parallel_arguments", "options_from_args",
-    "finetune_job", "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
+    "finetune_job", "pretrain_job", "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
     "local_batch", "replicate", "shard_rng", "stack_trees", "unreplicate",
 ]
 
@@ -918,3 +923,96 @@ class DataParallelFinetuneResult(FinetuneResult):
     start_step: int = 0
     edges_per_second: float = 0.0
     spread: dict = dataclasses.field(default_factory=dict)
+
+
+def pretrain_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParallelOptions = DataParallelOptions(),
+                 progress: bool = True, log=None):
+    """``jaxfood pretrain`` on every device of every process: GraphCL with the data-parallel step.
+
+    ``cfg`` is a :class:`~jaxfood.train.pretrain.PretrainConfig`; the run has ``epochs x
+    steps_per_epoch`` steps of ``num_shards`` shards, each a pair of views of the full graph or,
+    with ``options.sampled``, of its own neighbour-sampled subgraph
+    (:class:`~jaxfood.train.pretrain.PretrainSampler`). No early stopping: the checkpoint is the
+    last step's. Process 0 writes ``tb/``, ``pretrain_history.json`` (``loss`` per epoch,
+    ``val_loss`` of the final parameters), ``pretrain_metrics.json`` and ``figures/`` (read-outs of
+    the full graph, as :func:`~jaxfood.train.pretrain.pretrain`); all processes write
+    ``checkpoints/`` (kind ``graphcl``), resumable. Returns ``(PretrainResult, FitResult)``.
+    """
+    from jaxfood.config import config_to_dict
+    from jaxfood.train import pretrain as pt
+
+    start = time.perf_counter()
+    log = log or _noop
+    primary = is_primary()
+    pt.check_pretrain_config(cfg, graph)
+    workdir = Path(workdir)
+    pre_graph = pt.prepare_pretrain_graph(graph, cfg.augment, seed=cfg.seed).to_numpy()
+    model = pt.make_model(pre_graph, cfg)
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+    optimizer, schedule = pt.make_optimizer(cfg, total_steps)
+    k_init, _, k_val = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    initial_params = jax.device_get(jax.jit(model.init)(k_init, pre_graph))
+    state = jax.tree_util.tree_map(np.asarray, {"params": initial_params,
+                                                "opt_state": jax.jit(optimizer.init)(initial_params)})
+    layout = ShardLayout.current(options.per_device, options.local_devices)
+    if options.sampled:
+        views = pt.PretrainSampler(graph, cfg, SamplerConfig(batch_size=options.batch_size, seed=cfg.seed))
+        make_shard = views.batch
+
+        def count_edges(batch):
+            return int(sum(np.asarray(m).sum() for m in batch.edge_masks.values()))
+    else:
+        full_edges = sum(e.num_edges for e in pre_graph.edges.values())
+
+        def make_shard(step, shard):
+            return pre_graph
+
+        def count_edges(batch):
+            return full_edges * layout.local_shards
+    step = data_parallel(pretrain_step_fn(model, optimizer), layout, seed=cfg.seed)
+    spread = {"num_shards": layout.num_shards, "per_device": layout.per_device, "sampled": options.sampled,
+              "batch_size": options.batch_size if options.sampled else None,
+              "process_count": jax.process_count(), "device_count": jax.device_count()}
+    meta = {"kind": "graphcl", "encoder_config": config_to_dict(cfg.encoder), "config": config_to_dict(cfg),
+            "epoch": cfg.epochs, "data_parallel": spread}
+    writer = None
+    if primary:
+        from tensorboardX import SummaryWriter
+
+        (workdir / "tb").mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(workdir / "tb"))
+
+    def on_log(done: int, metrics: dict[str, float]) -> None:
+        if not np.isfinite(metrics.get("loss", 0.0)):
+            raise FloatingPointError(f"pretraining diverged at step {done} (loss {metrics['loss']})")
+        if writer is not None:
+            for name, value in metrics.items():
+                if name != "step":
+                    writer.add_scalar(f"pretrain/{name}", value, done)
+            writer.add_scalar("pretrain/learning_rate", float(schedule(done - 1)), done)
+        if done % cfg.steps_per_epoch == 0:
+            log(f"epoch {done // cfg.steps_per_epoch}/{cfg.epochs}: loss {metrics.get('loss', float('nan')):.4f}")
+
+    try:
+        result = fit(step, state, make_shard, total_steps, workdir / "checkpoints", options.checkpoint_every, meta,
+                     1, on_log, count_edges, progress=progress, max_to_keep=1)
+    finally:
+        if writer is not None:
+            writer.flush()
+            writer.close()
+    losses = np.asarray([h["loss"] for h in result.history], np.float64)
+    epochs = -(-losses.size // cfg.steps_per_epoch)
+    history = {"loss": [float(losses[e * cfg.steps_per_epoch:(e + 1) * cfg.steps_per_epoch].mean())
+                        for e in range(epochs)], "val_loss": []}
+    metrics, figures = {}, {}
+    if primary and not result.preempted:
+        eval_fn = jax.jit(pt.make_eval_fn(model, jax.random.split(k_val, cfg.val_views)))
+        val, _ = jax.device_get(eval_fn(result.state["params"], pre_graph))
+        history["val_loss"] = [float(val["loss"])]
+        metrics, figures = pt.write_readouts(eval_fn, graph, pre_graph, cfg, workdir, result.state["params"],
+                                             initial_params, history)
+    pre = pt.PretrainResult(encoder_config=cfg.encoder, params=result.state["params"], history=history,
+                            metrics=metrics, best_epoch=epochs, checkpoint_dir=workdir / "checkpoints",
+                            num_step_compilations=step.compile_count(), runtime_s=time.perf_counter() - start,
+                            figures=figures)
+    return pre, dataclasses.replace(result, state=None)

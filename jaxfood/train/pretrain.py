@@ -34,13 +34,17 @@ from jaxfood.config import config_from_dict, config_to_dict
 from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.graph.sampling import NeighbourSampler, SampledSubgraph, SamplerConfig, padding_edge_masks
 from jaxfood.models.encoder import EncoderConfig, HeteroGATEncoder, make_encoder
 from jaxfood.train.augment import (
+    CANDIDATES_KEY,
     AugmentConfig,
+    add_candidate_edges,
     augment,
     base_edge_masks,
     check_config,
     prepare_pretrain_graph,
+    subgraph_candidate_counts,
 )
 
 Array = Any
@@ -222,27 +226,38 @@ class PretrainModel:
         proj = self.projection.init(k_proj, dummy)["params"]
         return {"encoder": enc, "projection": proj}
 
-    def encode_views(self, params, graph: HeteroGraph, rng: Array, deterministic: bool):
+    def encode_views(self, params, graph: HeteroGraph, rng: Array, deterministic: bool,
+                     node_index: Mapping[str, Array] | None = None):
         """Two augmented views, encoded: ``({type: [2, N, hidden]}, {type: [2, N] bool kept})``.
 
         The views are ``vmap``-ed over their rng, so the encoder is traced (and compiled) once for
-        both; each view draws its own augmentation and dropout.
+        both; each view draws its own augmentation and dropout. On a sampled subgraph
+        (:class:`PretrainSampler`), ``node_index`` [N] maps its nodes to rows of the per-id
+        embedding tables and its padding edges stay off in both views.
         """
+        padding = padding_edge_masks(graph)
 
         def one_view(key):
             k_aug, k_drop = jax.random.split(key)
             view, masks, nodes = augment(graph, k_aug, self.cfg.augment, return_node_masks=True)
-            emb = self.encoder.apply({"params": params["encoder"]}, view, edge_masks=masks,
+            masks = {k: (m & padding[k] if k in padding else m) for k, m in masks.items()}
+            emb = self.encoder.apply({"params": params["encoder"]}, view, edge_masks=masks, node_index=node_index,
                                      deterministic=deterministic, rngs={"dropout": k_drop})
             return emb, nodes
 
         return jax.vmap(one_view)(jax.random.split(rng, 2))
 
-    def view_losses(self, params, graph: HeteroGraph, rng: Array, deterministic: bool) -> dict[str, Array]:
-        """Per node type NT-Xent between two augmented views of ``graph`` (rng decides everything)."""
+    def view_losses(self, params, graph: HeteroGraph, rng: Array, deterministic: bool,
+                    node_index: Mapping[str, Array] | None = None,
+                    node_mask: Mapping[str, Array] | None = None) -> dict[str, Array]:
+        """Per node type NT-Xent between two augmented views of ``graph`` (rng decides everything).
+
+        ``node_index``, ``node_mask`` ({type: [N] bool}, False for padding): those of a sampled
+        subgraph; padding nodes are never contrasted.
+        """
         cfg = self.cfg
         k_views, k_batch = jax.random.split(rng)
-        emb, nodes = self.encode_views(params, graph, k_views, deterministic)
+        emb, nodes = self.encode_views(params, graph, k_views, deterministic, node_index)
         batch_keys = jax.random.split(k_batch, len(self.node_types))
         batch, valid = {}, {}
         for t, key in zip(self.node_types, batch_keys):
@@ -254,6 +269,8 @@ class PretrainModel:
             batch[t] = emb[t][:, idx]  # [2, B, hidden]
             # A node dropped from either view has no neighbourhood there: it is not contrasted.
             valid[t] = nodes[t][0, idx] & nodes[t][1, idx]
+            if node_mask is not None and t in node_mask:
+                valid[t] = valid[t] & jnp.asarray(node_mask[t])[idx]
         z = self.projection.apply({"params": params["projection"]}, batch)  # [2, B, proj]
         return {t: nt_xent_loss(z[t][0], z[t][1], valid[t], cfg.temperature, cfg.hard_negative_beta)
                 for t in self.node_types}
@@ -271,24 +288,55 @@ def make_model(graph: HeteroGraph, cfg: PretrainConfig) -> PretrainModel:
                          cfg=cfg, node_types=node_types)
 
 
+class PretrainSampler:
+    """Neighbour-sampled subgraphs for GraphCL, each with its own candidate pool for edge adding.
+
+    Subgraphs come from a :class:`~jaxfood.graph.sampling.NeighbourSampler` over the pretraining
+    graph without a global candidate pool (candidate edges must not shape neighbourhoods); every
+    sample may be a seed (no labels are used). Each subgraph then gets ``K`` candidate edges per
+    ``edge_add`` relation among its own nodes (:func:`~jaxfood.train.augment.add_candidate_edges`),
+    ``K`` fixed by the edge budget, so shapes never change. :meth:`batch` is deterministic in
+    ``(seed, step, shard)``: the ``make_shard`` of :func:`jaxfood.train.distributed.fit`.
+    """
+
+    def __init__(self, graph: HeteroGraph, cfg: PretrainConfig, sampler_cfg: SamplerConfig = SamplerConfig()):
+        base = prepare_pretrain_graph(graph, dataclasses.replace(cfg.augment, edge_add={}), seed=cfg.seed)
+        sampler_cfg = dataclasses.replace(sampler_cfg, num_hops=cfg.encoder.num_layers)
+        self.sampler = NeighbourSampler(base, sampler_cfg, seed_pool=np.arange(base.num_nodes[schema.SAMPLE]))
+        self.counts = subgraph_candidate_counts(cfg.augment, self.sampler)
+        self.seed = int(sampler_cfg.seed)
+        meta = self.sampler.meta
+        # One static meta object for every subgraph: one compilation.
+        self.meta = dataclasses.replace(meta, extra={**meta.extra, CANDIDATES_KEY: dict(self.counts)})
+
+    def batch(self, step: int, shard: int = 0) -> SampledSubgraph:
+        sub = self.sampler.batch(step, shard)
+        rng = np.random.default_rng([self.seed, 0xADD, int(step), int(shard)])
+        return add_candidate_edges(sub, self.counts, rng, self.meta)
+
+
 def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransformation,
                        axis_name: str | None = None, on_trace: Callable[[], None] | None = None):
-    """``step(params, opt_state, graph, rng) -> (params, opt_state, metrics)``, pure (jit/pmap it).
+    """``step(params, opt_state, graph, rng, node_index=None, node_mask=None) -> (params, opt_state,
+    metrics)``, pure (jit/pmap it).
 
+    ``graph`` is the full pretraining graph (:func:`prepare_pretrain_graph`) or a sampled subgraph
+    of :class:`PretrainSampler` with its ``node_index`` and ``node_mask`` (one code path for both).
     ``metrics``: ``loss`` (weighted total), ``loss/<Type>``, ``grad_norm`` (before clipping).
     With ``axis_name`` (under ``pmap``), gradients and metrics are averaged over that axis with
     ``lax.pmean``, so every device applies the same update. ``on_trace`` is called each time the
     function is traced (compilation counting in tests).
     """
 
-    def loss_fn(params, graph, rng):
-        losses = model.view_losses(params, graph, rng, deterministic=not model.cfg.encoder_dropout)
+    def loss_fn(params, graph, rng, node_index, node_mask):
+        losses = model.view_losses(params, graph, rng, deterministic=not model.cfg.encoder_dropout,
+                                   node_index=node_index, node_mask=node_mask)
         return model.total_loss(losses), losses
 
-    def step(params, opt_state, graph, rng):
+    def step(params, opt_state, graph, rng, node_index=None, node_mask=None):
         if on_trace is not None:
             on_trace()
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graph, rng)
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graph, rng, node_index, node_mask)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss, losses = jax.lax.pmean((loss, losses), axis_name)
@@ -405,7 +453,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, progr
     from tensorboardX import SummaryWriter
     from tqdm.auto import tqdm
 
-    from jaxfood.io_utils import atomic_dir, write_json
+    from jaxfood.io_utils import atomic_dir
     from jaxfood.train.checkpoint import save_checkpoint
 
     start = time.perf_counter()
@@ -488,6 +536,19 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, progr
         save_checkpoint(tmp / "checkpoints", (best_epoch + 1) * cfg.steps_per_epoch,
                         {"params": best_params, "opt_state": best_opt_state}, meta, max_to_keep=1)
 
+    metrics, figures = write_readouts(eval_fn, graph, pre_graph, cfg, workdir, best_params, initial_params, history)
+    return PretrainResult(encoder_config=cfg.encoder, params=best_params, history=history, metrics=metrics,
+                          best_epoch=best_epoch + 1, checkpoint_dir=ckpt_dir, num_step_compilations=len(traces),
+                          runtime_s=time.perf_counter() - start, figures=figures)
+
+
+def write_readouts(eval_fn, graph: HeteroGraph, pre_graph: HeteroGraph, cfg: PretrainConfig, workdir: Path,
+                   best_params, initial_params, history: Mapping[str, list[float]]):
+    """Writes ``pretrain_metrics.json``, ``pretrain_history.json`` and the embedding maps of a run;
+    returns ``(metrics, figures)``. ``eval_fn``: from :func:`make_eval_fn` (jitted)."""
+    from jaxfood.io_utils import write_json
+
+    workdir = Path(workdir)
     # Read-outs: frozen embeddings of the un-augmented graph, pretrained vs. random initialisation.
     pretrained_emb = jax.device_get(eval_fn(best_params, pre_graph)[1])
     random_emb = jax.device_get(eval_fn(initial_params, pre_graph)[1])
@@ -506,9 +567,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, progr
             random_emb[schema.FOOD], graph, workdir / "figures" / "random_food_embeddings.png",
             f"Food embeddings, random encoder (k-NN purity {metrics['random']['knn_purity']:.2f})"),
     }
-    return PretrainResult(encoder_config=cfg.encoder, params=best_params, history=history, metrics=metrics,
-                          best_epoch=best_epoch + 1, checkpoint_dir=ckpt_dir, num_step_compilations=len(traces),
-                          runtime_s=time.perf_counter() - start, figures=figures)
+    return metrics, figures
 
 
 def load_pretrained_encoder(ckpt_dir: str | Path, step: int | None = None) -> tuple[EncoderConfig, Any]:
