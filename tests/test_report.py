@@ -31,3 +31,148 @@ def test_report_without_baselines_has_no_verdict_notes():
     text = render_report(metrics)
     assert "behind" not in text.split("## Verdict")[1]
     assert "## Salient molecule discovery" not in text
+
+
+# ---- report_assets: the figures and sections run_mtl.py adds to report.md ---------------------------
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import types  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = [
+    "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
+    "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
+    "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
+    "loss.salient_top_k=3", "salient_k=3",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A small simulated graph, its simulator biomarkers and a checkpoint of the tiny model at its
+    initial parameters (the assets only need *a* model; training would only cost time)."""
+    import jax
+
+    from jaxfood.config import load_config
+    from jaxfood.data.simulate import SimConfig, simulate
+    from jaxfood.eval.metrics import biomarkers_from_pairs
+    from jaxfood.graph.build import build_graph
+    from jaxfood.models.heads import make_multitask_model
+    from jaxfood.train.checkpoint import save_checkpoint
+    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph
+
+    root = tmp_path_factory.mktemp("report")
+    ds = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
+                            contaminants=20, embedding_dim=4), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = build_graph(ds.tables, seed=0)
+    reference = biomarkers_from_pairs(ds.biomarkers)
+    cfg = load_config(FinetuneConfig(), None, TINY)
+    model = make_multitask_model(prepare_graph(graph), cfg.encoder, cfg.heads)
+    params = model.init(jax.random.key(1), prepare_graph(graph))
+    save_checkpoint(root / "checkpoints", 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
+    result = types.SimpleNamespace(params=params, config=cfg, encoder_config=cfg.encoder)
+    return root, graph, reference, result, model
+
+
+def test_report_assets_figures_tables_and_stability(tiny_run):
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from jaxfood.eval.pipeline import food_rankings, report_assets
+    from jaxfood.graph import schema
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
+    from jaxfood.train.finetune import prepare_graph
+    from jaxfood.train.multitask import make_predict_fn
+
+    root, graph, reference, result, model = tiny_run
+    assets = report_assets(root / "checkpoints", graph, root, METRICS, reference, k=3, max_foods=4,
+                           biomarker_foods=3, perturbations=2, noise=0.05)
+    names = {p.name for p in assets.figures.values()}
+    assert names == {"confusion_matrix.png", "food_embeddings_category.png", "food_embeddings_protein.png",
+                     "top_molecules.png", "model_vs_baselines.png"}
+    for path in assets.figures.values():
+        assert path.parent == root / "figures" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Per-food table = sklearn on the model's own test predictions.
+    out = make_predict_fn(model)(result.params, prepare_graph(graph))
+    labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    test = (split == SPLIT_CODES["test"]) & (labels >= 0)
+    pred = np.argmax(np.asarray(out.food_logits), 1)[test]
+    foods = graph.meta.node_ids[schema.FOOD]
+    p, r, f, s = precision_recall_fscore_support(labels[test], pred, labels=np.arange(len(foods)), zero_division=0)
+    sections = dict(assets.sections)
+    table = sections["Food classification per food (test split)"]
+    i = int(np.nonzero(s)[0][0])
+    cat = graph.meta.food_categories[int(np.asarray(graph.food_category)[i])]
+    assert f"| {foods[i]} | {cat} | {p[i]:.2f} | {r[i]:.2f} | {f[i]:.2f} | {s[i]} |" in table
+    assert f"**{np.mean(f[s > 0]):.3f}**" in table
+
+    # Biomarker list: the top-3 of the headline scorer, reference biomarkers in bold.
+    top = food_rankings(result, graph, k=3)
+    assert top == food_rankings(root / "checkpoints", graph, k=3)  # FinetuneResult and checkpoint agree
+    listing = next(v for t, v in assets.sections if t.startswith("Salient molecules"))
+    rows = [line for line in listing.splitlines() if line.startswith("| ") and not line.startswith("| Food")]
+    assert len(rows) == 3
+    food = rows[0].split(" | ")[0][2:]
+    want = ", ".join(f"**{m}**" if m in reference.get(food, ()) else m for m in top[food])
+    assert f"| {food} | {want} |" in listing
+
+    stab = assets.salient["stability_jaccard"]
+    assert 0.0 <= stab <= 1.0
+    # No noise: the same rankings every time.
+    still = report_assets(result, graph, root / "again", None, reference, k=3, perturbations=2, noise=0.0,
+                          fold_change=False)
+    assert still.salient["stability_jaccard"] == 1.0 and "jaxfood vs ablations" not in " ".join(still.figures)
+
+    text = render_report({**METRICS, "salient_molecules": {**METRICS["salient_molecules"], **assets.salient}},
+                         assets.figures, None, workdir=root, extra_sections=assets.sections)
+    assert "![Confusion matrix (test split, foods grouped by USDA category)](figures/confusion_matrix.png)" in text
+    assert "## Food classification per food (test split)" in text and "## Salient molecules of a few foods" in text
+    assert f"| Stability under intensity noise (Jaccard of top-10 lists) ↑ | **{stab:.3f}** |" in text
+    assert "jaxfood (0.700) is behind the logistic regression baseline (0.800)" in text
+    json.dumps(assets.salient)
+
+
+def test_seed_stability_hand_values():
+    from jaxfood.eval.pipeline import seed_stability
+
+    a = {"f": ["m1", "m2", "m3"], "g": ["x", "y"]}
+    b = {"f": ["m1", "m2", "m4"], "g": ["x", "y"]}
+    c = {"f": ["m5", "m6", "m7"]}
+    # a-b: f 2/4, g 1 -> 0.75; a-c: f 0 (g only in a); b-c: f 0 -> mean 0.25
+    assert seed_stability([a, b, c], k=3) == pytest.approx(0.25)
+    assert seed_stability([a, b], k=2) == pytest.approx(1.0)  # top-2 of f agree
+    assert math.isnan(seed_stability([a], k=3))
+
+
+def test_nutrient_choice_values_and_representative_foods():
+    from conftest import make_toy_graph
+
+    from jaxfood.eval.pipeline import choose_nutrient, nutrient_values, representative_foods
+    from jaxfood.graph import schema
+
+    graph = make_toy_graph(num_foods=6, num_nutrients=4)
+    # No 'Protein': the most variable nutrient.
+    assert choose_nutrient(graph) == int(np.argmax(np.var(np.asarray(graph.food_nutrients), 0)))
+    assert choose_nutrient(graph, "N2") == 2
+    with pytest.raises(ValueError, match="nutrient 'Zinc' is not in the graph"):
+        choose_nutrient(graph, "Zinc")
+    # z-scores undone with the stored statistics; a food without the edge is missing (NaN).
+    edges = graph.edges[schema.HAS_NUTRIENT]
+    keep = ~((np.asarray(edges.senders) == 0) & (np.asarray(edges.receivers) == 1))
+    edges = edges.replace(senders=np.asarray(edges.senders)[keep], receivers=np.asarray(edges.receivers)[keep],
+                          attributes=np.asarray(edges.attributes)[keep])
+    meta = dataclasses.replace(graph.meta, normalisation={"has_nutrient": {"mean": [0.0, 10.0, 0.0, 0.0],
+                                                                          "std": [1.0, 2.0, 1.0, 1.0]}})
+    g2 = graph.replace(edges={**graph.edges, schema.HAS_NUTRIENT: edges}, meta=meta)
+    values = nutrient_values(g2, 1)
+    assert math.isnan(values[0])
+    np.testing.assert_allclose(values[1:], np.asarray(graph.food_nutrients)[1:, 1] * 2.0 + 10.0, rtol=1e-6)
+    # Categories cat_a (f0, f2, f4) and cat_b (f1, f3, f5): round-robin, then by category.
+    assert representative_foods(graph, None, 3) == ["f0", "f2", "f1"]
+    assert representative_foods(graph, {"f4": {"m1"}}, 2) == ["f4", "f1"]
