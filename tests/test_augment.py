@@ -207,3 +207,74 @@ def test_config_errors(toy_graph):
         prepare_pretrain_graph(toy_graph, dataclasses.replace(OFF, edge_drop={"contains_molecule": 1.5}))
     with pytest.raises(ConfigError, match="Nutrient"):
         prepare_pretrain_graph(toy_graph, dataclasses.replace(OFF, feature_mask={"Nutrient": 0.1}))
+
+
+# ---- sampled subgraphs: a candidate pool per subgraph ------------------------------------------------
+def _sampled_views(graph, augment_cfg, batch_size=4):
+    from jaxfood.graph.sampling import SamplerConfig
+    from jaxfood.models.encoder import EncoderConfig
+    from jaxfood.train.pretrain import PretrainConfig, PretrainSampler
+
+    enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8,
+                        input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
+    return PretrainSampler(graph, PretrainConfig(encoder=enc, augment=augment_cfg),
+                           SamplerConfig(batch_size=batch_size, seed=2))
+
+
+def test_subgraph_candidates_join_real_nodes_not_yet_joined_in_both_directions():
+    import math
+
+    graph = make_toy_graph(num_samples=60, num_molecules=50, per_sample=8, seed=3)
+    cfg = AugmentConfig(edge_add={"contains_molecule": 0.1})
+    views = _sampled_views(graph, cfg)
+    budget = views.sampler.edge_budget[schema.CONTAINS]
+    k = views.counts[schema.CONTAINS]
+    assert k == math.ceil(cfg.candidate_pool_factor * 0.1 * budget)
+    shapes = None
+    for step in range(4):
+        sub = views.batch(step, shard=step % 2)
+        g = sub.graph
+        assert g.meta is views.meta and num_candidate_edges(g) == {schema.CONTAINS: k}
+        now = jax.tree_util.tree_map(np.shape, sub)
+        assert shapes is None or now == shapes  # static shapes: one compilation
+        shapes = now
+        assert all(g.edges[key].num_edges == 1 for key in schema.LABEL_RELATIONS)  # padding only
+        fwd, rev = g.edges[schema.CONTAINS], g.edges[REV_CONTAINS]
+        # One mask serves both directions: the reverse relation lists the same edges, swapped.
+        np.testing.assert_array_equal(fwd.senders, rev.receivers)
+        np.testing.assert_array_equal(fwd.receivers, rev.senders)
+        np.testing.assert_array_equal(fwd.attributes, rev.attributes)
+        on = sub.edge_masks[schema.CONTAINS]
+        np.testing.assert_array_equal(on, sub.edge_masks[REV_CONTAINS])
+        real_s, real_r = fwd.senders[:-k][on[:-k]], fwd.receivers[:-k][on[:-k]]
+        cand_s, cand_r, cand_on = fwd.senders[-k:], fwd.receivers[-k:], on[-k:]
+        assert cand_on.sum() == k  # this subgraph has enough free pairs
+        assert sub.node_mask[schema.SAMPLE][cand_s].all() and sub.node_mask[schema.MOLECULE][cand_r].all()
+        existing = set(zip(real_s.tolist(), real_r.tolist()))
+        pairs = list(zip(cand_s.tolist(), cand_r.tolist()))
+        assert len(set(pairs)) == k and not existing & set(pairs)
+        # Attributes are copied from a real edge into the same molecule.
+        for r_, attr in zip(cand_r.tolist(), fwd.attributes[-k:]):
+            assert any(np.array_equal(attr, a) for a in fwd.attributes[:-k][on[:-k] & (fwd.receivers[:-k] == r_)])
+    # Deterministic in (step, shard).
+    a, b = views.batch(5, 1), views.batch(5, 1)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_subgraph_candidates_fall_back_to_padding_when_the_subgraph_is_dense():
+    # Two samples of 8 molecules among 10: few free pairs, many candidates asked.
+    graph = make_toy_graph(num_samples=20, num_molecules=10, per_sample=8, seed=5)
+    views = _sampled_views(graph, AugmentConfig(edge_add={"contains_molecule": 1.0}), batch_size=2)
+    sub = views.batch(0)
+    k = views.counts[schema.CONTAINS]
+    on = sub.edge_masks[schema.CONTAINS][-k:]
+    pad = sub.graph.meta.extra["padding_node"]
+    fwd = sub.graph.edges[schema.CONTAINS]
+    assert 0 < on.sum() < k
+    assert np.all(fwd.senders[-k:][~on] == pad[schema.SAMPLE])
+    assert np.all(fwd.receivers[-k:][~on] == pad[schema.MOLECULE])
+    # The padding candidates are off in every view (the encoder masks edges of padding nodes).
+    from jaxfood.graph.sampling import padding_edge_masks
+
+    assert not np.any(np.asarray(padding_edge_masks(sub.graph)[schema.CONTAINS])[-k:][~on])

@@ -93,3 +93,58 @@ def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path
     assert meta["step"] == 6 and meta["num_shards"] == 4
     np.testing.assert_array_equal(state["params"]["encoder"]["layer_0"]["Sample|contains_molecule|Molecule"]["bias"],
                                   final[0]["encoder/layer_0/Sample|contains_molecule|Molecule/bias"])
+
+
+# FinetuneConfig keys of a tiny run of `jaxfood finetune` (few steps, one scorer).
+TINY_FINETUNE_CONFIG = """
+steps: 4
+scorers: [attention]
+salient_k: 3
+encoder: {hidden_dim: 8, num_heads: 2, num_layers: 1, embedding_dim: 8, dropout: 0.1,
+          input_modes: {Sample: embedding, Molecule: both, Food: both}}
+heads: {hidden_dim: 8, pool_dim: 8, attention_dim: 4, projection_dim: 4}
+loss: {salient_top_k: 3}
+"""
+
+
+@pytest.mark.slow
+def test_finetune_command_on_two_processes_runs_to_the_end_and_only_process_0_writes(tmp_path):
+    """`jaxfood finetune --coordinator ... --sampled`: 2 processes x 2 devices, data parallel."""
+    graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
+    save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), graph_dir)
+    config.write_text(TINY_FINETUNE_CONFIG)
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "jaxfood.cli", "finetune", "--graph", str(graph_dir), "--workdir", str(workdir),
+               "--config", str(config), "--quiet", "--sampled", "--batch-size", "4",
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        procs.append(subprocess.Popen(cmd, env=job_env(tmp_path, 2), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=400)
+            outputs.append(out)
+            assert proc.returncode == 0, err[-4000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    # Process 0 alone reported and wrote metrics, history, figures and TensorBoard events.
+    assert "fine-tuned:" in outputs[0] and "4 shard(s) per step on 2 process(es), 4 device(s)" in outputs[0]
+    assert "fine-tuned" not in outputs[1] and "data parallel" not in outputs[1]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["best_step"] == 4
+    assert {"food_classification", "nutrition", "salient_molecules", "task_weights"} <= set(metrics)
+    history = json.loads((workdir / "history.json").read_text())
+    assert [row["step"] for row in history["train"]] == [1, 2, 3, 4]  # each step logged once
+    assert sorted(p.name for p in (workdir / "figures").glob("*.png")) == [
+        "gradient_conflict.png", "losses.png", "task_weights.png"]
+    assert len(list((workdir / "tb").glob("events.out.tfevents.*"))) == 1
+    # Both processes wrote the checkpoint together; `jaxfood evaluate` reads its kind and config.
+    state, meta = restore_checkpoint(workdir / "checkpoints")
+    assert meta["step"] == 4 and meta["kind"] == "finetune"
+    assert meta["data_parallel"]["num_shards"] == 4 and meta["data_parallel"]["process_count"] == 2
+    assert "encoder" in state["params"]

@@ -14,48 +14,87 @@ saved step, each with two items,
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxfood.errors import CheckpointError
 
+#: ``scheme:/rest``: what ``pathlib.Path("gs://bucket/run")`` leaves of a URL ("gs:/bucket/run").
+_COLLAPSED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
 
-def _manager(directory: Path, max_to_keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+
+def checkpoint_path(directory: str | os.PathLike) -> Path | epath.Path:
+    """``directory`` as orbax gets it: a URL (``gs://bucket/run/checkpoints``, as a string or an
+    ``etils.epath.Path``) stays an ``epath.Path``; a local path (also given as ``epath.Path``)
+    becomes an absolute ``pathlib.Path``, as before.
+
+    ``pathlib.Path`` collapses ``gs://b/x`` to ``gs:/b/x``, which would silently become a local
+    directory named ``gs:``: such a path is refused (pass URLs as strings or ``epath.Path``).
+    """
+    text = os.fspath(directory)
+    if "://" in text:
+        return epath.Path(text)
+    if isinstance(directory, Path) and not isinstance(directory, epath.Path) and _COLLAPSED_URL.match(text):
+        raise CheckpointError(f"{text}: looks like a URL that pathlib.Path collapsed ('//' lost); pass "
+                              f"'{text.replace(':/', '://', 1)}' as a string or an etils.epath.Path")
+    return Path(text).absolute()
+
+
+def _is_remote(directory) -> bool:
+    return "://" in os.fspath(directory)
+
+
+def _shown(directory) -> Path | epath.Path:
+    """The path as the caller gave it (relative stays relative): for messages and return values."""
+    return epath.Path(os.fspath(directory)) if _is_remote(directory) else Path(os.fspath(directory))
+
+
+def _manager(directory: Path | epath.Path, max_to_keep: int | None = None,
+             create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
-def save_checkpoint(directory: str | Path, step: int, state: Any, meta: dict[str, Any],
-                    max_to_keep: int | None = 3) -> Path:
-    """Saves ``state`` (pytree of arrays) and ``meta`` (JSON) as step ``step`` of ``directory``."""
-    directory = Path(directory)
+def save_checkpoint(directory: str | os.PathLike, step: int, state: Any, meta: dict[str, Any],
+                    max_to_keep: int | None = 3) -> Path | epath.Path:
+    """Saves ``state`` (pytree of arrays) and ``meta`` (JSON) as step ``step`` of ``directory``
+    (a local path or a URL such as ``gs://bucket/run/checkpoints``, see :func:`checkpoint_path`)."""
+    path = checkpoint_path(directory)
     state = jax.device_get(state)
-    with _manager(directory, max_to_keep) as mngr:
+    with _manager(path, max_to_keep) as mngr:
         mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
                   force=True)
         mngr.wait_until_finished()
-    return directory / str(int(step))
+    return _shown(directory) / str(int(step))
 
 
-def latest_step(directory: str | Path) -> int | None:
-    directory = Path(directory)
-    if not directory.is_dir():
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The latest saved step of ``directory`` (local or URL), None when it has none."""
+    path = checkpoint_path(directory)
+    if not _is_remote(path) and not path.is_dir():
         return None
-    with _manager(directory, create=False) as mngr:
+    with _manager(path, create=False) as mngr:
         return mngr.latest_step()
 
 
-def restore_checkpoint(directory: str | Path, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
-    """Returns ``(state, meta)`` of ``step`` (default: latest). ``target`` fixes structure/shapes."""
-    directory = Path(directory)
-    if not directory.is_dir():
+def restore_checkpoint(directory: str | os.PathLike, step: int | None = None,
+                       target: Any = None) -> tuple[Any, dict]:
+    """Returns ``(state, meta)`` of ``step`` (default: latest). ``target`` fixes structure/shapes.
+
+    ``directory``: a local path or a URL (``gs://...``, see :func:`checkpoint_path`)."""
+    path = checkpoint_path(directory)
+    directory = _shown(directory)
+    if not _is_remote(path) and not path.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
-    with _manager(directory, create=False) as mngr:
+    with _manager(path, create=False) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{directory}: no checkpoint steps found (expected an orbax checkpoint directory)")
@@ -69,7 +108,7 @@ def restore_checkpoint(directory: str | Path, step: int | None = None, target: A
     return state, dict(restored["meta"])
 
 
-def load_encoder(directory: str | Path, step: int | None = None) -> tuple[dict[str, Any], Any, dict]:
+def load_encoder(directory: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], Any, dict]:
     """``(encoder_config_dict, encoder_params, meta)`` from any jaxfood checkpoint directory."""
     state, meta = restore_checkpoint(directory, step)
     if "encoder_config" not in meta:

@@ -432,11 +432,11 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3):
         import orbax.checkpoint as ocp
-        from etils import epath
+
+        from jaxfood.train.checkpoint import checkpoint_path
 
         self._ocp = ocp
-        path = str(directory)
-        self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
+        self.directory = checkpoint_path(directory)  # gs:// (or any epath URL) or an absolute local path
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

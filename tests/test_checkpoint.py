@@ -1,0 +1,101 @@
+"""Checkpoint paths: local paths (str, pathlib or etils.epath) round-trip as before; URLs such as
+gs://bucket/run reach orbax as etils.epath.Path, never collapsed by pathlib into "gs:/bucket/run"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+from jaxfood.errors import CheckpointError
+from jaxfood.train import checkpoint as ck
+
+STATE = {"params": {"encoder": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}, "step": np.int32(7)}
+META = {"kind": "graphcl", "encoder_config": {"hidden_dim": 3}}
+
+
+@pytest.mark.parametrize("kind", ["str", "pathlib", "epath"])
+def test_local_checkpoint_round_trips_whatever_the_path_type(tmp_path, kind, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wrap = {"str": str, "pathlib": Path, "epath": epath.Path}[kind]
+    directory = wrap("runs/ck")  # relative: made absolute for orbax, as before
+    written = ck.save_checkpoint(directory, 7, STATE, META)
+    assert isinstance(written, Path) and str(written) == "runs/ck/7"
+    assert (tmp_path / "runs/ck/7").is_dir()
+    assert ck.latest_step(directory) == 7 and ck.latest_step(wrap("runs/none")) is None
+    state, meta = ck.restore_checkpoint(directory)
+    np.testing.assert_array_equal(state["params"]["encoder"]["w"], STATE["params"]["encoder"]["w"])
+    assert meta == dict(META, step=7)
+    config, params, _ = ck.load_encoder(directory)
+    assert config == {"hidden_dim": 3} and params["w"].shape == (2, 3)
+    with pytest.raises(CheckpointError, match="runs/missing: checkpoint directory not found"):
+        ck.restore_checkpoint(wrap("runs/missing"))
+
+
+def test_local_paths_become_absolute_pathlib_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for given in ("a/b", Path("a/b"), epath.Path("a/b")):
+        path = ck.checkpoint_path(given)
+        assert type(path) is type(Path()) and path == tmp_path / "a/b"
+
+
+class FakeManager:
+    """Stands in for orbax's CheckpointManager (no network): records the directory it is given."""
+
+    seen: list = []
+
+    def __init__(self, directory, options=None, **_):
+        FakeManager.seen.append(directory)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def save(self, step, args=None, force=False):
+        self.saved = step
+
+    def wait_until_finished(self):
+        pass
+
+    def latest_step(self):
+        return 3
+
+    def restore(self, step, args=None):
+        return {"state": STATE, "meta": dict(META, step=step)}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("given", ["gs://bucket/run/ck", epath.Path("gs://bucket/run/ck")])
+def test_gs_urls_reach_orbax_unmangled(given, monkeypatch):
+    FakeManager.seen = []
+    monkeypatch.setattr(ocp, "CheckpointManager", FakeManager)
+    written = ck.save_checkpoint(given, 3, STATE, META)
+    assert str(written) == "gs://bucket/run/ck/3"
+    assert ck.latest_step(given) == 3
+    state, meta = ck.restore_checkpoint(given)
+    assert meta["step"] == 3 and state["step"] == 7
+    _, params, _ = ck.load_encoder(given)
+    assert params["w"].shape == (2, 3)
+    # The multi-host Checkpointer of distributed training takes the same paths.
+    from jaxfood.train.distributed import Checkpointer
+
+    Checkpointer(given).close()
+    assert len(FakeManager.seen) == 5
+    for directory in FakeManager.seen:
+        assert isinstance(directory, epath.Path) and str(directory) == "gs://bucket/run/ck"
+
+
+def test_a_url_collapsed_by_pathlib_is_refused():
+    collapsed = Path("gs://bucket/run")  # pathlib drops one slash: "gs:/bucket/run"
+    assert str(collapsed) == "gs:/bucket/run"
+    with pytest.raises(CheckpointError, match="gs://bucket/run' as a string"):
+        ck.save_checkpoint(collapsed, 1, STATE, META)
+    with pytest.raises(CheckpointError, match="collapsed"):
+        ck.latest_step(collapsed)
