@@ -153,18 +153,18 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--set seeds={cfg.seeds}: expected a positive number of seeds")
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_text(workdir / "run_config.yaml", dump_config(cfg))
     progress = not args.no_progress
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
+    # Inputs are read and checked before anything is written: a bad graph leaves no workdir behind.
+    graph = load_graph(args.graph) if args.graph else build_default_graph(seed=cfg.seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_text(workdir / "run_config.yaml", dump_config(cfg))
     if args.graph:
-        graph = load_graph(args.graph)
         log(f"graph from {args.graph}")
     else:
-        graph = build_default_graph(seed=cfg.seed)
         save_graph(graph, workdir / "graph")
         log(f"embedded default graph built, saved in {workdir / 'graph'}")
     reference = default_biomarkers(graph)

@@ -1,0 +1,77 @@
+"""The main job, ``experiments/run_mtl.py``: bad inputs and a short end-to-end run."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_mtl():
+    spec = importlib.util.spec_from_file_location("run_mtl", ROOT / "experiments" / "run_mtl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_mtl"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "finetune.stepz=3"], "unknown key 'finetune.stepz'"),
+    (["--set", "finetune.steps=abc"], "key 'finetune.steps' = 'abc': expected an integer"),
+    (["--set", "seeds=0"], "seeds=0: expected a positive number of seeds"),
+    (["--graph", "{tmp}/no_graph"], "no_graph/graph.json: not found"),
+    (["--config", "{tmp}/missing.yaml"], "missing.yaml: config file not found"),
+])
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    workdir = tmp_path / "w"
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = _run_mtl().main(["--workdir", str(workdir), "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
+    from jaxfood.train.finetune_monitoring import read_scalars
+
+    workdir = tmp_path / "w"
+    code = _run_mtl().main([
+        "--workdir", str(workdir), "--no-progress",
+        "--set", "pretrain.epochs=1", "--set", "pretrain.steps_per_epoch=2",
+        "--set", "finetune.steps=4", "--set", "finetune.eval_every=2", "--set", "evaluation.rf_estimators=5",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    required = {
+        "food_classification": {"accuracy", "weighted_f1", "auroc_macro", "top3_accuracy"},
+        "nutrition": {"knn_purity", "spearman", "nutrient_r2"},
+        "salient_molecules": {"precision_at_10", "recall_at_10", "fidelity_plus", "fidelity_minus"},
+    }
+    for section, keys in required.items():
+        assert keys <= set(metrics[section]), section
+        # The ablations carry the same nested sections and keys as the main result.
+        for ablation in ("pretrained_probe", "from_scratch"):
+            assert keys <= set(metrics[ablation][section]), (ablation, section)
+    assert {"logreg_accuracy", "logreg_weighted_f1", "rf_accuracy", "ridge_nutrient_r2",
+            "fold_change_precision_at_10", "random_precision_at_10"} <= set(metrics["baselines"])
+    assert {"food_classification", "nutrition", "salient_molecules"} <= set(metrics["task_weights"])
+    assert metrics["runtime_s"] > 0
+    assert 0.0 <= metrics["food_classification"]["accuracy"] <= 1.0
+    # Checkpoints, graph, TensorBoard events for every task, a report whose images exist.
+    assert any((workdir / "checkpoints").iterdir())
+    assert (workdir / "graph" / "graph.json").exists()
+    tags = set(read_scalars(workdir / "tb"))
+    for task in ("food_classification", "nutrition", "salient_molecules"):
+        assert f"loss/{task}" in tags and f"weight/{task}" in tags and f"task_grad_norm/{task}" in tags
+    report = (workdir / "report.md").read_text()
+    for title in ("Food classification", "Nutrition alignment", "Salient molecule discovery"):
+        assert f"## {title}" in report
+    images = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert images and all((workdir / image).exists() for image in images)
+    assert "food accuracy" in out and "runtime (s)" in out
