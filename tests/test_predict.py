@@ -88,7 +88,8 @@ def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
     assert s["molecules_known"] == int(np.sum(np.asarray(graph.edges[schema.CONTAINS].senders) == test))
     probs = [f["probability"] for f in s["top_foods"]]
     assert len(probs) == 3 and sum(probs) <= 1 + 1e-9 and probs == sorted(probs, reverse=True)
-    assert 0.0 <= s["out_of_library_score"] < 1.0 and isinstance(s["out_of_library"], bool)
+    assert s["out_of_library_score"] >= 0.0 and isinstance(s["out_of_library"], bool)
+    assert out["out_of_library"]["method"] == "mahalanobis"
     assert set(s["nutrients_per_100g"]) == set(graph.meta.nutrient_names)
     assert 0 < len(s["top_molecules"]) <= 10
 
@@ -113,6 +114,25 @@ def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
     top = graph.meta.node_ids[schema.MOLECULE][int(np.asarray(contains.receivers)[mine][np.argmax(w)])]
     assert s["top_molecules"][0]["molecule_id"] == top
     np.testing.assert_allclose(s["top_molecules"][0]["weight"], w.max(), rtol=1e-4)
+
+    # Out-of-library: squared Mahalanobis distance of the in-graph embedding to the nearest food mean,
+    # Gaussians fitted on the training samples' embeddings with their label edges switched off.
+    from sklearn.covariance import LedoitWolf
+
+    from jaxfood.train.multitask import make_predict_fn
+    from jaxfood.train.salient_molecules import label_edge_masks
+
+    dgraph = prepare_graph(graph)
+    split, labels = np.asarray(graph.sample_split), np.asarray(graph.sample_food)
+    train = np.nonzero(split == SPLIT_CODES["train"])[0]
+    ref = make_predict_fn(loaded.model)(loaded.params, dgraph, label_edge_masks(dgraph, split == SPLIT_CODES["train"]))
+    x = np.asarray(ref.embeddings[schema.SAMPLE], np.float64)[train]
+    y = labels[train]
+    means = {c: x[y == c].mean(0) for c in np.unique(y)}
+    precision = np.linalg.inv(LedoitWolf().fit(x - np.stack([means[c] for c in y])).covariance_)
+    e = np.asarray(own.embeddings[schema.SAMPLE], np.float64)[test]
+    want = min(float((e - m) @ precision @ (e - m)) for m in means.values())
+    np.testing.assert_allclose(s["out_of_library_score"], want, rtol=1e-3)
 
 
 def test_gnps_table_many_samples_and_table_output(run, tmp_path, capsys):
@@ -172,12 +192,16 @@ def test_out_of_library_rates_pipeline(tmp_path):
     labels = dict(zip(tables.metadata.sample_ids, tables.metadata.food_labels))
     assert rates["num_unknown_samples"] == sum(f in rates["held_out_foods"] for f in labels.values())
     assert rates["num_known_samples"] > 0
+    assert rates["method"] == "mahalanobis"
     for key in ("detection_rate", "false_alarm_rate", "auroc"):
         assert 0.0 <= rates[key] <= 1.0
-    assert 0.0 <= rates["mean_score_known"] < 1.0 and 0.0 <= rates["mean_score_unknown"] < 1.0
-    for alt in ("energy", "knn"):
+    assert rates["mean_score_known"] >= 0.0 and rates["mean_score_unknown"] >= 0.0
+    assert set(rates["alternative_scores"]) == {"msp", "energy", "knn"}
+    for alt in ("msp", "energy", "knn"):
         for key in ("detection_rate", "false_alarm_rate", "auroc"):
             assert 0.0 <= rates["alternative_scores"][alt][key] <= 1.0
+    msp = rates["alternative_scores"]["msp"]
+    assert 0.0 <= msp["mean_score_known"] < 1.0 and 0.0 <= msp["mean_score_unknown"] < 1.0
 
 
 def test_knn_and_energy_scores_hand_computed():
@@ -190,3 +214,20 @@ def test_knn_and_energy_scores_hand_computed():
     # [1, 0]: distances 0 (itself, skipped), 1 - 1/sqrt(2), 1; [-1, 0]: 2, 1, 1 + 1/sqrt(2) -> nearest 1
     np.testing.assert_allclose(knn_distance_scores(np.array([[1.0, 0.0], [-1.0, 0.0]]), ref, k=1),
                                [1 - 1 / np.sqrt(2), 1.0])
+
+
+def test_mahalanobis_hand_computed():
+    from sklearn.covariance import LedoitWolf
+
+    from jaxfood.eval.predict import fit_class_gaussians, mahalanobis_scores
+
+    # Means (0, 0) and (3, 0), precision diag(1, 4): x = (1, 1) -> min(1 + 4, 4 + 4) = 5; (3, 0.5) -> 1.
+    np.testing.assert_allclose(mahalanobis_scores(np.array([[1.0, 1.0], [3.0, 0.5]]), np.array([[0.0, 0.0], [3.0, 0.0]]),
+                                                  np.diag([1.0, 4.0])), [5.0, 1.0])
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [1.0, 3.0], [10.0, 0.0], [12.0, 2.0], [11.0, 1.0]])
+    y = np.array([5, 5, 5, 2, 2, 2])
+    classes, means, precision = fit_class_gaussians(x, y)
+    np.testing.assert_array_equal(classes, [2, 5])
+    np.testing.assert_allclose(means, [[11.0, 1.0], [1.0, 5.0 / 3.0]])
+    centred = x - np.where(y[:, None] == 5, [1.0, 5.0 / 3.0], [11.0, 1.0])
+    np.testing.assert_allclose(precision, np.linalg.inv(LedoitWolf().fit(centred).covariance_), rtol=1e-10)

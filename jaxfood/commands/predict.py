@@ -23,15 +23,21 @@ is an error.
 
 Per sample: the top-k foods with probabilities, the estimated nutrient profile in real units per
 100 g (de-normalised with the graph's nutrient statistics), the molecules with the largest
-attention-pooling weights (those that drove the prediction), and an out-of-library score,
-1 - max softmax probability: high when the sample looks like no food the model was trained on.
-It is flagged above the 95th percentile of the scores of the graph's validation samples.
+attention-pooling weights (those that drove the prediction), and an out-of-library score: high
+when the sample looks like no food the model was trained on. It is flagged above the 95th
+percentile of the scores of the graph's validation samples (about 5% false alarms by design).
+
+--ool-score mahalanobis (default): squared Mahalanobis distance of the sample's embedding to the
+nearest food (one Gaussian per food, shared Ledoit-Wolf covariance, fitted on the training samples
+seen without their label edges; Lee et al. 2018). msp: 1 - max softmax probability (the earlier
+default); energy: -logsumexp(logits); knn: cosine distance to the 5th nearest training sample.
+OOL_FIGURES
 
 Graph: --graph, else CHECKPOINT/../graph (saved by experiments/run_mtl.py), else the embedded
 default graph with the seed recorded in the checkpoint; it must match the checkpoint's node ids.
 
---json prints {"checkpoint", "graph", "source", "num_samples", "out_of_library": {score, threshold,
-quantile, calibration}, "samples": [{sample_id, molecules_detected, molecules_known,
+--json prints {"checkpoint", "graph", "source", "num_samples", "out_of_library": {score, method,
+threshold, quantile, calibration}, "samples": [{sample_id, molecules_detected, molecules_known,
 molecules_unknown, unknown_examples, top_foods: [{food, probability}], nutrients_per_100g: {name:
 value}, top_molecules: [{molecule_id, weight, intensity}], out_of_library_score, out_of_library}]}."""
 
@@ -48,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="number of foods listed per sample [default: 5]")
     parser.add_argument("--top-molecules", type=int, default=10,
                         help="number of driving molecules listed per sample [default: 10]")
+    parser.add_argument("--ool-score", default="mahalanobis", choices=("mahalanobis", "msp", "energy", "knn"),
+                        help="out-of-library score (see above) [default: mahalanobis]")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -112,7 +120,8 @@ def run(args) -> int:
     _, meta = restore_checkpoint(checkpoint)
     graph, graph_desc = resolve_graph(checkpoint, args.graph, meta)
     loaded = load_finetuned(checkpoint, graph)  # checks the graph against the checkpoint's id maps
-    result = predict_samples(loaded, graph, table, top_k=args.top_k, top_molecules=args.top_molecules)
+    result = predict_samples(loaded, graph, table, top_k=args.top_k, top_molecules=args.top_molecules,
+                             ool_score=args.ool_score)
     result = {"checkpoint": str(checkpoint), "graph": graph_desc, **result}
     if args.json:
         if result["out_of_library"]["threshold"] != result["out_of_library"]["threshold"]:

@@ -17,11 +17,18 @@ molecule embeddings are exactly those of the training graph, the pooled standard
 training graph's samples only (``stats_mask``), and a new sample with the same molecules and
 intensities as a sample of the graph gets exactly that sample's prediction (tested).
 
-Out-of-library score: ``1 - max softmax probability`` (Hendrycks & Gimpel, ICLR 2017, "A baseline
-for detecting misclassified and out-of-distribution examples"), in [0, 1); a sample is flagged
-when its score is above the ``quantile`` (default 95th percentile) of the scores of the graph's
-labelled validation samples, so about 5% of samples of known foods are flagged by construction.
-:func:`out_of_library_rates` measures detection on foods held out entirely from training.
+Out-of-library score (default ``mahalanobis``): the Mahalanobis distance of a sample's embedding to
+the nearest food (Lee et al., NeurIPS 2018, "A simple unified framework for detecting
+out-of-distribution samples and adversarial attacks"): one Gaussian per food with a shared
+covariance, fitted on the training samples' Sample embeddings computed *without their label
+edges* (a new sample has none, so the reference is seen the same way), Ledoit-Wolf shrinkage
+because a food has only a handful of training samples. ``msp`` is ``1 - max softmax probability``
+(Hendrycks & Gimpel, ICLR 2017), the earlier default. A sample is flagged when its score is above
+the ``quantile`` (default 95th percentile) of the scores of the graph's labelled validation
+samples, so about 5% of samples of known foods are flagged by construction.
+:func:`out_of_library_rates` measures detection on foods held out entirely from training; on the
+embedded data (5 foods held out, seeds 0/1/2) Mahalanobis detects far more with fewer false alarms
+than max softmax (see ``jaxfood predict --help``).
 """
 
 from __future__ import annotations
@@ -39,7 +46,15 @@ from jaxfood.errors import CheckpointError, UserError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph
 
-OOL_SCORE = "1 - max softmax probability"
+#: Out-of-library scores: name -> description (the first is the default).
+OOL_SCORES = {
+    "mahalanobis": "Mahalanobis distance of the Sample embedding to the nearest food (shared covariance)",
+    "msp": "1 - max softmax probability",
+    "energy": "negative free energy -logsumexp(logits)",
+    "knn": "cosine distance of the Sample embedding to the 5th nearest training sample",
+}
+DEFAULT_OOL_SCORE = "mahalanobis"
+OOL_SCORE = OOL_SCORES[DEFAULT_OOL_SCORE]
 DEFAULT_QUANTILE = 0.95
 SAMPLE_COLUMNS = ("molecule_id", "intensity")
 GNPS_ROW_ID = "row ID"
@@ -239,24 +254,78 @@ def knn_distance_scores(features, reference, k: int = 5) -> np.ndarray:
     return np.where(self_hit, d[:, min(k, d.shape[1] - 1)], d[:, k - 1])
 
 
-def _forward(model, params, graph, edge_masks, stats_mask):
+def fit_class_gaussians(features, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(classes [C], means [C, d], precision [d, d])`` of class-conditional Gaussians with one
+    shared covariance (Lee et al. 2018) from ``features`` [n, d] and ``labels`` [n].
+
+    The covariance of the class-centred features is Ledoit-Wolf shrunk: with ~5 samples per food
+    and d = hidden the plain estimate is singular."""
+    from sklearn.covariance import LedoitWolf
+
+    x = np.asarray(features, np.float64)
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    centred = x - means[np.searchsorted(classes, y)]
+    covariance = LedoitWolf().fit(centred).covariance_ if x.shape[0] > 1 else np.eye(x.shape[1])
+    return classes, means, np.linalg.pinv(covariance, hermitian=True)
+
+
+def mahalanobis_scores(features, means, precision) -> np.ndarray:
+    """[n, d], [C, d], [d, d] -> [n] ``min_c (x - mu_c)^T P (x - mu_c)``: squared Mahalanobis
+    distance to the nearest class mean; higher = more out-of-library."""
+    d = np.asarray(features, np.float64)[:, None, :] - np.asarray(means, np.float64)[None]
+    return np.einsum("nkd,de,nke->nk", d, np.asarray(precision, np.float64), d).min(1)
+
+
+def score_samples(outputs, reference_outputs, train_index, train_labels,
+                  method: str = DEFAULT_OOL_SCORE) -> np.ndarray:
+    """[S'] out-of-library scores of every sample of ``outputs`` by ``method`` (see ``OOL_SCORES``).
+
+    ``reference_outputs``: the same forward pass with the training samples' label edges masked
+    (:func:`predict_arrays` with ``reference=True``); ``train_index`` [n] / ``train_labels`` [n]:
+    the training samples and their foods, the reference of ``mahalanobis`` and ``knn``.
+    """
+    index, labels = np.asarray(train_index), np.asarray(train_labels)
+    if method == "msp":
+        return ool_scores(outputs.food_logits)
+    if method == "energy":
+        return energy_scores(outputs.food_logits)
+    features = np.asarray(outputs.embeddings[schema.SAMPLE], np.float64)
+    reference = np.asarray(reference_outputs.embeddings[schema.SAMPLE], np.float64)[index]
+    if method == "knn":
+        return knn_distance_scores(features, reference)
+    if method == "mahalanobis":
+        _, means, precision = fit_class_gaussians(reference, labels)
+        return mahalanobis_scores(features, means, precision)
+    raise ValueError(f"unknown out-of-library score '{method}' (expected one of {list(OOL_SCORES)})")
+
+
+def _forward_fn(model):
+    """Jitted forward pass ``(params, graph, edge_masks, stats_mask) -> outputs`` with the pooling
+    on every edge; one compilation serves the prediction and the reference pass."""
     import jax
     import jax.numpy as jnp
 
-    from jaxfood.train.multitask import split_params
+    @jax.jit
+    def forward(params, graph, edge_masks, stats_mask):
+        pool_mask = jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool)  # pooling sees every edge
+        return model.apply(params, graph, edge_masks=edge_masks, pool_mask=pool_mask, stats_mask=stats_mask)
 
-    model_params, _ = split_params(params)
-    pool_mask = jnp.ones(np.asarray(graph.edges[schema.CONTAINS].senders).shape, bool)  # pooling sees every edge
-    out = jax.jit(lambda p, g, e, s: model.apply(p, g, edge_masks=e, pool_mask=pool_mask, stats_mask=s))(
-        model_params, jax.device_put(graph), {k: jnp.asarray(v) for k, v in edge_masks.items()},
-        jnp.asarray(stats_mask))
-    return jax.device_get(out)
+    return forward
 
 
-def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisation: dict[str, Any]):
-    """``(outputs, S, matched, new_edges)``: the model's outputs on the graph extended with the
-    samples of ``table`` (rows ``S:`` of the per-sample arrays; ``new_edges`` their edges)."""
+def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisation: dict[str, Any],
+                   reference: bool = False):
+    """``(outputs, S, matched, new_edges, reference_outputs)``: the model's outputs on the graph
+    extended with the samples of ``table`` (rows ``S:`` of the per-sample arrays; ``new_edges``
+    their edges) and, when ``reference``, the same pass with every training sample's label edges
+    masked (the view of a training sample a new sample is compared with; else None)."""
+    import jax
+    import jax.numpy as jnp
+
     from jaxfood.train.finetune import prepare_graph
+    from jaxfood.train.multitask import split_params
 
     if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
@@ -266,12 +335,26 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     attr = normalise_intensity(matched.intensity, matched.molecule_index, normalisation)
     dgraph = prepare_graph(graph)
     ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
-    out = _forward(loaded.model, loaded.params, ext, edge_masks, stats_mask)
-    return out, int(dgraph.num_nodes[schema.SAMPLE]), matched, new_edges
+    forward = _forward_fn(loaded.model)
+    params = split_params(loaded.params)[0]
+    ext = jax.device_put(ext)
+    label_key, rev_label_key = schema.IS_INSTANCE_OF, schema.reverse_key(schema.IS_INSTANCE_OF)
+    # The same mask keys in both passes (all-on here): one compilation.
+    masks = {k: jnp.asarray(v) for k, v in edge_masks.items()}
+    masks[label_key] = jnp.ones(ext.edges[label_key].senders.shape, bool)
+    masks[rev_label_key] = jnp.ones(ext.edges[rev_label_key].senders.shape, bool)
+    out = jax.device_get(forward(params, ext, masks, jnp.asarray(stats_mask)))
+    ref_out = None
+    if reference:
+        train = jnp.asarray(np.asarray(ext.sample_split) == SPLIT_CODES["train"])
+        hidden = {label_key: ~train[ext.edges[label_key].senders], rev_label_key: ~train[ext.edges[rev_label_key].receivers]}
+        ref_out = jax.device_get(forward(params, ext, {**masks, **hidden}, jnp.asarray(stats_mask)))
+    return out, int(dgraph.num_nodes[schema.SAMPLE]), matched, new_edges, ref_out
 
 
 def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int = 5, top_molecules: int = 10,
-                    quantile: float = DEFAULT_QUANTILE, normalisation: dict[str, Any] | None = None) -> dict[str, Any]:
+                    quantile: float = DEFAULT_QUANTILE, normalisation: dict[str, Any] | None = None,
+                    ool_score: str = DEFAULT_OOL_SCORE) -> dict[str, Any]:
     """Predictions for the samples of ``table`` with a loaded fine-tuning checkpoint.
 
     Args:
@@ -279,14 +362,19 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
       graph: the graph the checkpoint was fine-tuned on (checked against its id maps by the loader).
       table: the new samples (raw peak areas), e.g. from :func:`read_sample_file`.
       normalisation: intensity / nutrient statistics (default: the checkpoint's, else the graph's).
+      ool_score: out-of-library score, a key of ``OOL_SCORES`` (default Mahalanobis).
 
     Returns the JSON-ready dict documented in ``jaxfood predict --help``.
     """
     norm = normalisation or loaded.meta.get("normalisation") or graph.meta.normalisation
-    out, S, matched, new_edges = predict_arrays(loaded, graph, table, norm)
-    logits = np.asarray(out.food_logits, np.float64)
-    scores = ool_scores(logits)
+    if ool_score not in OOL_SCORES:
+        raise UserError(f"--ool-score {ool_score}: expected one of {', '.join(OOL_SCORES)}")
     labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    train = np.nonzero((split == SPLIT_CODES["train"]) & (labels >= 0))[0]
+    out, S, matched, new_edges, ref_out = predict_arrays(loaded, graph, table, norm,
+                                                         reference=ool_score in ("mahalanobis", "knn"))
+    logits = np.asarray(out.food_logits, np.float64)
+    scores = score_samples(out, ref_out, train, labels[train], ool_score)
     val = np.nonzero((split == SPLIT_CODES["val"]) & (labels >= 0))[0]
     threshold = float(np.quantile(scores[val], quantile)) if val.size else math.nan
 
@@ -322,7 +410,8 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     return {
         "source": table.source,
         "num_samples": len(samples),
-        "out_of_library": {"score": OOL_SCORE, "threshold": threshold, "quantile": quantile,
+        "out_of_library": {"score": OOL_SCORES[ool_score], "method": ool_score, "threshold": threshold,
+                           "quantile": quantile,
                            "calibration": f"quantile {quantile} of the scores of {val.size} validation samples"},
         "samples": samples,
     }
@@ -398,18 +487,16 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
     split, labels = np.asarray(graph.sample_split), np.asarray(graph.sample_food)
     train = np.nonzero((split == SPLIT_CODES["train"]) & (labels >= 0))[0]
     val = np.nonzero((split == SPLIT_CODES["val"]) & (labels >= 0))[0]
-    groups = {}
+    groups: dict[str, dict[str, np.ndarray]] = {}
     for name, ft_new in (("unknown", unknown), ("known", known)):
-        out, S, _, _ = predict_arrays(loaded, graph, ft_new, norm)
-        logits = np.asarray(out.food_logits, np.float64)
-        feats = np.concatenate([np.asarray(out.embeddings[schema.SAMPLE], np.float64), np.asarray(out.pooled)], 1)
-        all_scores = {"msp": ool_scores(logits), "energy": energy_scores(logits),
-                      "knn": knn_distance_scores(feats, feats[train])}
+        out, S, _, _, ref_out = predict_arrays(loaded, graph, ft_new, norm, reference=True)
+        all_scores = {key: score_samples(out, ref_out, train, labels[train], key) for key in OOL_SCORES}
         groups[name] = {k: v[S:] for k, v in all_scores.items()}
         groups["val"] = {k: v[val] for k, v in all_scores.items()}  # identical in both passes
-    pred_known_top = np.argmax(logits[S:], 1)
+        if name == "known":
+            pred_known_top = np.argmax(np.asarray(out.food_logits)[S:], 1)
     per_score = {}
-    for key in ("msp", "energy", "knn"):
+    for key in OOL_SCORES:
         su, sk, sv = groups["unknown"][key], groups["known"][key], groups["val"][key]
         threshold = float(np.quantile(sv, quantile))
         y = np.concatenate([np.ones(su.size), np.zeros(sk.size)])
@@ -423,11 +510,12 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
         }
     return {
         "held_out_foods": list(held_out),
-        "num_unknown_samples": int(groups["unknown"]["msp"].size),
-        "num_known_samples": int(groups["known"]["msp"].size),
-        **per_score["msp"],
+        "num_unknown_samples": int(groups["unknown"][DEFAULT_OOL_SCORE].size),
+        "num_known_samples": int(groups["known"][DEFAULT_OOL_SCORE].size),
+        **per_score[DEFAULT_OOL_SCORE],
         "score": OOL_SCORE,
+        "method": DEFAULT_OOL_SCORE,
         "quantile": quantile,
         "known_test_accuracy": float(np.mean(pred_known_top == labels[test_cols])),
-        "alternative_scores": {"energy": per_score["energy"], "knn": per_score["knn"]},
+        "alternative_scores": {k: v for k, v in per_score.items() if k != DEFAULT_OOL_SCORE},
     }
