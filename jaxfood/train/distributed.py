@@ -616,7 +616,8 @@ __all__ = [
     "DATA_AXES", "DEVICE_AXIS", "SUBGRAPH_AXIS", "Checkpointer", "DistributedInfo", "FitResult", "ParallelStep",
     "PreemptionGuard", "ShardLayout", "add_distributed_arguments", "aggregate_metrics", "data_parallel",
     "DataParallelOptions", "DataParallelFinetuneResult", "add_data_parallel_arguments", "options_from_args",
-    "finetune_job", "pretrain_job", "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
+    "finetune_job", "pretrain_job", "Preempted", "pretrain_on_devices", "finetune_on_devices",
+    "distributed_info", "fit", "global_mean", "host_sum", "init_from_args", "initialize_distributed", "is_primary",
     "local_batch", "replicate", "shard_rng", "stack_trees", "unreplicate",
 ]
 
@@ -806,8 +807,8 @@ def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
     ``history.json``, ``tb/``, ``figures/``. All processes write ``checkpoints/`` (orbax, kind
     ``finetune``: ``jaxfood evaluate`` reads it), every ``options.checkpoint_every`` steps, at the
     end and on SIGTERM; rerunning with the same workdir resumes. Returns a
-    :class:`DataParallelFinetuneResult` (metrics and figures empty on the other processes and when
-    preempted).
+    :class:`DataParallelFinetuneResult`, the same on every process (all evaluate the same final
+    parameters); metrics empty when preempted, figures only on process 0.
     """
     from jaxfood.config import dump_config
     from jaxfood.graph.sampling import NeighbourSampler
@@ -874,22 +875,23 @@ def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
     def lr_at(done: int) -> dict[str, float]:
         return {g: float(v) for g, v in learning_rates(schedules, (done - 1) // accumulation).items()}
 
-    monitor = (FinetuneMonitor(os.path.join(workdir, "tb") if cfg.tensorboard else None, lr_at, cfg.steps, progress)
-               if primary else None)
+    # Every process keeps the history (and evaluates below: same parameters, same numbers), so all
+    # return the same result; only process 0 writes TensorBoard events and files.
+    monitor = FinetuneMonitor(os.path.join(workdir, "tb") if cfg.tensorboard and primary else None, lr_at,
+                              cfg.steps, progress and primary)
 
     def on_log(done: int, metrics: dict[str, float]) -> None:
         # Metrics are averaged over all processes: every process sees a divergence and stops.
         if not np.isfinite(metrics.get("loss/total", 0.0)):
             raise FloatingPointError(f"fine-tuning diverged at step {done} (total loss {metrics['loss/total']})")
-        if monitor is not None:
-            monitor.train(done, {k: v for k, v in metrics.items() if k != "step"})
+        monitor.train(done, {k: v for k, v in metrics.items() if k != "step"})
 
     figures: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     try:
         result = fit(step, state, make_shard, cfg.steps, os.path.join(workdir, "checkpoints"),
                      options.checkpoint_every, meta, 1, on_log, count_edges, progress=False, max_to_keep=1)
-        if monitor is not None and not result.preempted:
+        if not result.preempted:
             # The kept checkpoint is the last step's: score it as the single-device run scores its best.
             evaluator = ft.Evaluator(base, jax.device_put(full), cfg.salient_k, cfg.knn_k, cfg.salient_scorer,
                                      cfg.scorers)
@@ -899,16 +901,15 @@ def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
             metrics = evaluator.evaluate(params, "test", reference)
             metrics["task_weights"] = ft.task_weight_summary(cfg.weighting, params)
             metrics["best_step"] = result.end_step
-            write_json(os.path.join(workdir, "metrics.json"), metrics)
     finally:
-        if monitor is not None:
-            monitor.close()
-    if monitor is not None and not result.preempted:
+        monitor.close()
+    if primary and not result.preempted:
+        write_json(os.path.join(workdir, "metrics.json"), metrics)
         write_json(os.path.join(workdir, "history.json"), monitor.history)
         if cfg.figures:
             figures = {p.stem: p for p in monitor.figures(os.path.join(workdir, "figures"))}
     return DataParallelFinetuneResult(
-        params=result.state["params"], history=monitor.history if monitor is not None else {"train": [], "val": []},
+        params=result.state["params"], history=monitor.history,
         metrics=metrics, best_step=result.end_step, checkpoint_dir=Path(workdir) / "checkpoints",
         runtime_s=time.perf_counter() - start, num_step_compilations=step.compile_count(), config=cfg,
         encoder_config=enc_cfg, figures=figures, preempted=result.preempted, start_step=result.start_step,
@@ -936,7 +937,8 @@ def pretrain_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
     last step's. Process 0 writes ``tb/``, ``pretrain_history.json`` (``loss`` per epoch,
     ``val_loss`` of the final parameters), ``pretrain_metrics.json`` and ``figures/`` (read-outs of
     the full graph, as :func:`~jaxfood.train.pretrain.pretrain`); all processes write
-    ``checkpoints/`` (kind ``graphcl``), resumable. Returns ``(PretrainResult, FitResult)``.
+    ``checkpoints/`` (kind ``graphcl``), resumable. Returns ``(PretrainResult, FitResult)``; every
+    process computes the read-outs (figures only on process 0).
     """
     from jaxfood.config import config_to_dict
     from jaxfood.train import pretrain as pt
@@ -1005,14 +1007,54 @@ def pretrain_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
     history = {"loss": [float(losses[e * cfg.steps_per_epoch:(e + 1) * cfg.steps_per_epoch].mean())
                         for e in range(epochs)], "val_loss": []}
     metrics, figures = {}, {}
-    if primary and not result.preempted:
+    if not result.preempted:
+        # Every process computes the read-outs (same parameters, same numbers); process 0 writes them.
         eval_fn = jax.jit(pt.make_eval_fn(model, jax.random.split(k_val, cfg.val_views)))
         val, _ = jax.device_get(eval_fn(result.state["params"], pre_graph))
         history["val_loss"] = [float(val["loss"])]
         metrics, figures = pt.write_readouts(eval_fn, graph, pre_graph, cfg, workdir, result.state["params"],
-                                             initial_params, history)
+                                             initial_params, history, write=primary)
     pre = pt.PretrainResult(encoder_config=cfg.encoder, params=result.state["params"], history=history,
                             metrics=metrics, best_epoch=epochs, checkpoint_dir=workdir / "checkpoints",
                             num_step_compilations=step.compile_count(), runtime_s=time.perf_counter() - start,
                             figures=figures)
     return pre, dataclasses.replace(result, state=None)
+
+
+class Preempted(Exception):
+    """A data-parallel run stopped by preemption (SIGTERM) after ``step`` steps; rerunning resumes it."""
+
+    def __init__(self, step: int, checkpoint_dir):
+        super().__init__(f"preempted at step {step}: checkpoint in {checkpoint_dir}; rerun the same command to resume")
+        self.step, self.checkpoint_dir = int(step), checkpoint_dir
+
+
+def pretrain_on_devices(graph, cfg, workdir, *, options: DataParallelOptions | None = None, progress: bool = True,
+                        log=None):
+    """:func:`jaxfood.train.pretrain.pretrain`, or :func:`pretrain_job` when ``options.wanted()``
+    (several processes or devices, or asked for); returns its ``PretrainResult`` either way.
+    Raises :class:`Preempted` when a data-parallel run was stopped (for ``run_mtl.py``)."""
+    from jaxfood.train.pretrain import pretrain
+
+    if options is None or not options.wanted():
+        return pretrain(graph, cfg, workdir, progress=progress, log=log)
+    result, fitted = pretrain_job(graph, cfg, workdir, options=options, progress=progress and is_primary(),
+                                  log=log if is_primary() else None)
+    if fitted.preempted:
+        raise Preempted(fitted.end_step, result.checkpoint_dir)
+    return result
+
+
+def finetune_on_devices(graph, cfg, workdir, *, options: DataParallelOptions | None = None, pretrained=None,
+                        biomarkers=None, progress: bool = True, log=None):
+    """:func:`jaxfood.train.finetune.finetune`, or :func:`finetune_job` when ``options.wanted()``;
+    returns a ``FinetuneResult`` either way (the same on every process). Raises :class:`Preempted`."""
+    from jaxfood.train.finetune import finetune
+
+    if options is None or not options.wanted():
+        return finetune(graph, cfg, workdir, pretrained=pretrained, biomarkers=biomarkers, progress=progress, log=log)
+    result = finetune_job(graph, cfg, workdir, options=options, pretrained=pretrained, biomarkers=biomarkers,
+                          progress=progress and is_primary(), log=log if is_primary() else None)
+    if result.preempted:
+        raise Preempted(result.best_step, result.checkpoint_dir)
+    return result

@@ -219,9 +219,10 @@ class PretrainModel:
     cfg: PretrainConfig
     node_types: tuple[str, ...]
 
-    def init(self, rng: Array, graph: HeteroGraph) -> dict[str, Any]:
+    def init(self, rng: Array, graph: HeteroGraph, node_index: Mapping[str, Array] | None = None) -> dict[str, Any]:
+        """``{"encoder", "projection"}`` parameters; ``node_index`` where ``graph`` is a sampled subgraph."""
         k_enc, k_proj = jax.random.split(rng)
-        enc = self.encoder.init(k_enc, graph)["params"]
+        enc = self.encoder.init(k_enc, graph, node_index=node_index)["params"]
         dummy = {t: jnp.zeros((1, self.cfg.encoder.hidden_dim)) for t in self.node_types}
         proj = self.projection.init(k_proj, dummy)["params"]
         return {"encoder": enc, "projection": proj}
@@ -543,9 +544,10 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, progr
 
 
 def write_readouts(eval_fn, graph: HeteroGraph, pre_graph: HeteroGraph, cfg: PretrainConfig, workdir: Path,
-                   best_params, initial_params, history: Mapping[str, list[float]]):
+                   best_params, initial_params, history: Mapping[str, list[float]], write: bool = True):
     """Writes ``pretrain_metrics.json``, ``pretrain_history.json`` and the embedding maps of a run;
-    returns ``(metrics, figures)``. ``eval_fn``: from :func:`make_eval_fn` (jitted)."""
+    returns ``(metrics, figures)``. ``eval_fn``: from :func:`make_eval_fn` (jitted). ``write``
+    False: only computes the metrics (processes other than 0 of a multi-host run)."""
     from jaxfood.io_utils import write_json
 
     workdir = Path(workdir)
@@ -554,6 +556,8 @@ def write_readouts(eval_fn, graph: HeteroGraph, pre_graph: HeteroGraph, cfg: Pre
     random_emb = jax.device_get(eval_fn(initial_params, pre_graph)[1])
     metrics = {"pretrained": embedding_readouts(pretrained_emb, graph, cfg.knn_k, cfg.seed),
                "random": embedding_readouts(random_emb, graph, cfg.knn_k, cfg.seed)}
+    if not write:
+        return metrics, {}
     # NaN (a read-out the graph cannot support, e.g. no test split) is written as JSON null.
     write_json(workdir / "pretrain_metrics.json",
                {side: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
