@@ -369,7 +369,8 @@ def add_candidate_edges(subgraph, counts: Mapping[str, int], rng: np.random.Gene
     source node of the subgraph to a real destination node (drawn in proportion to its degree in
     the subgraph) it is not joined to there, and copies the attribute row of a random edge of that
     destination. Where the subgraph has too few free pairs, the rest are padding edges (they join
-    the padding nodes, which the encoder masks). ``meta`` is the subgraphs' shared static meta,
+    the padding nodes, which the encoder masks). ``edge_masks`` (real edges) is False on all
+    candidates. ``meta`` is the subgraphs' shared static meta,
     with ``extra[CANDIDATES_KEY] = counts`` (:func:`augment` reads it). Arrays only; deterministic
     in ``rng``.
     """
@@ -415,7 +416,6 @@ def add_candidate_edges(subgraph, counts: Mapping[str, int], rng: np.random.Gene
         cr = np.concatenate([cr, np.full(short, padding.get(dst_t, 0), np.int32)])
         ca = np.concatenate([np.asarray(ca, np.float32).reshape(-1, a.shape[1]),
                              np.zeros((short, a.shape[1]), np.float32)])
-        on = np.arange(k) < k - short
         for rel, snd, rcv in ((key, cs, cr), (schema.reverse_key(key), cr, cs)):
             if rel not in edges:
                 continue
@@ -423,7 +423,9 @@ def add_candidate_edges(subgraph, counts: Mapping[str, int], rng: np.random.Gene
             edges[rel] = EdgeSet(senders=np.concatenate([np.asarray(old.senders), snd]),
                                  receivers=np.concatenate([np.asarray(old.receivers), rcv]),
                                  attributes=np.concatenate([np.asarray(old.attributes), ca]))
-            edge_masks[rel] = np.concatenate([np.asarray(edge_masks[rel]), on])
+            # Candidates are not edges of the graph: off in the real-edge mask (edge counts), on
+            # or off per view by augment(); padding candidates are also off in every view.
+            edge_masks[rel] = np.concatenate([np.asarray(edge_masks[rel]), np.zeros(k, bool)])
             edge_index[rel] = np.concatenate([np.asarray(edge_index[rel]), np.full(k, -1, np.int32)])
     return SampledSubgraph(graph=sub.replace(edges=edges, meta=meta), node_index=subgraph.node_index,
                            node_mask=subgraph.node_mask, edge_masks=edge_masks, edge_index=edge_index,
