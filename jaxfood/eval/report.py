@@ -87,6 +87,8 @@ def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list
         probe = _get(metrics, "pretrained_probe", section, key)
         scratch = _get(metrics, "from_scratch", section, key)
         base = _get(metrics, "baselines", baseline_key) if baseline_key else None
+        if all(v is None for v in (model, probe, scratch, base)):
+            continue  # not measured in this run (e.g. stability across seeds with one seed)
         base_cell = f"{_fmt(base)} ({BASELINE_NAMES.get(baseline_key, baseline_key)})" if base is not None else "–"
         arrow = "↑" if higher else "↓"
         lines.append(
