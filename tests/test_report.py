@@ -177,3 +177,21 @@ def test_nutrient_choice_values_and_representative_foods():
     # Categories cat_a (f0, f2, f4) and cat_b (f1, f3, f5): round-robin, then by category.
     assert representative_foods(graph, None, 3) == ["f0", "f2", "f1"]
     assert representative_foods(graph, {"f4": {"m1"}}, 2) == ["f4", "f1"]
+
+
+def test_perturbed_intensities_same_noise_both_directions():
+    from conftest import make_toy_graph
+
+    from jaxfood.eval.pipeline import perturbed_intensities
+    from jaxfood.graph import schema
+    from jaxfood.train.finetune import prepare_graph
+
+    graph = prepare_graph(make_toy_graph(num_samples=200))
+    noisy = perturbed_intensities(graph, np.random.default_rng(0), 0.1)
+    before = np.asarray(graph.edges[schema.CONTAINS].attributes)
+    after = np.asarray(noisy.edges[schema.CONTAINS].attributes)
+    assert np.std(after - before) == pytest.approx(0.1, rel=0.1)
+    # prepare_graph mirrors reverse edge e on forward edge e: the same noise on the same pair.
+    np.testing.assert_array_equal(np.asarray(noisy.edges[schema.reverse_key(schema.CONTAINS)].attributes), after)
+    np.testing.assert_array_equal(np.asarray(graph.edges[schema.IS_INSTANCE_OF].senders),
+                                  np.asarray(noisy.edges[schema.IS_INSTANCE_OF].senders))
