@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 
 from jaxfood.cli import run_command  # noqa: E402
 from jaxfood.train.finetune import FinetuneConfig  # noqa: E402
+from jaxfood.train.parallel_options import add_data_parallel_arguments  # noqa: E402
 from jaxfood.train.pretrain import PretrainConfig  # noqa: E402
 
 
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="shortcut for --set seeds=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_data_parallel_arguments(parser)  # --coordinator/--num-processes/--process-id, --sampled, ...
     return parser.parse_args(argv)
 
 
@@ -73,11 +75,15 @@ def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
     )
 
 
-def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, log) -> dict:
+def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, log, options=None) -> dict:
     """One seed: pretrain, fine-tune, ablations; returns metrics (without baselines) and outputs."""
+    from functools import partial
+
     from jaxfood.eval.pipeline import headline
-    from jaxfood.train.finetune import finetune
-    from jaxfood.train.pretrain import pretrain
+    from jaxfood.train.distributed import finetune_on_devices, pretrain_on_devices
+
+    # One process on one device: the usual loops; otherwise the data-parallel jobs (same outputs).
+    pretrain, finetune = partial(pretrain_on_devices, options=options), partial(finetune_on_devices, options=options)
 
     log(f"[seed {cfg.seed}] GraphCL pretraining")
     pre = pretrain(graph, cfg.pretrain, workdir / "pretrain", progress=progress)
@@ -138,6 +144,10 @@ def summary_table(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    from jaxfood.train.distributed import Preempted, init_from_args, is_primary, options_from_args
+
+    init_from_args(args)  # joins a multi-host job before anything touches a device
+    options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
     from jaxfood.eval.pipeline import headline, mean_and_std, run_baselines
@@ -161,11 +171,13 @@ def run(args: argparse.Namespace) -> int:
     # Inputs are read and checked before anything is written: a bad graph leaves no workdir behind.
     graph = load_graph(args.graph) if args.graph else build_default_graph(seed=cfg.seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_text(workdir / "run_config.yaml", dump_config(cfg))
+    if is_primary():
+        write_text(workdir / "run_config.yaml", dump_config(cfg))
     if args.graph:
         log(f"graph from {args.graph}")
     else:
-        save_graph(graph, workdir / "graph")
+        if is_primary():
+            save_graph(graph, workdir / "graph")
         log(f"embedded default graph built, saved in {workdir / 'graph'}")
     reference = default_biomarkers(graph)
 
@@ -173,7 +185,13 @@ def run(args: argparse.Namespace) -> int:
     for i in range(cfg.seeds):
         seed_cfg = _seeded(cfg, cfg.seed + i)
         seed_dir = workdir if i == 0 else workdir / "seeds" / str(seed_cfg.seed)
-        runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log))
+        try:
+            runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log, options))
+        except Preempted as err:
+            print(err, flush=True)
+            return 143
+    if not is_primary():
+        return 0  # process 0 alone runs the baselines and writes metrics.json and report.md
     first = runs[0]
     metrics = dict(first["metrics"])
     if cfg.seeds > 1:
