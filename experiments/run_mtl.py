@@ -150,7 +150,14 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
-    from jaxfood.eval.pipeline import headline, mean_and_std, run_baselines
+    from jaxfood.eval.pipeline import (
+        food_rankings,
+        headline,
+        mean_and_std,
+        report_assets,
+        run_baselines,
+        seed_stability,
+    )
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
     from jaxfood.io_utils import write_json, write_text
@@ -201,16 +208,26 @@ def run(args: argparse.Namespace) -> int:
                                                                  "from_scratch")})
         metrics["seed_std"] = std
         metrics["seeds"] = cfg.seeds
+        k = cfg.evaluation.top_k
+        rankings = [food_rankings(r["outputs"]["finetune"], graph, k=k) for r in runs]
+        metrics["salient_molecules"] = {**metrics["salient_molecules"],
+                                        "stability_jaccard_seeds": seed_stability(rankings, k)}
     if cfg.evaluation.baselines:
         log("baselines: logistic regression, random forest, ridge, fold change + PLS-DA VIP, random")
         metrics["baselines"] = run_baselines(graph, reference, k=cfg.evaluation.top_k, seed=cfg.seed,
                                              rf_estimators=cfg.evaluation.rf_estimators)
+    log("report: confusion matrix, Food embedding maps, top molecules, model vs baselines, per-food table")
+    assets = report_assets(first["outputs"]["finetune"], graph, workdir, metrics, reference,
+                           k=cfg.evaluation.top_k, seed=cfg.seed)
+    metrics["salient_molecules"] = {**metrics["salient_molecules"], **assets.salient}
     metrics["runtime_s"] = time.perf_counter() - start
     ordered = {**headline(metrics), **{k: v for k, v in metrics.items() if k not in headline(metrics)}}
     write_json(workdir / "metrics.json", ordered)
     figures = dict(first["outputs"]["finetune"].figures)
+    figures.update(assets.figures)
     figures.update({f"pretraining: {k}": v for k, v in first["outputs"]["pretrain"].figures.items()})
-    write_text(workdir / "report.md", render_report(ordered, figures, dump_config(cfg), workdir=workdir))
+    write_text(workdir / "report.md", render_report(ordered, figures, dump_config(cfg), workdir=workdir,
+                                                    extra_sections=assets.sections))
     log(f"wrote {workdir / 'metrics.json'} and {workdir / 'report.md'}")
     print(summary_table(ordered))
     return 0

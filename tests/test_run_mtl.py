@@ -52,7 +52,7 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
         "food_classification": {"accuracy", "weighted_f1", "auroc_macro", "top3_accuracy"},
         "nutrition": {"knn_purity", "spearman", "nutrient_r2"},
         "salient_molecules": {"precision_at_10", "recall_at_10", "fidelity_plus", "fidelity_minus"},
-    }
+    }  # stability_jaccard: the main result only (checked below)
     for section, keys in required.items():
         assert keys <= set(metrics[section]), section
         # The ablations carry the same nested sections and keys as the main result.
@@ -74,4 +74,8 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
         assert f"## {title}" in report
     images = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert images and all((workdir / image).exists() for image in images)
+    for caption in ("Confusion matrix", "Food embeddings by USDA category", "Food embeddings coloured by",
+                    "molecules per food", "jaxfood vs ablations and baselines"):
+        assert f"### {caption}" in report, caption
+    assert 0.0 <= metrics["salient_molecules"]["stability_jaccard"] <= 1.0
     assert "food accuracy" in out and "runtime (s)" in out
