@@ -16,6 +16,7 @@ from jaxfood.train.nutrition_alignment import (
 )
 from jaxfood.train.salient_molecules import (
     attention_entropy,
+    comprehensiveness_loss,
     segment_topk_mask,
     straight_through_topk,
     sufficiency_loss,
@@ -114,6 +115,14 @@ def test_sufficiency_kl_and_attention_entropy_against_hand_values():
     seg = jnp.array([0, 0, 0, 1])
     h0 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / math.log(3)
     assert float(attention_entropy(weights, seg, 2)) == pytest.approx(h0, rel=1e-5)
+
+
+def test_comprehensiveness_is_the_true_food_probability_without_the_top_k():
+    removed = jnp.array([[0.0, math.log(3.0)], [0.0, 0.0], [5.0, 0.0]])   # p = (1/4, 3/4), (1/2, 1/2), ...
+    labels = jnp.array([1, 0, -1])
+    assert float(comprehensiveness_loss(removed, labels, jnp.array([True, True, True]))) == pytest.approx(
+        (0.75 + 0.5) / 2, rel=1e-6)  # the unknown food (-1) does not count
+    assert float(comprehensiveness_loss(removed, labels, jnp.array([False, True, True]))) == pytest.approx(0.5)
 
 
 def test_top_k_mask_and_straight_through_gate():

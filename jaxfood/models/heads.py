@@ -4,6 +4,9 @@
   "Attention-based Deep Multiple Instance Learning", ICML 2018) over each sample's molecules: one
   weight per ``contains_molecule`` edge, softmax-normalised over the sample's edges with segment
   operations. The weights are the molecule importances of salient molecule discovery.
+* :class:`ClassAttentionPool` -- class-specific multi-branch attention (CLAM, Lu et al. 2021):
+  one attention branch per food, each food's logit from its own branch; branch ``c``'s weights are
+  the molecule importances for food ``c``.
 * :class:`FoodClassifier` -- sample embedding + pooled molecule representation -> food logits.
 * :class:`NutrientHead` -- sample embedding -> normalised nutrient profile (a nutrient estimate for
   an unknown sample).
@@ -204,6 +207,132 @@ class GatedAttentionPool(nn.Module):
         return pooled, weights, logits
 
 
+class ClassAttentionPool(nn.Module):
+    """Class-specific multi-branch attention pooling (CLAM: Lu et al., "Data-efficient and weakly
+    supervised computational pathology on whole-slide images", Nat. Biomed. Eng. 2021).
+
+    One attention branch per food ``c`` over each sample's molecules, and the food's logit read
+    from that branch's pooled vector alone:
+
+    * ``h_m = W_z z_m`` (instance embedding), ``g_m = tanh(V h_m) * sigmoid(U h_m)`` (Ilse's gate);
+    * attention logit of edge ``e = (s, m)`` for food ``c``: ``a_ec = A_mc + b_e`` with
+      ``A = bound tanh(g W_a / bound)`` [M, C] and a class-shared intensity modulation
+      ``b_e = bound tanh(x_e^T B h_m / bound)``;
+    * ``alpha_ec = softmax_{e in s}(a_ec)`` -- the importance of molecule ``m`` *for food c*;
+    * ``readout="lse"`` (default): the attention logit *is* the evidence, ``logit_sc =
+      log sum_{e in s} exp(a_ec)`` (log-sum-exp pooling, Pinheiro & Collobert, CVPR 2015), whose
+      gradient in ``a_ec`` is exactly ``alpha_ec``. It is monotone in the molecule set: a sample
+      restricted to branch ``c``'s top molecules keeps nearly all of food ``c``'s logit while every
+      other food's logit can only fall, and removing them lowers food ``c``'s logit most -- the
+      top molecules are faithful by construction (fidelity+ above fidelity-).
+    * ``readout="mean"``: ``logit_sc = sum_{e in s} alpha_ec (u_mc + x_e^T q_c)`` with ``u = h W_u
+      + b_u`` [M, C], CLAM's per-class bag classifier ``w_c^T p_sc`` on the pooled ``p_sc = sum
+      alpha_ec h_e`` (linear, so it decomposes exactly over the molecules the branch attends to).
+
+    The softmax factorises, ``exp(a_ec) = exp(A_mc) exp(b_e)``, so every branch is two
+    [samples x molecules] @ [molecules x foods] products (no [edges x foods] array) where that
+    matrix is small (:data:`DENSE_POOL_LIMIT`); larger graphs use segment sums over the edges.
+    Both logit parts are bounded (``bound``), so the exponentials cannot overflow.
+
+    ``standardise``: each food's logit is standardised over the graph's samples and scaled by a
+    learned per-food factor (init 1): every sample shares most of its molecules, so the raw
+    logits differ by little around a large common part (as the gated pooling's vectors do); an
+    increasing affine map per food (``s_c = exp(learned)``) keeps the decomposition and the
+    monotonicity.
+    """
+
+    num_classes: int
+    pool_dim: int = 64
+    attention_dim: int = 32
+    logit_bound: float = 3.0
+    standardise: bool = True
+    readout: str = "lse"
+
+    @nn.compact
+    def __call__(self, molecule_embeddings, senders, receivers, intensities, num_samples: int,
+                 edge_mask=None, gate=None, stats_mask=None):
+        """Args as :class:`GatedAttentionPool`; ``gate`` [E] in [0, 1] multiplies each edge's
+        softmax term (restricted softmax); ``stats_mask`` [S] the samples whose logits define the
+        standardisation (``standardise``).
+
+        Returns ``(class_logits [S, C], branches)``: every food's logit from its own branch, and
+        the :class:`ClassBranches` from which :func:`branch_weights` gives any branch's weights.
+        """
+        bound = float(self.logit_bound) or 1e6
+        x = intensities.astype(jnp.float32)
+        num_attr = x.shape[-1]
+        h_mol = nn.Dense(self.pool_dim, name="instance")(molecule_embeddings.astype(jnp.float32))        # [M, P]
+        gated = (jnp.tanh(nn.Dense(self.attention_dim, name="attention_v")(h_mol))
+                 * nn.sigmoid(nn.Dense(self.attention_dim, name="attention_u")(h_mol)))
+        # No bias on the class logits of the attention: a per-class shift changes no weight.
+        mol_logits = bound * jnp.tanh(nn.Dense(self.num_classes, use_bias=False, name="attention_w")(gated) / bound)
+        mean_readout = self.readout == "mean"
+        if mean_readout:
+            evidence = nn.Dense(self.num_classes, name="evidence")(h_mol)                               # [M, C]
+        if num_attr:
+            slope = nn.Dense(num_attr, use_bias=False, name="attention_intensity")(h_mol)               # [M, A]
+            edge_logit = bound * jnp.tanh(jnp.sum(slope[receivers] * x, -1) / bound)                  # [E]
+            if mean_readout:
+                w_q = self.param("evidence_intensity", nn.initializers.zeros, (num_attr, self.num_classes))
+        else:
+            edge_logit = jnp.zeros(receivers.shape, jnp.float32)
+        edge_term = jnp.exp(edge_logit)
+        if edge_mask is not None:
+            edge_term = jnp.where(edge_mask, edge_term, 0.0)
+        if gate is not None:
+            edge_term = edge_term * gate
+        mol_term = jnp.exp(mol_logits)                                                                  # [M, C]
+        num_molecules = h_mol.shape[0]
+        if num_samples * num_molecules <= DENSE_POOL_LIMIT:
+            def pool(values):  # [E] per-edge factor -> [S, C] sum_e factor_e exp(A_mc) (rhs)_mc
+                matrix = jnp.zeros((num_samples, num_molecules), jnp.float32).at[senders, receivers].add(values)
+                return lambda rhs: matrix @ rhs
+        else:
+            def pool(values):
+                return lambda rhs: jax.ops.segment_sum(values[:, None] * rhs[receivers], senders, num_samples)
+        by_edge = pool(edge_term)
+        denom = by_edge(mol_term)                                                                       # [S, C]
+        safe = jnp.where(denom > 0, denom, 1.0)
+        if mean_readout:
+            numer = by_edge(mol_term * evidence)
+            if num_attr:
+                for a in range(num_attr):
+                    numer = numer + pool(edge_term * x[:, a])(mol_term) * w_q[a][None, :]
+            class_logits = jnp.where(denom > 0, numer / safe, 0.0)
+        else:
+            class_logits = jnp.where(denom > 0, jnp.log(safe), 0.0)
+        if self.standardise:
+            has_edges = jnp.any(denom > 0, -1)
+            reference = has_edges if stats_mask is None else (has_edges & stats_mask)
+            reference = jnp.where(jnp.any(reference), reference, has_edges)
+            log_scale = self.param("logit_log_scale", nn.initializers.zeros, (self.num_classes,))
+            class_logits = standardise_over_samples(class_logits, has_edges, reference) * jnp.exp(log_scale)
+        return class_logits, ClassBranches(edge_logit=edge_logit, edge_term=edge_term, mol_logits=mol_logits,
+                                           denom=denom)
+
+
+@flax.struct.dataclass
+class ClassBranches:
+    """What :class:`ClassAttentionPool` needs to give any branch's weights: ``edge_logit`` [E]
+    ``b_e``; ``edge_term`` [E] ``exp(b_e)`` times mask and gate; ``mol_logits`` [M, C] ``A``;
+    ``denom`` [S, C] each branch's softmax normaliser."""
+
+    edge_logit: Any
+    edge_term: Any
+    mol_logits: Any
+    denom: Any
+
+
+def branch_weights(branches: ClassBranches, senders, receivers, explain_class):
+    """Attention weight and logit of every ``contains_molecule`` edge in the branch of its sample's
+    ``explain_class`` [S] food: ``(weights [E] summing to 1 per sample, logits [E])``."""
+    cls = explain_class[senders]
+    logits = branches.mol_logits[receivers, cls] + branches.edge_logit
+    denom = branches.denom[senders, cls]
+    weights = branches.edge_term * jnp.exp(branches.mol_logits[receivers, cls]) / jnp.where(denom > 0, denom, 1.0)
+    return weights, logits
+
+
 class _MLP(nn.Module):
     hidden_dim: int
     out_dim: int
@@ -258,6 +387,8 @@ class FoodProjection(nn.Module):
 #: Key of the encoder's *input* molecule embeddings in a representation dict (see
 #: :meth:`MultiTaskModel.represent`).
 MOLECULE_INPUT = "Molecule:input"
+#: Key of the class-attention pooling's parameters inside ``params["salient_pool"]``.
+CLASS_ATTENTION = "class_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +400,13 @@ class HeadsConfig:
     connection). The GAT messages carry no root/self term, so with one shared input vector for all
     samples every molecule leaves the first layer with the same vector, and an even number of
     layers leaves no molecule identity in the sample embeddings; the skip connection restores it.
+
+    ``class_attention``: food logits from :class:`ClassAttentionPool` (one attention branch per
+    food; its weights are the molecule importances), added to the MLP classifier's logits where
+    ``classifier_mlp`` (the MLP on [sample embedding, gated-pooled molecules]; without it the food
+    prediction rests on the class branches alone, and the gated pooling feeds the nutrient head).
+    Without ``class_attention`` the MLP classifier alone predicts and the importances are the
+    gated pooling's weights.
     """
 
     hidden_dim: int = 64
@@ -281,6 +419,9 @@ class HeadsConfig:
     attention_logit_bound: float = 3.0
     pool_top_k: int = 0
     pool_temperature: float = 0.1
+    class_attention: bool = True
+    class_readout: str = "lse"
+    classifier_mlp: bool = True
 
 
 @flax.struct.dataclass
@@ -309,7 +450,8 @@ class MultiTaskModel:
     """Encoder + task heads as pure functions of ``params``.
 
     ``params = {"encoder": <HeteroGATEncoder params>, "classifier": ..., "nutrient_head": ...,
-    "food_projection": ..., "salient_pool": ...}``. Extra top-level entries (e.g. the task-weighting
+    "food_projection": ..., "salient_pool": ...}``; with class attention its parameters are
+    ``salient_pool["class_attention"]`` (the salient-molecule head's optimizer group). Extra top-level entries (e.g. the task-weighting
     parameters that training keeps beside them) are ignored by :meth:`apply`.
     """
 
@@ -320,6 +462,7 @@ class MultiTaskModel:
     salient_pool: GatedAttentionPool
     encoder_config: Any
     heads_config: HeadsConfig
+    class_pool: ClassAttentionPool | None = None
 
     def init(self, rng, graph: HeteroGraph) -> dict[str, Any]:
         k_enc, k_cls, k_nut, k_proj, k_pool = jax.random.split(rng, 5)
@@ -331,6 +474,10 @@ class MultiTaskModel:
         mol = jnp.zeros((graph.num_nodes[schema.MOLECULE], width), jnp.float32)
         pool_params = self.salient_pool.init(k_pool, mol, jnp.asarray(contains.senders), jnp.asarray(contains.receivers),
                                              jnp.asarray(contains.attributes), S)["params"]
+        if self.class_pool is not None:
+            pool_params = {**pool_params, CLASS_ATTENTION: self.class_pool.init(
+                jax.random.fold_in(k_pool, 1), mol, jnp.asarray(contains.senders), jnp.asarray(contains.receivers),
+                jnp.asarray(contains.attributes), S)["params"]}
         sample = jnp.zeros((1, hidden), jnp.float32)
         pooled = jnp.zeros((1, self.heads_config.pool_dim), jnp.float32)
         return {
@@ -393,9 +540,25 @@ class MultiTaskModel:
         """Attention pooling of every sample's molecules -> ``(pooled [S, P], weights [E], logits [E])``;
         see :class:`GatedAttentionPool`. ``molecule_features``: :meth:`pool_features`."""
         contains = graph.edges[schema.CONTAINS]
-        return self.salient_pool.apply({"params": params["salient_pool"]}, molecule_features,
+        gated = {k: v for k, v in params["salient_pool"].items() if k != CLASS_ATTENTION}
+        return self.salient_pool.apply({"params": gated}, molecule_features,
                                        contains.senders, contains.receivers, contains.attributes,
                                        graph.num_nodes[schema.SAMPLE], edge_mask, gate, stats_mask)
+
+    def class_branches(self, params, graph: HeteroGraph, molecule_features, edge_mask=None, gate=None,
+                       stats_mask=None):
+        """Class-attention pooling -> ``(class_logits [S, F], ClassBranches)``; see
+        :class:`ClassAttentionPool` (requires ``heads_config.class_attention``)."""
+        from jaxfood.graph.sampling import padding_edge_masks
+
+        # Padding edges of a sampled subgraph never enter the branches (nor their standardisation).
+        padding = padding_edge_masks(graph).get(schema.CONTAINS)
+        if padding is not None:
+            edge_mask = padding if edge_mask is None else edge_mask & padding
+        contains = graph.edges[schema.CONTAINS]
+        return self.class_pool.apply({"params": params["salient_pool"][CLASS_ATTENTION]}, molecule_features,
+                                     contains.senders, contains.receivers, contains.attributes,
+                                     graph.num_nodes[schema.SAMPLE], edge_mask, gate, stats_mask)
 
     def classify(self, params, sample_embeddings, pooled, *, deterministic=True, rng=None):
         """[S, hidden], [S, pool_dim] -> [S, F] food logits."""
@@ -405,13 +568,15 @@ class MultiTaskModel:
 
     def apply(self, params, graph: HeteroGraph, *, edge_masks: Mapping[str, Any] | None = None,
               node_index=None, deterministic: bool = True, rng=None, return_attention: bool = False,
-              pool_mask=None, stats_mask=None) -> ModelOutputs:
+              pool_mask=None, stats_mask=None, explain_class=None) -> ModelOutputs:
         """Full forward pass.
 
         ``edge_masks``: relation key -> [E] bool for the encoder (missing key = all edges);
         ``pool_mask``: [E_contains] bool for the attention pooling, default
         ``edge_masks[CONTAINS]`` (a molecule removed from a sample is removed from both);
-        ``stats_mask``: [S] samples that define the pooled standardisation (default all).
+        ``stats_mask``: [S] samples that define the pooled standardisation (default all);
+        ``explain_class``: [S] food whose class-attention branch gives ``molecule_weights`` (-1 /
+        None: the predicted food).
         """
         if rng is not None and not deterministic:
             k_enc, k_heads = jax.random.split(rng)
@@ -423,20 +588,34 @@ class MultiTaskModel:
         if pool_mask is None and edge_masks is not None:
             pool_mask = edge_masks.get(schema.CONTAINS)
         outputs = self.heads(params, graph, representation, pool_mask=pool_mask, deterministic=deterministic,
-                             rng=k_heads, stats_mask=stats_mask)
+                             rng=k_heads, stats_mask=stats_mask, explain_class=explain_class)
         return outputs.replace(attention=attention)
 
     def heads(self, params, graph: HeteroGraph, representation, *, pool_mask=None, deterministic: bool = True,
-              rng=None, stats_mask=None) -> ModelOutputs:
-        """All heads on a :meth:`represent` output (encoder embeddings + molecule inputs)."""
+              rng=None, stats_mask=None, gate=None, explain_class=None) -> ModelOutputs:
+        """All heads on a :meth:`represent` output (encoder embeddings + molecule inputs).
+
+        ``gate``: [E] weights in [0, 1] restricting both poolings (see :func:`restricted_softmax`);
+        ``explain_class``: see :meth:`apply`.
+        """
         if rng is not None and not deterministic:
             k_cls, k_nut = jax.random.split(rng)
         else:
             k_cls = k_nut = None
-        pooled, weights, logits = self.pool(params, graph, self.pool_features(representation), pool_mask,
-                                            stats_mask=stats_mask)
+        features = self.pool_features(representation)
+        pooled, weights, logits = self.pool(params, graph, features, pool_mask, gate=gate, stats_mask=stats_mask)
         samples = representation[schema.SAMPLE]
-        food_logits = self.classify(params, samples, pooled, deterministic=deterministic, rng=k_cls)
+        if self.class_pool is None or self.heads_config.classifier_mlp:
+            food_logits = self.classify(params, samples, pooled, deterministic=deterministic, rng=k_cls)
+        else:
+            food_logits = 0.0
+        if self.class_pool is not None:
+            class_logits, branches = self.class_branches(params, graph, features, pool_mask, gate, stats_mask)
+            food_logits = food_logits + class_logits
+            predicted = jnp.argmax(jax.lax.stop_gradient(food_logits), -1)
+            chosen = predicted if explain_class is None else jnp.where(explain_class >= 0, explain_class, predicted)
+            contains = graph.edges[schema.CONTAINS]
+            weights, logits = branch_weights(branches, contains.senders, contains.receivers, chosen)
         nut_rngs = {"dropout": k_nut} if k_nut is not None else {}
         nutrient_profile = self.nutrient_head.apply({"params": params["nutrient_head"]}, samples, pooled,
                                                     deterministic=deterministic, rngs=nut_rngs)
@@ -464,4 +643,7 @@ def make_multitask_model(graph: HeteroGraph, encoder_config, heads_config: Heads
                                         heads_config.pool_top_k, heads_config.pool_temperature),
         encoder_config=encoder_config,
         heads_config=heads_config,
+        class_pool=(ClassAttentionPool(num_foods, heads_config.pool_dim, heads_config.attention_dim,
+                                       heads_config.attention_logit_bound,
+                                       readout=heads_config.class_readout) if heads_config.class_attention else None),
     )

@@ -66,7 +66,11 @@ class FinetuneConfig:
     (0 = never). ``encoder``: used when starting from scratch; a pretrained checkpoint brings its own.
     ``task_gradient_scope``: representation | encoder (see :func:`multitask.make_train_step`).
     ``salient_k``: k of precision/recall@k and fidelity; ``salient_scorer``: scorer of the headline
-    salient-molecule numbers; ``scorers``: all scorers evaluated (reported under ``per_scorer``). ``prng_impl``: rbg (fast on CPU) or threefry2x32.
+    salient-molecule numbers; ``scorers``: all scorers evaluated (reported under ``per_scorer``).
+    ``stability_*``: ``stability_jaccard`` of the headline scorer, the mean top-k Jaccard overlap of
+    each food's list between the clean input and that many perturbations (Gaussian noise of sd
+    ``stability_noise_sd`` on the normalised intensities, ``stability_drop_fraction`` of the
+    molecule edges dropped; seeded by ``seed``; 0 perturbations: not computed). ``prng_impl``: rbg (fast on CPU) or threefry2x32.
     """
 
     seed: int = 0
@@ -81,8 +85,11 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     task_gradient_scope: Literal["representation", "encoder"] = "representation"
     salient_k: int = 10
-    salient_scorer: Literal["attention", "gat_attention", "gradient"] = "attention"
+    salient_scorer: Literal["class_attention", "attention", "gat_attention", "gradient"] = "class_attention"
     scorers: tuple[str, ...] = tuple(sal.SCORERS)
+    stability_perturbations: int = 3
+    stability_noise_sd: float = 0.1
+    stability_drop_fraction: float = 0.05
     knn_k: int = 5
     prng_impl: Literal["rbg", "threefry2x32"] = "rbg"
     tensorboard: bool = True
@@ -104,6 +111,10 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
         raise ConfigError(f"finetune config: key 'loss.label_smoothing' = {cfg.loss.label_smoothing}: "
                           "expected a number in [0, 1)")
+    if cfg.stability_perturbations < 0 or cfg.stability_noise_sd < 0 or not 0.0 <= cfg.stability_drop_fraction < 1.0:
+        raise ConfigError("finetune config: keys 'stability_perturbations' and 'stability_noise_sd' must be >= 0 and "
+                          f"'stability_drop_fraction' in [0, 1) (got {cfg.stability_perturbations}, "
+                          f"{cfg.stability_noise_sd}, {cfg.stability_drop_fraction})")
     if cfg.patience < 0 or cfg.optimizer.freeze_encoder_steps < 0:
         raise ConfigError("finetune config: keys 'patience' and 'optimizer.freeze_encoder_steps' must be >= 0")
     sections = {"food_classification", "nutrition", "salient_molecules"}
@@ -178,17 +189,21 @@ class Evaluator:
         {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece},
          "nutrition": {knn_purity, spearman, nutrient_r2, nutrient_r2_per_nutrient},
          "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
-                               per_scorer: {name: {...}}}}
+                               stability_jaccard, per_scorer: {name: {...}}}}
 
     Food classification and nutrient R² are scored on the samples of ``split``; the Food
     embeddings (the triplet projection) on all foods against their USDA categories (k-NN purity)
     and nutrient profiles (Spearman of pairwise distances); molecule rankings per food from all
-    labelled samples, fidelity on the samples of ``split`` (probability of the true food).
+    labelled samples, fidelity on the samples of ``split`` (probability of the true food);
+    ``stability_jaccard`` of the headline scorer's rankings under ``stability`` =
+    ``(perturbations, noise_sd, drop_fraction, seed)`` (see :func:`salient_molecules.perturb_contains`).
     """
 
     def __init__(self, model: MultiTaskModel, graph: HeteroGraph, salient_k: int = 10, knn_k: int = 5,
-                 scorer: str = "attention", scorers: Sequence[str] = tuple(sal.SCORERS)):
+                 scorer: str = "class_attention", scorers: Sequence[str] = tuple(sal.SCORERS),
+                 stability: tuple[int, float, float, int] = (3, 0.1, 0.05, 0)):
         self.model, self.graph = model, graph
+        self.stability = stability
         self.salient_k, self.knn_k, self.scorer = int(salient_k), int(knn_k), scorer
         self.scorers = tuple(dict.fromkeys([scorer, *scorers]))
         self._predict = mt.make_predict_fn(model)
@@ -201,6 +216,26 @@ class Evaluator:
                                               target_class=target)
 
         self._fidelity = jax.jit(fid)
+        self._score_perturbed = jax.jit(lambda p, g, m: sal.score_molecules(scorer, model, mt.split_params(p)[0], g, m))
+
+    def stability_jaccard(self, params, clean_scores=None) -> float:
+        """Mean :func:`salient_molecules.topk_jaccard` of the headline scorer's per-food rankings
+        between the clean input and each perturbation (NaN with 0 perturbations)."""
+        perturbations, noise_sd, drop_fraction, seed = self.stability
+        if perturbations < 1:
+            return math.nan
+        k = self.salient_k
+        if clean_scores is None:
+            clean_scores = self._score[self.scorer](params, self.graph)
+        clean = sal.rankings_by_id(sal.rank_molecules_per_food(np.asarray(clean_scores), self.graph)[0], self.graph, k)
+        overlaps = []
+        for i in range(perturbations):
+            graph, masks = sal.perturb_contains(self.graph, jax.random.fold_in(jax.random.key(seed), i), noise_sd,
+                                                drop_fraction)
+            scores = np.asarray(self._score_perturbed(params, graph, masks))
+            noisy = sal.rankings_by_id(sal.rank_molecules_per_food(scores, self.graph)[0], self.graph, k)
+            overlaps.append(sal.topk_jaccard(clean, noisy, k))
+        return float(np.mean(overlaps))
 
     def predict(self, params):
         return jax.device_get(self._predict(params, self.graph))
@@ -245,8 +280,11 @@ class Evaluator:
         sample_mask = jnp.asarray(in_split)
         target = jnp.asarray(np.where(labels >= 0, labels, 0))
         per_scorer = {}
+        headline_scores = None
         for name in (scorers or self.scorers):
             scores = self._score[name](params, graph)
+            if name == self.scorer:
+                headline_scores = scores
             # GraphFramEx's "phenomenon" form: the probability of the true food.
             p_full, p_removed, p_kept = (np.asarray(x)[idx] for x in jax.device_get(
                 self._fidelity(params, graph, scores, sample_mask, target)))
@@ -261,7 +299,9 @@ class Evaluator:
             entry[f"recall_at_{k}"] = rec
             per_scorer[name] = entry
         head = per_scorer[self.scorer] if self.scorer in per_scorer else next(iter(per_scorer.values()))
-        metrics["salient_molecules"] = {**head, "scorer": self.scorer, "k": k, "per_scorer": per_scorer}
+        metrics["salient_molecules"] = {**head, "scorer": self.scorer, "k": k,
+                                        "stability_jaccard": self.stability_jaccard(params, headline_scores),
+                                        "per_scorer": per_scorer}
         return metrics
 
     def rankings(self, params, scorer: str | None = None, top: int | None = None) -> dict[str, list[str]]:
@@ -269,6 +309,12 @@ class Evaluator:
         scores = np.asarray(self._score[scorer or self.scorer](params, self.graph))
         ranking, _ = sal.rank_molecules_per_food(scores, self.graph)
         return sal.rankings_by_id(ranking, self.graph, top)
+
+
+def stability_settings(cfg: FinetuneConfig) -> tuple[int, float, float, int]:
+    """The :class:`Evaluator`'s ``stability`` argument from a config."""
+    return (int(cfg.stability_perturbations), float(cfg.stability_noise_sd), float(cfg.stability_drop_fraction),
+            int(cfg.seed))
 
 
 def selection_score(metrics: Mapping[str, Any], selection: Mapping[str, float]) -> float:
@@ -411,7 +457,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         return raw_step(state, graph, batch)
 
     step_fn = jax.jit(counted_step, donate_argnums=(0,))
-    evaluator = Evaluator(model, dgraph, cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers)
+    evaluator = Evaluator(model, dgraph, cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
+                          stability_settings(cfg))
     seed_mask = jnp.asarray(np.asarray(graph.sample_split) == SPLIT_CODES["train"])
     accumulation = cfg.optimizer.accumulation_steps
 
@@ -525,7 +572,8 @@ def evaluate_checkpoint(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=Non
         reference = _as_reference(loaded.meta["biomarkers"])
     else:
         reference = None
-    evaluator = Evaluator(loaded.model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers)
+    evaluator = Evaluator(loaded.model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
+                          stability_settings(cfg))
     metrics = evaluator.evaluate(loaded.params, split, reference)
     metrics["task_weights"] = task_weight_summary(cfg.weighting, loaded.params)
     metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))

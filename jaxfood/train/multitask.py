@@ -34,7 +34,7 @@ import optax
 
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
-from jaxfood.models.heads import MultiTaskModel
+from jaxfood.models.heads import CLASS_ATTENTION, MultiTaskModel
 from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.food_classification import accuracy, cross_entropy_loss
@@ -56,8 +56,14 @@ class LossConfig:
     ``salient_top_k``: molecules kept by the sufficiency term; ``salient_temperature``: softness of
     the straight-through top-k; ``salient_sparsity``: topk_mass (attention mass outside each
     sample's top-k) or entropy (normalised entropy of the weights), weighted by
-    ``salient_sparsity_weight``; ``salient_warmup_steps``: the salient loss is ramped in linearly
-    over these steps (counted in calls of the step).
+    ``salient_sparsity_weight`` (default 0: with the class-attention log-sum-exp readout the
+    importances are the logit's own gradient, and forcing them onto k molecules cost accuracy and
+    precision on the embedded data); ``salient_warmup_steps``: the salient loss is ramped in linearly
+    over these steps (counted in calls of the step). ``salient_comprehensiveness_weight``: weight of
+    the comprehensiveness term (ERASER, DeYoung et al. 2020): the probability of a supervised
+    sample's food with its top-k molecules removed (both edge directions and the pooling) is
+    minimised, so the prediction must rest on the molecules the scores name (fidelity+); costs
+    one more encoder pass (0: not computed).
     """
 
     label_smoothing: float = 0.1
@@ -71,9 +77,10 @@ class LossConfig:
     salient_top_k: int = 10
     salient_temperature: float = 0.1
     salient_sparsity: Literal["topk_mass", "entropy"] = "topk_mass"
-    salient_sparsity_weight: float = 0.5
+    salient_sparsity_weight: float = 0.0
     salient_warmup_steps: int = 0
     sufficiency_trains: Literal["scores", "heads"] = "heads"
+    salient_comprehensiveness_weight: float = 0.0
 
 
 @flax.struct.dataclass
@@ -174,7 +181,9 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
     S = graph.num_nodes[schema.SAMPLE]
     contains = graph.edges[schema.CONTAINS]
     labels = graph.sample_food
-    out = model.heads(params, graph, embeddings, deterministic=deterministic, rng=rng)
+    # With class attention the importances of a supervised sample are those of its own food's branch.
+    explain = jnp.where(supervised, labels, -1)
+    out = model.heads(params, graph, embeddings, deterministic=deterministic, rng=rng, explain_class=explain)
     # -- food classification
     ce = cross_entropy_loss(out.food_logits, labels, supervised, cfg.label_smoothing,
                             _class_weights(graph, batch.seed_mask, cfg.class_weighting))
@@ -199,18 +208,27 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
     if cfg.sufficiency_trains == "heads":
         scorer_params = {**fixed, "salient_pool": params["salient_pool"], "classifier": params["classifier"]}
     else:
-        scorer_params = {**fixed, "salient_pool": {name: (p if name.startswith("attention") else fixed["salient_pool"][name])
-                                                   for name, p in params["salient_pool"].items()}}
+        scorer_params = {**fixed, "salient_pool": _attention_only(params["salient_pool"], fixed["salient_pool"])}
     emb_k = model.encode(fixed, graph, edge_masks=sal.merge_edge_masks(label_masks, sal.contains_edge_masks(keep)),
                          node_index=batch.node_index, deterministic=True)
     emb_k = jax.lax.stop_gradient({**embeddings, **emb_k})  # molecule inputs do not depend on edges
-    pooled_k, _, _ = model.pool(scorer_params, graph, model.pool_features(emb_k), gate=gate, stats_mask=~supervised)
-    food_logits_k = model.classify(scorer_params, emb_k[schema.SAMPLE], pooled_k, deterministic=True)
+    food_logits_k = model.heads(scorer_params, graph, emb_k, gate=gate, stats_mask=~supervised,
+                                explain_class=explain).food_logits
     sufficiency = sal.sufficiency_loss(out.food_logits, food_logits_k, supervised)
+    if cfg.salient_comprehensiveness_weight > 0:
+        removed = ~(hard & on_supervised)
+        emb_r = model.encode(fixed, graph, edge_masks=sal.merge_edge_masks(label_masks, sal.contains_edge_masks(removed)),
+                             node_index=batch.node_index, deterministic=True)
+        emb_r = jax.lax.stop_gradient({**embeddings, **emb_r})
+        logits_r = model.heads(scorer_params, graph, emb_r, pool_mask=removed, stats_mask=~supervised,
+                               explain_class=explain).food_logits
+        comprehensiveness = sal.comprehensiveness_loss(logits_r, labels, supervised)
+    else:
+        comprehensiveness = jnp.zeros((), jnp.float32)
     entropy = sal.attention_entropy(out.molecule_weights, senders, S, supervised)
     outside_mass = sal.mass_outside_topk(out.molecule_weights, hard, senders, S, supervised)
     sparsity = entropy if cfg.salient_sparsity == "entropy" else outside_mass
-    salient = sufficiency + cfg.salient_sparsity_weight * sparsity
+    salient = sufficiency + cfg.salient_sparsity_weight * sparsity + cfg.salient_comprehensiveness_weight * comprehensiveness
     if cfg.salient_warmup_steps > 0 and step is not None:
         # Importances mean something once the classifier does: ramp the salient task in.
         salient = salient * jnp.minimum(1.0, (step + 1.0) / cfg.salient_warmup_steps)
@@ -220,12 +238,24 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
     agree = (jnp.argmax(food_logits_k, -1) == jnp.argmax(out.food_logits, -1)) & supervised
     aux = {
         "loss/cross_entropy": ce, "loss/triplet": triplet, "loss/nutrient_mse": mse,
-        "loss/sufficiency": sufficiency, "loss/attention_entropy": entropy, "loss/outside_topk_mass": outside_mass,
+        "loss/sufficiency": sufficiency, "loss/comprehensiveness": comprehensiveness, "loss/attention_entropy": entropy, "loss/outside_topk_mass": outside_mass,
         "train/accuracy": accuracy(out.food_logits, labels, supervised),
         "train/topk_agreement": jnp.sum(agree) / n_sup,
         "train/supervised": jnp.sum(supervised).astype(jnp.float32),
     }
     return losses, aux
+
+
+def _attention_only(pool_params, fixed_pool_params):
+    """The pooling parameters with only the attention-scoring ones (``attention*``, also inside the
+    class-attention pooling) trainable, the rest from ``fixed_pool_params``."""
+    out = {}
+    for name, p in pool_params.items():
+        if name == CLASS_ATTENTION:
+            out[name] = _attention_only(p, fixed_pool_params[name])
+        else:
+            out[name] = p if name.startswith("attention") else fixed_pool_params[name]
+    return out
 
 
 def encode_for_step(model: MultiTaskModel, encoder_params, graph: HeteroGraph, batch: Batch, label_masks, rng,

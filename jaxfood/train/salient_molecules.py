@@ -1,10 +1,13 @@
 """Salient molecule discovery: faithful molecule importances and their rankings per food.
 
 Importance of molecule ``m`` in sample ``s`` is a score on the ``contains_molecule`` edge
-``(s, m)``. Three scorers share one interface, ``scorer(model, params, graph, edge_masks) -> [E]``
+``(s, m)``. Four scorers share one interface, ``scorer(model, params, graph, edge_masks) -> [E]``
 (one score per ``contains_molecule`` edge, normalised over each sample's edges):
 
-* ``attention`` -- the weights of the gated attention pooling head (Ilse et al. 2018);
+* ``class_attention`` -- the weights of each sample's own food's branch of the class-attention
+  pooling (CLAM, Lu et al. 2021; see :class:`jaxfood.models.heads.ClassAttentionPool`);
+* ``attention`` -- the importances the model reports for its predicted food: that food's
+  class-attention branch, or without class attention the gated attention pooling (Ilse et al. 2018);
 * ``gat_attention`` -- the last encoder layer's attention on ``Molecule|rev_contains_molecule|Sample``
   edges, averaged over heads;
 * ``gradient`` -- gradient x input with the molecule's presence as input: the first-order change
@@ -16,6 +19,9 @@ agree with the full prediction, ``KL(p_full || p_topk)``; the top-k mask is hard
 pass and straight-through (a sigmoid around the k-th score) in the backward pass, so molecules
 just outside the top-k receive gradient. A normalised-entropy term keeps the weights sparse.
 
+Stability: :func:`perturb_contains` perturbs the input (noisy intensities, dropped molecule
+edges) and :func:`topk_jaccard` compares two rankings' top-k lists per food.
+
 Removal and restriction of a sample's molecules act on both edge directions. They rely on the
 reverse relation listing its edges in the forward order, which :func:`align_reverse_edges`
 establishes (``with_reverse_edges`` already builds graphs that way).
@@ -23,7 +29,7 @@ establishes (``with_reverse_edges`` already builds graphs that way).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -86,6 +92,18 @@ def sufficiency_loss(full_logits, topk_logits, mask=None):
     return jnp.sum(w * kl) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def comprehensiveness_loss(removed_logits, labels, mask):
+    """``mean_s p_removed_s(y_s)``: the probability of each selected sample's food ``labels`` [B]
+    from ``removed_logits`` [B, C] (its top-k molecules removed), over ``mask`` [B] bool. Minimising
+    it is ERASER's comprehensiveness (DeYoung et al. 2020): without the named molecules the food
+    must no longer be recognised. Bounded in [0, 1]."""
+    labels = jnp.asarray(labels)
+    p = jax.nn.softmax(removed_logits.astype(jnp.float32), -1)
+    p_true = jnp.take_along_axis(p, jnp.where(labels >= 0, labels, 0)[:, None], -1)[:, 0]
+    w = (jnp.asarray(mask) & (labels >= 0)).astype(jnp.float32)
+    return jnp.sum(w * p_true) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def attention_entropy(weights, segment_ids, num_segments: int, sample_mask=None, edge_mask=None):
     """Mean normalised entropy ``H(alpha_s) / log(n_s)`` of each sample's weights (0 where n_s < 2).
 
@@ -132,6 +150,17 @@ def attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
     return out.molecule_weights
 
 
+def class_attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
+    """Weights of each sample's *own food's* class-attention branch, [E_contains] (the predicted
+    food's where the food is unknown; the plain pooling weights without class attention).
+
+    GraphFramEx's "phenomenon" explanation: why is this sample its food -- the molecules that
+    food's branch reads its logit from (see :class:`jaxfood.models.heads.ClassAttentionPool`).
+    """
+    out = model.apply(params, graph, edge_masks=edge_masks, explain_class=jnp.asarray(graph.sample_food))
+    return out.molecule_weights
+
+
 def gat_attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
     """Last-layer GAT attention of every molecule on its samples, mean over heads, [E_contains]."""
     _, attention = model.encode(params, graph, edge_masks=edge_masks, return_attention=True)
@@ -169,6 +198,7 @@ def gradient_scorer(model, params, graph: HeteroGraph, edge_masks=None):
 
 
 SCORERS: dict[str, Callable[..., Any]] = {
+    "class_attention": class_attention_scorer,
     "attention": attention_scorer,
     "gat_attention": gat_attention_scorer,
     "gradient": gradient_scorer,
@@ -183,17 +213,27 @@ def score_molecules(method: str, model, params, graph: HeteroGraph, edge_masks=N
 
 
 # ---- rankings -----------------------------------------------------------------------------------
+#: Pseudocount of the log-ratio contrast, relative to the mean positive edge score.
+LOG_RATIO_PSEUDOCOUNT = 1e-3
+
+
 def rank_molecules_per_food(edge_scores, graph: HeteroGraph, sample_mask=None, sample_food=None,
-                            contrast: bool = True):
+                            contrast: bool | str = "log_ratio"):
     """Molecules ranked for each food by their importance in the food's samples.
 
     Args:
       edge_scores: [E_contains] per-sample importances (summing to 1 over each sample's edges).
       sample_mask: [S] bool, samples to use (default: all with a known food).
       sample_food: [S] food of each sample (default ``graph.sample_food``; predicted foods work too).
-      contrast: rank by the mean importance in the food's samples *minus* the mean importance in
-        the other foods' samples (specific to the food, as a fold change is), instead of the mean
-        alone (which also ranks molecules that matter for every food of a category high).
+      contrast: how the food's samples are contrasted with the other foods' samples:
+        ``log_ratio`` (default) ``log(mean_f + c) - log(mean_rest + c)`` of the (non-negative part
+        of the) importances -- the fold change of importance, specific to the food as a fold change
+        of intensity is; ``c`` = :data:`LOG_RATIO_PSEUDOCOUNT` x the mean positive edge score;
+        ``difference`` (or True) ``mean_f - mean_rest``; ``none`` (or False) the mean alone (which
+        also ranks molecules that matter for every food of a category high). A difference leaves
+        a molecule shared by a whole category on top of a food's list; the ratio puts a molecule
+        seldom important elsewhere there (measured on the embedded data: presence alone ranks the
+        planted biomarkers at precision@10 0.08 by difference, 0.29 by log ratio).
 
     Returns ``(ranking [F, M] int molecule indices, best first; importance [F, M] float)``; a
     molecule absent from a sample counts 0 for it; ties keep molecule order.
@@ -209,10 +249,19 @@ def rank_molecules_per_food(edge_scores, graph: HeteroGraph, sample_mask=None, s
     total = np.zeros((num_foods, num_molecules), np.float64)
     np.add.at(total, (food[senders[keep]], receivers[keep]), scores[keep])
     counts = np.bincount(food[use], minlength=num_foods).astype(np.float64)
+    mode = {True: "difference", False: "none"}.get(contrast, contrast) if isinstance(contrast, bool) else contrast
+    if mode not in ("log_ratio", "difference", "none"):
+        raise ValueError(f"contrast must be 'log_ratio', 'difference' or 'none', got {contrast!r}")
+    if mode == "log_ratio":
+        positive = np.maximum(scores, 0.0)
+        pseudocount = LOG_RATIO_PSEUDOCOUNT * (positive[positive > 0].mean() if (positive > 0).any() else 1.0)
+        total = np.zeros((num_foods, num_molecules), np.float64)
+        np.add.at(total, (food[senders[keep]], receivers[keep]), positive[keep])
     importance = total / np.maximum(counts, 1.0)[:, None]
-    if contrast:
+    if mode != "none":
         rest = (total.sum(0, keepdims=True) - total) / np.maximum(counts.sum() - counts, 1.0)[:, None]
-        importance = importance - rest
+        importance = (np.log(importance + pseudocount) - np.log(rest + pseudocount) if mode == "log_ratio"
+                      else importance - rest)
     ranking = np.argsort(-importance, axis=1, kind="stable")
     return ranking, importance
 
@@ -257,3 +306,38 @@ def fidelity_probabilities(model, params, graph: HeteroGraph, edge_scores, k: in
 
     return (pick(p_full), pick(proba(contains_edge_masks(keep_removed))),
             pick(proba(contains_edge_masks(keep_kept))))
+
+
+# ---- stability ------------------------------------------------------------------------------------
+def topk_jaccard(rankings_a: Mapping[str, Sequence[str]], rankings_b: Mapping[str, Sequence[str]], k: int) -> float:
+    """Mean over the foods of both rankings of the Jaccard overlap ``|A ∩ B| / |A ∪ B|`` of their
+    top-``k`` molecule lists (``{food: [molecule ids, best first]}``); NaN without a common food."""
+    from jaxfood.eval.metrics import jaccard_at_k
+
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    foods = [f for f in rankings_a if f in rankings_b]
+    if not foods:
+        return float("nan")
+    return float(np.mean([jaccard_at_k(list(rankings_a[f]), list(rankings_b[f]), k) for f in foods]))
+
+
+def perturb_contains(graph: HeteroGraph, key, noise_sd: float = 0.1, drop_fraction: float = 0.05):
+    """A small perturbation of the input, for the stability of the rankings: ``(graph, edge_masks)``.
+
+    Gaussian noise of standard deviation ``noise_sd`` on the (normalised) ``contains_molecule``
+    attributes, and each ``contains_molecule`` edge dropped with probability ``drop_fraction``
+    (``edge_masks``, both directions). The reverse relation gets the same attributes, which
+    assumes its edges mirror the forward ones (:func:`align_reverse_edges`). Pure: the same
+    ``key`` gives the same perturbation.
+    """
+    k_noise, k_drop = jax.random.split(key)
+    fwd = graph.edges[schema.CONTAINS]
+    attributes = jnp.asarray(fwd.attributes, jnp.float32)
+    noisy = attributes + noise_sd * jax.random.normal(k_noise, attributes.shape, jnp.float32)
+    edges = dict(graph.edges)
+    edges[schema.CONTAINS] = fwd.replace(attributes=noisy.astype(fwd.attributes.dtype))
+    if REV_CONTAINS in edges:
+        edges[REV_CONTAINS] = edges[REV_CONTAINS].replace(attributes=noisy.astype(edges[REV_CONTAINS].attributes.dtype))
+    keep = jax.random.uniform(k_drop, fwd.senders.shape) >= drop_fraction
+    return graph.replace(edges=edges), contains_edge_masks(keep)

@@ -1,0 +1,198 @@
+"""Salient molecules: the class-attention pooling computes what it documents (both readouts, both
+pooling paths), its log-sum-exp readout is faithful by construction, the scorers read the right
+branch, the per-food rankings contrast by log ratio, and the stability helpers against hand values."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_toy_graph
+
+from jaxfood.graph import schema
+from jaxfood.models import heads as heads_mod
+from jaxfood.models.encoder import EncoderConfig
+from jaxfood.models.heads import ClassAttentionPool, HeadsConfig, branch_weights, make_multitask_model
+from jaxfood.train import salient_molecules as sal
+from jaxfood.train.finetune import Evaluator, prepare_graph
+
+SENDERS = np.array([0, 0, 0, 1, 1, 2], np.int32)
+RECEIVERS = np.array([0, 2, 3, 1, 2, 3], np.int32)
+
+
+def _pool_case(readout):
+    rng = np.random.default_rng(0)
+    mol = rng.normal(size=(4, 5)).astype(np.float32)
+    x = rng.normal(size=(6, 1)).astype(np.float32)
+    pool = ClassAttentionPool(num_classes=3, pool_dim=6, attention_dim=3, readout=readout, standardise=False)
+    params = pool.init(jax.random.key(1), mol, SENDERS, RECEIVERS, x, 3)["params"]
+    # Non-zero intensity evidence, so the test sees it.
+    if readout == "mean":
+        params = {**params, "evidence_intensity": jnp.asarray(rng.normal(size=(1, 3)), jnp.float32)}
+    return pool, params, mol, x
+
+
+def _numpy_branches(p, mol, x, readout, mask=None):
+    """The documented formulas in numpy: ``(class_logits [S, C], alpha [E, C])``."""
+    p = jax.tree_util.tree_map(np.asarray, p)
+    h = mol @ p["instance"]["kernel"] + p["instance"]["bias"]
+    gv = np.tanh(h @ p["attention_v"]["kernel"] + p["attention_v"]["bias"])
+    gu = 1 / (1 + np.exp(-(h @ p["attention_u"]["kernel"] + p["attention_u"]["bias"])))
+    A = 3.0 * np.tanh((gv * gu) @ p["attention_w"]["kernel"] / 3.0)                       # [M, C]
+    b = 3.0 * np.tanh(np.sum((h @ p["attention_intensity"]["kernel"])[RECEIVERS] * x, -1) / 3.0)
+    a = A[RECEIVERS] + b[:, None]                                                          # [E, C]
+    mask = np.ones(6, bool) if mask is None else mask
+    logits = np.zeros((3, 3))
+    alpha = np.zeros((6, 3))
+    for s in range(3):
+        sel = (SENDERS == s) & mask
+        e = np.exp(a[sel])
+        alpha[sel] = e / e.sum(0)
+        if readout == "lse":
+            logits[s] = np.log(e.sum(0))
+        else:
+            u = (h @ p["evidence"]["kernel"] + p["evidence"]["bias"])[RECEIVERS[sel]] + x[sel] @ p["evidence_intensity"]
+            logits[s] = np.sum(alpha[sel] * u, 0)
+    return logits, alpha
+
+
+@pytest.mark.parametrize("readout", ["lse", "mean"])
+def test_class_attention_pool_matches_numpy_masks_and_paths(readout, monkeypatch):
+    pool, params, mol, x = _pool_case(readout)
+    logits, branches = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3)
+    want_logits, want_alpha = _numpy_branches(params, mol, x, readout)
+    np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-5, atol=1e-5)
+    explain = jnp.asarray([2, 0, 1])
+    weights, _ = branch_weights(branches, SENDERS, RECEIVERS, explain)
+    np.testing.assert_allclose(np.asarray(weights), want_alpha[np.arange(6), np.asarray(explain)[SENDERS]],
+                               rtol=1e-5, atol=1e-6)
+    # A masked edge gets weight 0 and leaves its sample's softmax.
+    mask = np.array([True, False, True, True, True, True])
+    logits_m, branches_m = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3, mask)
+    want_m, alpha_m = _numpy_branches(params, mol, x, readout, mask)
+    np.testing.assert_allclose(np.asarray(logits_m), want_m, rtol=1e-5, atol=1e-5)
+    w_m, _ = branch_weights(branches_m, SENDERS, RECEIVERS, explain)
+    assert float(w_m[1]) == 0.0
+    np.testing.assert_allclose(np.asarray(w_m), alpha_m[np.arange(6), np.asarray(explain)[SENDERS]], rtol=1e-5,
+                               atol=1e-6)
+    # The segment-sum path for large graphs gives the same logits.
+    monkeypatch.setattr(heads_mod, "DENSE_POOL_LIMIT", 0)
+    logits_seg, _ = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3)
+    np.testing.assert_allclose(np.asarray(logits_seg), np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_lse_readout_is_monotone_so_top_molecules_are_faithful():
+    """Keeping only branch c's top molecules keeps food c's logit up to the dropped mass and lowers
+    every other food's; removing them lowers food c's logit (log-sum-exp is monotone in the set)."""
+    pool, params, mol, x = _pool_case("lse")
+    full, branches = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3)
+    c = 1
+    weights, _ = branch_weights(branches, SENDERS, RECEIVERS, jnp.full((3,), c))
+    top = np.asarray(sal.segment_topk_mask(weights, jnp.asarray(SENDERS), 3, 1))
+    kept, _ = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3, top)
+    removed, _ = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3, ~top)
+    full, kept, removed = (np.asarray(v) for v in (full, kept, removed))
+    w = np.asarray(weights)
+    for s in (0, 1):  # samples with more than one molecule
+        kept_mass = w[top & (SENDERS == s)].sum()
+        assert kept[s, c] == pytest.approx(full[s, c] + math.log(kept_mass), abs=1e-5)  # log of the kept mass
+        assert np.all(kept[s] <= full[s] + 1e-6)
+        assert removed[s, c] < full[s, c]
+
+
+SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=1, embedding_dim=16, dropout=0.0,
+                              input_modes={"Sample": "shared", "Molecule": "both", "Food": "both",
+                                           "Nutrient": "embedding"})
+SMALL_HEADS = HeadsConfig(hidden_dim=16, pool_dim=16, attention_dim=8, projection_dim=8, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    graph = prepare_graph(make_toy_graph())
+    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
+    params = model.init(jax.random.key(0), graph)
+    return graph, model, params
+
+
+def test_scorers_read_the_own_and_the_predicted_food_branch(toy_model):
+    graph, model, params = toy_model
+    assert set(params["salient_pool"]) >= {heads_mod.CLASS_ATTENTION}
+    contains = graph.edges[schema.CONTAINS]
+    S = graph.num_nodes[schema.SAMPLE]
+    rep = model.represent(params, graph)
+    _, branches = model.class_branches(params, graph, model.pool_features(rep))
+    out = model.apply(params, graph)
+    own = sal.score_molecules("class_attention", model, params, graph)
+    want_own, _ = branch_weights(branches, contains.senders, contains.receivers, jnp.asarray(graph.sample_food))
+    np.testing.assert_allclose(np.asarray(own), np.asarray(want_own), rtol=1e-5, atol=1e-7)
+    predicted = jnp.argmax(out.food_logits, -1)
+    want_pred, _ = branch_weights(branches, contains.senders, contains.receivers, predicted)
+    np.testing.assert_allclose(np.asarray(sal.score_molecules("attention", model, params, graph)),
+                               np.asarray(want_pred), rtol=1e-5, atol=1e-7)
+    per_sample = jax.ops.segment_sum(own, contains.senders, S)
+    np.testing.assert_allclose(np.asarray(per_sample), 1.0, rtol=1e-5)
+    # Without MLP classifier the food logits are the class branches' alone.
+    mlp_off = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, classifier_mlp=False))
+    class_logits, _ = mlp_off.class_branches(params, graph, mlp_off.pool_features(rep))
+    np.testing.assert_allclose(np.asarray(mlp_off.apply(params, graph).food_logits), np.asarray(class_logits),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_rankings_contrast_by_log_ratio_against_hand_values():
+    """Two foods, three molecules; food 0's samples 0, 1 and food 1's sample 2."""
+    graph = make_toy_graph()
+    edges = dict(graph.edges)
+    senders = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    receivers = np.array([0, 1, 0, 2, 1, 2], np.int32)
+    edges[schema.CONTAINS] = edges[schema.CONTAINS].replace(senders=senders, receivers=receivers,
+                                                            attributes=np.zeros((6, 1), np.float32))
+    tiny = graph.replace(edges=edges, sample_food=np.array([0, 0, 1] + [-1] * (graph.num_nodes["Sample"] - 3),
+                                                            np.int32))
+    scores = np.array([0.5, 0.5, 0.8, 0.2, 0.1, 0.9])
+    ranking, importance = sal.rank_molecules_per_food(scores, tiny, contrast="log_ratio")
+    c = sal.LOG_RATIO_PSEUDOCOUNT * scores.mean()
+    # food 0: mean importance of molecule 0 = (0.5 + 0.8) / 2, of molecule 1 = 0.25, of 2 = 0.1;
+    # the other food (sample 2): 0, 0.1, 0.9.
+    want0 = np.log(np.array([0.65, 0.25, 0.1]) + c) - np.log(np.array([0.0, 0.1, 0.9]) + c)
+    np.testing.assert_allclose(importance[0, :3], want0, rtol=1e-9)
+    assert list(ranking[0, :2]) == [0, 1] and ranking[0, -1] == 2  # absent molecules score 0, between
+    _, diff = sal.rank_molecules_per_food(scores, tiny, contrast=True)  # True = difference (as before)
+    np.testing.assert_allclose(diff[0, :3], [0.65, 0.15, -0.8], rtol=1e-9)
+    with pytest.raises(ValueError, match="contrast"):
+        sal.rank_molecules_per_food(scores, tiny, contrast="ratio")
+
+
+def test_topk_jaccard_by_hand():
+    a = {"apple": ["m1", "m2", "m3", "m4"], "pear": ["m5", "m6", "m7"], "only_a": ["m1"]}
+    b = {"apple": ["m3", "m1", "m9", "m4"], "pear": ["m5", "m6", "m7"]}
+    # apple top-3: {m1, m2, m3} vs {m3, m1, m9} -> 2 / 4; pear identical -> 1; only_a is not in b.
+    assert sal.topk_jaccard(a, b, 3) == pytest.approx((0.5 + 1.0) / 2)
+    assert sal.topk_jaccard(a, a, 3) == 1.0
+    assert math.isnan(sal.topk_jaccard({"x": ["m1"]}, {"y": ["m1"]}, 3))
+
+
+def test_perturbation_is_seeded_and_stability_of_identical_input_is_one(toy_model):
+    graph, model, params = toy_model
+    key = jax.random.key(3)
+    g1, m1 = sal.perturb_contains(graph, key, 0.1, 0.2)
+    g2, m2 = sal.perturb_contains(graph, key, 0.1, 0.2)
+    a1 = np.asarray(g1.edges[schema.CONTAINS].attributes)
+    np.testing.assert_array_equal(a1, np.asarray(g2.edges[schema.CONTAINS].attributes))
+    np.testing.assert_array_equal(np.asarray(m1[schema.CONTAINS]), np.asarray(m2[schema.CONTAINS]))
+    np.testing.assert_array_equal(a1, np.asarray(g1.edges[sal.REV_CONTAINS].attributes))  # both directions
+    np.testing.assert_array_equal(np.asarray(m1[schema.CONTAINS]), np.asarray(m1[sal.REV_CONTAINS]))
+    diff = a1 - np.asarray(graph.edges[schema.CONTAINS].attributes)
+    assert 0.05 < diff.std() < 0.2
+    dropped = 1.0 - np.asarray(m1[schema.CONTAINS]).mean()
+    assert 0.05 < dropped < 0.4
+    # No perturbation at all: the rankings cannot move.
+    evaluator = Evaluator(model, graph, salient_k=3, scorers=["class_attention"], stability=(2, 0.0, 0.0, 0))
+    assert evaluator.stability_jaccard(params) == 1.0
+    evaluator.stability = (2, 0.5, 0.3, 0)  # same shapes: the compiled scorers are reused
+    value = evaluator.stability_jaccard(params)
+    assert 0.0 <= value < 1.0
+    assert evaluator.stability_jaccard(params) == value  # seeded: deterministic
