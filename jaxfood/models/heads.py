@@ -430,8 +430,9 @@ class ModelOutputs:
 
     ``embeddings``: node type -> [N_type, hidden]; ``food_logits`` [S, F]; ``nutrient_profile``
     [S, N]; ``food_projection`` [F, P]; ``pooled`` [S, pool_dim]; ``molecule_weights`` [E] the
-    attention-pooling weight of every ``contains_molecule`` edge (sums to 1 over a sample's edges);
-    ``molecule_logits`` [E]; ``attention``: list over layers of
+    attention weight of every ``contains_molecule`` edge (sums to 1 over a sample's edges): in the
+    class-attention branch of the sample's explained (default: predicted) food, or without class
+    attention the gated pooling's; ``molecule_logits`` [E] their logits; ``attention``: list over layers of
     relation key -> [E_rel, heads] (empty unless requested).
     """
 

@@ -216,7 +216,13 @@ class Evaluator:
                                               target_class=target)
 
         self._fidelity = jax.jit(fid)
+        # The headline scorer always runs with explicit edge masks (all edges for the clean input):
+        # the clean and the perturbed inputs share one compiled program.
         self._score_perturbed = jax.jit(lambda p, g, m: sal.score_molecules(scorer, model, mt.split_params(p)[0], g, m))
+        self._all_edges = sal.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
+
+    def _headline_scores(self, params):
+        return self._score_perturbed(params, self.graph, self._all_edges)
 
     def stability_jaccard(self, params, clean_scores=None) -> float:
         """Mean :func:`salient_molecules.topk_jaccard` of the headline scorer's per-food rankings
@@ -226,7 +232,7 @@ class Evaluator:
             return math.nan
         k = self.salient_k
         if clean_scores is None:
-            clean_scores = self._score[self.scorer](params, self.graph)
+            clean_scores = self._headline_scores(params)
         clean = sal.rankings_by_id(sal.rank_molecules_per_food(np.asarray(clean_scores), self.graph)[0], self.graph, k)
         overlaps = []
         for i in range(perturbations):
@@ -282,7 +288,7 @@ class Evaluator:
         per_scorer = {}
         headline_scores = None
         for name in (scorers or self.scorers):
-            scores = self._score[name](params, graph)
+            scores = self._headline_scores(params) if name == self.scorer else self._score[name](params, graph)
             if name == self.scorer:
                 headline_scores = scores
             # GraphFramEx's "phenomenon" form: the probability of the true food.
@@ -306,7 +312,8 @@ class Evaluator:
 
     def rankings(self, params, scorer: str | None = None, top: int | None = None) -> dict[str, list[str]]:
         """``{food id: [molecule ids]}`` ranked by ``scorer`` (default: the headline scorer)."""
-        scores = np.asarray(self._score[scorer or self.scorer](params, self.graph))
+        scorer = scorer or self.scorer
+        scores = np.asarray(self._headline_scores(params) if scorer == self.scorer else self._score[scorer](params, self.graph))
         ranking, _ = sal.rank_molecules_per_food(scores, self.graph)
         return sal.rankings_by_id(ranking, self.graph, top)
 

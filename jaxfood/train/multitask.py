@@ -8,7 +8,7 @@ name and it averages gradients, task losses and the weighting statistics with ``
 
 Tasks (``TASKS``): ``food_classification`` (cross-entropy), ``nutrition`` (semi-hard triplet loss
 on projected Food embeddings + MSE of the nutrient head), ``salient_molecules`` (sufficiency of the
-top-k attention-pooled molecules + entropy). Per-task gradients are obtained from one forward pass
+top-k molecules of each supervised sample's own food branch, optional sparsity and comprehensiveness). Per-task gradients are obtained from one forward pass
 and a ``vmap`` over the task axis of its VJP; the balanced gradient is their combination with the
 derivative of the weighting's total, and the per-task gradients on the shared encoder give the
 monitoring statistics (norms, pairwise cosine similarities: conflict between tasks) and GradNorm's
