@@ -217,9 +217,7 @@ def run(args: argparse.Namespace) -> int:
         metrics["baselines"] = run_baselines(graph, reference, k=cfg.evaluation.top_k, seed=cfg.seed,
                                              rf_estimators=cfg.evaluation.rf_estimators)
     log("report: confusion matrix, Food embedding maps, top molecules, model vs baselines, per-food table")
-    assets = report_assets(first["outputs"]["finetune"], graph, workdir, metrics, reference,
-                           k=cfg.evaluation.top_k, seed=cfg.seed)
-    metrics["salient_molecules"] = {**metrics["salient_molecules"], **assets.salient}
+    assets = report_assets(first["outputs"]["finetune"], graph, workdir, metrics, reference, k=cfg.evaluation.top_k)
     metrics["runtime_s"] = time.perf_counter() - start
     ordered = {**headline(metrics), **{k: v for k, v in metrics.items() if k not in headline(metrics)}}
     write_json(workdir / "metrics.json", ordered)

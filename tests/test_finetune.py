@@ -72,6 +72,23 @@ def test_same_seed_writes_identical_metrics_json(runs):
         assert (root / "a" / name).exists(), name
 
 
+def test_a_rerun_in_the_same_workdir_replaces_the_earlier_run(runs, tmp_path):
+    import shutil
+
+    from jaxfood.config import load_config
+    from jaxfood.train.checkpoint import latest_step
+    from jaxfood.train.finetune import FinetuneConfig, finetune
+
+    root, graph_dir, _ = runs
+    workdir = tmp_path / "w"
+    shutil.copytree(root / "b", workdir)  # an earlier 4-step run (best step 2 or 4)
+    cfg = load_config(FinetuneConfig(), None, SMALL + ["steps=1", "eval_every=1"])
+    result = finetune(load_graph(graph_dir), cfg, workdir, progress=False)
+    assert result.best_step == 1 and latest_step(workdir / "checkpoints") == 1
+    assert json.loads((workdir / "metrics.json").read_text())["best_step"] == 1
+    assert len(list((workdir / "tb").iterdir())) == 1  # the earlier run's event file is gone
+
+
 def test_evaluate_reproduces_the_final_metrics_exactly(runs, tmp_path):
     root, graph_dir, _ = runs
     out = tmp_path / "m.json"

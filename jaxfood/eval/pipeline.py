@@ -126,37 +126,18 @@ def food_rankings(source: Any, graph: HeteroGraph, k: int = 10, scorer: str | No
     return sal.rankings_by_id(ranking, dgraph, k)
 
 
-def perturbed_intensities(graph: HeteroGraph, rng: np.random.Generator, noise: float) -> HeteroGraph:
-    """``graph`` with Gaussian noise ``noise`` (in z-score units, i.e. a fraction of each molecule's
-    spread of log intensities) added to the ``contains_molecule`` intensities, both directions.
-
-    The reverse relation gets the same noise on the same pairs: the graph must come from
-    ``prepare_graph`` (reverse edge ``e`` mirrors forward edge ``e``)."""
-    edges = dict(graph.edges)
-    fwd = edges[schema.CONTAINS]
-    attr = np.asarray(fwd.attributes, np.float32)
-    noisy = attr + rng.normal(0.0, noise, size=attr.shape).astype(np.float32)
-    edges[schema.CONTAINS] = fwd.replace(attributes=noisy)
-    rkey = schema.reverse_key(schema.CONTAINS)
-    if rkey in edges:
-        edges[rkey] = edges[rkey].replace(attributes=noisy)
-    return graph.replace(edges=edges)
-
-
-
 # ---- figures and extra sections of report.md --------------------------------------------------------
 class ReportAssets(NamedTuple):
     """What :func:`report_assets` adds to ``report.md``.
 
     ``figures``: caption -> PNG path (for :func:`jaxfood.eval.report.render_report`);
-    ``sections``: ``(title, markdown)`` pairs (its ``extra_sections``); ``salient``: extra
-    ``metrics["salient_molecules"]`` entries (``stability_jaccard``: top-k stability under
-    intensity noise).
+    ``sections``: ``(title, markdown)`` pairs (its ``extra_sections``). The stability of the
+    rankings under input perturbations is a metric of the fine-tuning evaluation
+    (:meth:`jaxfood.train.finetune.Evaluator.stability_jaccard`), not computed here.
     """
 
     figures: dict[str, Path]
     sections: list[tuple[str, str]]
-    salient: dict[str, float]
 
 
 def food_category_names(graph: HeteroGraph) -> list[str]:
@@ -323,7 +304,7 @@ def _fine_tuned_model(source: Any, graph: HeteroGraph, dgraph: HeteroGraph) -> t
 def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
                   metrics: Mapping[str, Any] | None = None, reference: Mapping[str, set[str]] | None = None, *,
                   scorer: str | None = None, k: int = 10, nutrient: str | None = None, max_foods: int = 12,
-                  biomarker_foods: int = 6, perturbations: int = 3, noise: float = 0.1, seed: int = 0,
+                  biomarker_foods: int = 6,
                   fold_change: bool = True) -> ReportAssets:
     """Figures and extra sections of ``report.md`` for a fine-tuned checkpoint, written to ``W/figures/``.
 
@@ -336,8 +317,6 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
       reference: ``{food: {molecule ids}}`` reference biomarkers (marked in the figures/tables).
       scorer: salient-molecule scorer (default: the checkpoint's headline scorer); ``k``: top-k.
       nutrient: colour of the second embedding map (default 'Protein', else most variable).
-      perturbations / noise: stability of the top-``k`` lists when ``noise`` (z-score units) is
-        added to every intensity, ``perturbations`` times (0: skip).
 
     Writes confusion_matrix.png (test split, foods by USDA category), food_embeddings_category.png,
     food_embeddings_<nutrient>.png (2-D PCA of the nutrition projection of Food embeddings),
@@ -348,7 +327,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     import jax
 
     from jaxfood.eval import figures as figs
-    from jaxfood.eval.metrics import confusion, stability_jaccard
+    from jaxfood.eval.metrics import confusion
     from jaxfood.graph.hetero_graph import SPLIT_CODES
     from jaxfood.train import salient_molecules as sal
     from jaxfood.train.finetune import prepare_graph
@@ -407,20 +386,10 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
                      biomarker_markdown({f: [m for m, _ in v] for f, v in scored.items()}, listed, reference, k,
                                         baseline_rankings)))
 
-    salient: dict[str, float] = {}
-    if perturbations > 0:
-        rng = np.random.default_rng(seed)
-        runs = [{f: [m for m, _ in v] for f, v in scored.items()}]
-        for _ in range(perturbations):
-            noisy = perturbed_intensities(dgraph, rng, noise)
-            r, _ = sal.rank_molecules_per_food(np.asarray(score_fn(model_params, noisy)), dgraph)
-            runs.append(sal.rankings_by_id(r, dgraph, k))
-        salient["stability_jaccard"] = stability_jaccard(runs, k)
-
     if metrics is not None:
         results, errors = model_vs_baselines(metrics)
         if len(results) > 1:
             figures["jaxfood vs ablations and baselines (test split)"] = figs.plot_model_vs_baselines(
                 results, out_dir / "model_vs_baselines.png", errors=errors,
                 title="jaxfood vs ablations and baselines (test split)")
-    return ReportAssets(figures=figures, sections=sections, salient=salient)
+    return ReportAssets(figures=figures, sections=sections)

@@ -31,7 +31,7 @@ OBJECTIVE_ROWS: dict[str, list[tuple[str, str, str | None, bool]]] = {
         ("recall_at_10", "Recall@10 vs reference biomarkers", None, True),
         ("fidelity_plus", "Fidelity+ (drop when top-10 removed)", None, True),
         ("fidelity_minus", "Fidelity− (drop when only top-10 kept)", None, False),
-        ("stability_jaccard", "Stability under intensity noise (Jaccard of top-10 lists)", None, True),
+        ("stability_jaccard", "Stability under input perturbation (Jaccard of top-10 lists)", None, True),
         ("stability_jaccard_seeds", "Stability across seeds (Jaccard of top-10 lists)", None, True),
     ],
 }

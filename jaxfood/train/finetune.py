@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -472,8 +473,13 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     def lr_at(step: int) -> dict[str, float]:
         return {g: float(v) for g, v in learning_rates(schedules, (step - 1) // accumulation).items()}
 
-    monitor = FinetuneMonitor(workdir / "tb" if cfg.tensorboard else None, lr_at, steps, progress)
+    # A new run replaces an earlier one in the same workdir: its checkpoints would otherwise clash
+    # with (or, at a later step, win over) this run's best, and its event files mix into the curves.
     ckpt_dir = workdir / "checkpoints"
+    for stale_dir in (ckpt_dir, workdir / "tb"):
+        if stale_dir.is_dir():
+            shutil.rmtree(stale_dir)
+    monitor = FinetuneMonitor(workdir / "tb" if cfg.tensorboard else None, lr_at, steps, progress)
     best_score, best_step, stale = -math.inf, 0, 0
     try:
         for i in range(steps):
