@@ -47,30 +47,37 @@ def job_env(tmp_path: Path, devices: int) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-@pytest.mark.slow
-def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path):
-    graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
-    save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), graph_dir)
-    config.write_text(TINY_CONFIG)
+def run_two_processes(make_cmd, env: dict, timeout: int = 400) -> list[str]:
+    """Starts ``make_cmd(process_id, port)`` for process ids 0 and 1 against one coordinator port,
+    waits for both, asserts both exit 0 and returns their standard outputs."""
     port = free_port()
-    procs = []
-    for pid in range(2):
-        cmd = [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(graph_dir),
-               "--workdir", str(workdir), "--config", str(config), "--no-progress",
-               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
-               "--final-params", str(tmp_path / "final_{process}.npz")]
-        procs.append(subprocess.Popen(cmd, env=job_env(tmp_path, 2), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+    procs = [subprocess.Popen(make_cmd(pid, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in range(2)]
     outputs = []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=400)
+            out, err = proc.communicate(timeout=timeout)
             outputs.append(out)
             assert proc.returncode == 0, err[-4000:]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path):
+    graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
+    save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), graph_dir)
+    config.write_text(TINY_CONFIG)
+    def cmd(pid, port):
+        return [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(graph_dir),
+                "--workdir", str(workdir), "--config", str(config), "--no-progress",
+                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
+                "--final-params", str(tmp_path / "final_{process}.npz")]
+
+    outputs = run_two_processes(cmd, job_env(tmp_path, 2))
 
     # Same parameters on both hosts (the all-reduce spans both processes), and they trained.
     final = [np.load(tmp_path / f"final_{pid}.npz") for pid in range(2)]
@@ -113,24 +120,12 @@ def test_finetune_command_on_two_processes_runs_to_the_end_and_only_process_0_wr
     graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
     save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), graph_dir)
     config.write_text(TINY_FINETUNE_CONFIG)
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        cmd = [sys.executable, "-m", "jaxfood.cli", "finetune", "--graph", str(graph_dir), "--workdir", str(workdir),
-               "--config", str(config), "--quiet", "--sampled", "--batch-size", "4",
-               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
-        procs.append(subprocess.Popen(cmd, env=job_env(tmp_path, 2), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=400)
-            outputs.append(out)
-            assert proc.returncode == 0, err[-4000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    def cmd(pid, port):
+        return [sys.executable, "-m", "jaxfood.cli", "finetune", "--graph", str(graph_dir), "--workdir", str(workdir),
+                "--config", str(config), "--quiet", "--sampled", "--batch-size", "4",
+                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+
+    outputs = run_two_processes(cmd, job_env(tmp_path, 2))
 
     # Process 0 alone reported and wrote metrics, history, figures and TensorBoard events.
     assert "fine-tuned:" in outputs[0] and "4 shard(s) per step on 2 process(es), 4 device(s)" in outputs[0]

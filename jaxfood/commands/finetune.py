@@ -19,8 +19,9 @@ Multi-task fine-tuning of the heterogeneous GAT encoder, from a pretrained check
   food classification   sample -> food (cross-entropy; label smoothing, class weights)
   nutrition alignment   triplet loss on Food embeddings by nutrient-profile similarity, and an MSE
                         head estimating each sample's normalised nutrient profile
-  salient molecules     attention pooling over each sample's molecules; its top-k must reproduce
-                        the prediction (sufficiency) with few molecules (sparsity)
+  salient molecules     class-attention pooling over each sample's molecules (one branch per food,
+                        CLAM); the top-k molecules of a sample must reproduce its prediction
+                        (sufficiency); scorers: class_attention, attention, gat_attention, gradient
 
 Losses are balanced by static weights, uncertainty weighting (Kendall et al. 2018) or GradNorm
 (Chen et al. 2018); each parameter group (encoder, each head, the weighting) has its own learning
