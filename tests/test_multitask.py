@@ -144,3 +144,20 @@ def test_no_label_leakage_held_out_accuracy_stays_at_chance():
     leaked, train_accuracy = _held_out_accuracy(
         leaky.replace(edges=dict(leaky.edges)), mt.LossConfig(mask_label_edges=False, supervised_fraction=1.0))
     assert train_accuracy > 0.9 and leaked > 0.9, (train_accuracy, leaked)
+
+
+def test_triplet_masks_match_reference_and_keep_a_negative_per_anchor():
+    """In-step masks equal nutrition_alignment's numpy reference; ``num_positives`` beyond the
+    foods available is capped so every anchor keeps one negative (the triplet term stays on)."""
+    from jaxfood.train.nutrition_alignment import nutrient_triplet_masks
+
+    profiles = np.random.default_rng(3).normal(size=(7, 4)).astype(np.float32)
+    for k in (1, 3, 5):
+        pos, neg = mt._triplet_masks(jnp.asarray(profiles), k)
+        ref_pos, ref_neg = nutrient_triplet_masks(profiles, num_positives=k)
+        np.testing.assert_array_equal(np.asarray(pos), ref_pos)
+        np.testing.assert_array_equal(np.asarray(neg), ref_neg)
+    pos, neg = mt._triplet_masks(jnp.asarray(profiles), 20)
+    ref_pos, _ = nutrient_triplet_masks(profiles, num_positives=5)  # 7 foods - 2
+    np.testing.assert_array_equal(np.asarray(pos), ref_pos)
+    assert np.asarray(neg).sum(1).tolist() == [1] * 7

@@ -52,7 +52,10 @@ class LossConfig:
     ``mask_label_edges``: switch the supervised samples' label edges off (the label trick); False
     only for ablations -- the leakage test shows what it prevents.
     ``class_weighting``: none | balanced (inverse class frequency among the training samples).
-    ``num_positives``: nearest foods by nutrient profile that count as triplet positives.
+    ``num_positives``: nearest foods by nutrient profile that count as triplet positives (capped at
+    the number of foods - 2). 20 of the 65 embedded foods: with only the 3 nearest the triplets
+    shaped the neighbourhoods alone, and fine-tuning kept the global Food-distance ranking below
+    the pretrained-only probe (Spearman 0.39 vs 0.42); with 20 it is 0.80 vs 0.69 (seed 0).
     ``salient_top_k``: molecules kept by the sufficiency term; ``salient_temperature``: softness of
     the straight-through top-k; ``salient_sparsity``: topk_mass (attention mass outside each
     sample's top-k) or entropy (normalised entropy of the weights), weighted by
@@ -71,7 +74,7 @@ class LossConfig:
     class_weighting: Literal["none", "balanced"] = "none"
     supervised_fraction: float = 0.5
     triplet_margin: float = 0.2
-    num_positives: int = 3
+    num_positives: int = 20
     triplet_weight: float = 1.0
     nutrient_mse_weight: float = 1.0
     salient_top_k: int = 10
@@ -130,14 +133,18 @@ def last_shared_layer(encoder_params) -> str:
 
 
 def _triplet_masks(food_nutrients, num_positives: int):
-    """Nutrient-similarity positives/negatives in jnp (inside the step; see nutrition_alignment)."""
+    """Nutrient-similarity positives/negatives in jnp (inside the step; see nutrition_alignment).
+
+    ``num_positives`` is capped at ``num_foods - 2``: every anchor keeps at least one negative, so
+    the triplet term does not silently vanish on a graph with few foods.
+    """
     x = food_nutrients.astype(jnp.float32)
     num_foods = x.shape[0]
     sq = jnp.sum(x * x, 1)
     d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
     eye = jnp.eye(num_foods, dtype=bool)
     d2 = jnp.where(eye, jnp.inf, d2)
-    k = min(max(num_positives, 0), max(num_foods - 1, 0))
+    k = min(max(num_positives, 0), max(num_foods - 2, 0))
     order = jnp.argsort(d2, axis=1, stable=True)[:, :k]
     positive = jnp.zeros((num_foods, num_foods), bool).at[jnp.arange(num_foods)[:, None], order].set(True)
     negative = ~positive & ~eye
