@@ -6,7 +6,8 @@
 Without ``--graph`` it builds the embedded default graph (simulated samples with real USDA
 nutrients) and saves it in ``W/graph/``. Writes ``W/metrics.json``, ``W/checkpoints/`` (orbax, the
 fine-tuned model), ``W/tb/`` (TensorBoard), ``W/pretrain/`` (GraphCL outputs), ``W/ablations/``
-(pretrained-only probe, from scratch), ``W/figures/`` and ``W/report.md``, then prints a summary.
+(pretrained-only probe, from scratch), ``W/figures/``, ``W/rankings.json`` (each scorer's top-k
+molecules of every food) and ``W/report.md``, then prints a summary.
 Configuration keys: ``seed``, ``seeds``, ``pretrain.*``, ``finetune.*``, ``evaluation.*`` (see
 ``W/run_config.yaml`` after a run for every key and its value).
 """
@@ -151,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
     from jaxfood.eval.pipeline import (
+        SECTIONS,
         food_rankings,
-        headline,
         mean_and_std,
         report_assets,
         run_baselines,
@@ -219,8 +220,13 @@ def run(args: argparse.Namespace) -> int:
     log("report: confusion matrix, Food embedding maps, top molecules, model vs baselines, per-food table")
     assets = report_assets(first["outputs"]["finetune"], graph, workdir, metrics, reference, k=cfg.evaluation.top_k)
     metrics["runtime_s"] = time.perf_counter() - start
-    ordered = {**headline(metrics), **{k: v for k, v in metrics.items() if k not in headline(metrics)}}
+    # The three objectives first, with their detail (per nutrient, per scorer), then the rest.
+    ordered = {**{k: metrics[k] for k in SECTIONS if k in metrics},
+               **{k: v for k, v in metrics.items() if k not in SECTIONS}}
     write_json(workdir / "metrics.json", ordered)
+    rankings = {name: food_rankings(first["outputs"]["finetune"], graph, k=cfg.evaluation.top_k, scorer=name)
+                for name in first["outputs"]["finetune"].config.scorers}
+    write_json(workdir / "rankings.json", rankings)
     figures = dict(first["outputs"]["finetune"].figures)
     figures.update(assets.figures)
     figures.update({f"pretraining: {k}": v for k, v in first["outputs"]["pretrain"].figures.items()})

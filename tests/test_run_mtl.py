@@ -75,7 +75,15 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     images = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert images and all((workdir / image).exists() for image in images)
     for caption in ("Confusion matrix", "Food embeddings by USDA category", "Food embeddings coloured by",
-                    "molecules per food", "jaxfood vs ablations and baselines"):
+                    "Top 10 molecules per food", "jaxfood vs ablations and baselines"):
         assert f"### {caption}" in report, caption
     assert 0.0 <= metrics["salient_molecules"]["stability_jaccard"] <= 1.0
+    # The detail stays in metrics.json: R² per nutrient, every scorer; rankings.json: every scorer's top-10.
+    assert len(metrics["nutrition"]["nutrient_r2_per_nutrient"]) == 33
+    scorers = set(metrics["salient_molecules"]["per_scorer"])
+    assert {"class_attention", "attention", "gat_attention", "gradient"} <= scorers
+    rankings = json.loads((workdir / "rankings.json").read_text())
+    assert set(rankings) == scorers
+    for per_food in rankings.values():
+        assert len(per_food) == 65 and all(len(set(ids)) == 10 for ids in per_food.values())
     assert "food accuracy" in out and "runtime (s)" in out
