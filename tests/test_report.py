@@ -24,6 +24,15 @@ def test_report_says_plainly_where_the_model_loses(tmp_path):
     assert "![Confusion matrix](figures/cm.png)" in text
     assert "| Accuracy ↑ | **0.700** | 0.500 | 0.750 | 0.800 (logistic regression) |" in text
     assert "123.4 s" in text and "```yaml\na: 1\n```" in text
+    assert "fidelity+ 0.400 < fidelity−" not in text  # fidelity+ is above fidelity− here
+
+
+def test_report_lists_every_scorer_and_says_when_fidelity_fails():
+    salient = {**METRICS["salient_molecules"], "fidelity_plus": 0.05, "fidelity_minus": 0.2, "scorer": "a",
+               "per_scorer": {"a": {"precision_at_10": 0.3}, "b": {"precision_at_10": 0.25}}}
+    text = render_report({**METRICS, "salient_molecules": salient})
+    assert "| Precision@10, b scorer | 0.250 | | | |" in text and "a scorer" not in text
+    assert "(fidelity+ 0.050 < fidelity− 0.200)" in text
 
 
 def test_report_without_baselines_has_no_verdict_notes():

@@ -110,9 +110,19 @@ def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list
             if _behind(_get(metrics, section, "accuracy"), rf, True):
                 notes.append(f"On accuracy, jaxfood is behind the random forest baseline ({_fmt(rf)}).")
     if section == "salient_molecules":
+        headline_scorer = _get(metrics, section, "scorer")
+        per_scorer = _get(metrics, section, "per_scorer") or {}
+        for name, entry in per_scorer.items():
+            if name != headline_scorer and isinstance(entry, Mapping) and "precision_at_10" in entry:
+                lines.append(f"| Precision@10, {name} scorer | {_fmt(entry['precision_at_10'])} | | | |")
         rnd = _get(metrics, "baselines", "random_precision_at_10")
         if rnd is not None:
             lines.append(f"| Precision@10, random ranking | | | | {_fmt(rnd)} |")
+        plus, minus = _get(metrics, section, "fidelity_plus"), _get(metrics, section, "fidelity_minus")
+        if _behind(plus, minus, True):
+            notes.append(f"Removing each sample's top-10 molecules changes the prediction less than keeping only them "
+                         f"(fidelity+ {_fmt(plus)} < fidelity− {_fmt(minus)}): by this measure the importances "
+                         "are not faithful.")
     return "\n".join(lines), notes
 
 
