@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         mean_and_std,
         report_assets,
         run_baselines,
+        scorer_rankings,
         seed_stability,
     )
     from jaxfood.eval.report import render_report
@@ -224,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
     ordered = {**{k: metrics[k] for k in SECTIONS if k in metrics},
                **{k: v for k, v in metrics.items() if k not in SECTIONS}}
     write_json(workdir / "metrics.json", ordered)
-    rankings = {name: food_rankings(first["outputs"]["finetune"], graph, k=cfg.evaluation.top_k, scorer=name)
-                for name in first["outputs"]["finetune"].config.scorers}
+    rankings = scorer_rankings(first["outputs"]["finetune"], graph, k=cfg.evaluation.top_k,
+                               scorers=first["outputs"]["finetune"].config.scorers)
     write_json(workdir / "rankings.json", rankings)
     figures = dict(first["outputs"]["finetune"].figures)
     figures.update(assets.figures)

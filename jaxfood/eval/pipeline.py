@@ -112,6 +112,13 @@ def food_rankings(source: Any, graph: HeteroGraph, k: int = 10, scorer: str | No
     directory) by ``scorer`` (default: its headline scorer), ranked as the metrics rank them
     (:func:`jaxfood.train.salient_molecules.rank_molecules_per_food`). One per seed feeds
     :func:`seed_stability`."""
+    return next(iter(scorer_rankings(source, graph, k, None if scorer is None else (scorer,)).values()))
+
+
+def scorer_rankings(source: Any, graph: HeteroGraph, k: int = 10,
+                    scorers: Sequence[str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """``{scorer: {food id: [top-k molecule ids]}}`` for several scorers (default: the model's
+    headline scorer), with the graph prepared and the model loaded once."""
     import jax
 
     from jaxfood.train import salient_molecules as sal
@@ -120,10 +127,13 @@ def food_rankings(source: Any, graph: HeteroGraph, k: int = 10, scorer: str | No
 
     dgraph = prepare_graph(graph)
     model, params, default_scorer = _fine_tuned_model(source, graph, dgraph)
-    scores = jax.jit(lambda p, g: sal.score_molecules(scorer or default_scorer, model, p, g))(
-        split_params(params)[0], dgraph)
-    ranking, _ = sal.rank_molecules_per_food(np.asarray(scores), dgraph)
-    return sal.rankings_by_id(ranking, dgraph, k)
+    model_params = split_params(params)[0]
+    out = {}
+    for name in scorers or (default_scorer,):
+        scores = jax.jit(lambda p, g, _n=name: sal.score_molecules(_n, model, p, g))(model_params, dgraph)
+        ranking, _ = sal.rank_molecules_per_food(np.asarray(scores), dgraph)
+        out[name] = sal.rankings_by_id(ranking, dgraph, k)
+    return out
 
 
 # ---- figures and extra sections of report.md --------------------------------------------------------
