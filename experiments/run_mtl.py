@@ -25,8 +25,8 @@ if __package__ in (None, ""):
 
 from jaxfood.cli import run_command  # noqa: E402
 from jaxfood.train.finetune import FinetuneConfig  # noqa: E402
+from jaxfood.train.graphcl import PretrainConfig  # noqa: E402
 from jaxfood.train.parallel_options import add_data_parallel_arguments  # noqa: E402
-from jaxfood.train.pretrain import PretrainConfig  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +80,12 @@ def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, lo
     """One seed: pretrain, fine-tune, ablations; returns metrics (without baselines) and outputs."""
     from functools import partial
 
+    from jaxfood import workflows
     from jaxfood.eval.pipeline import headline
-    from jaxfood.train.distributed import finetune_on_devices, pretrain_on_devices
 
-    # One process on one device: the usual loops; otherwise the data-parallel jobs (same outputs).
-    pretrain, finetune = partial(pretrain_on_devices, options=options), partial(finetune_on_devices, options=options)
+    # The same workflows as the `jaxfood` commands, on every device of every process.
+    pretrain = partial(workflows.pretrain, options=options)
+    finetune = partial(workflows.finetune, options=options)
 
     log(f"[seed {cfg.seed}] GraphCL pretraining")
     pre = pretrain(graph, cfg.pretrain, workdir / "pretrain", progress=progress)
@@ -145,9 +146,12 @@ def summary_table(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    from jaxfood.train.distributed import Preempted, init_from_args, is_primary, options_from_args
+    from jaxfood.train.processes import init_from_args, is_primary
 
     init_from_args(args)  # joins a multi-host job before anything touches a device
+    from jaxfood.train.parallel_options import options_from_args
+    from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
+
     options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
@@ -163,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
     from jaxfood.io_utils import write_json, write_text
-    from jaxfood.train.finetune import default_biomarkers
+    from jaxfood.workflows import default_biomarkers
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
     cfg = load_config(RunConfig(), args.config, overrides)
@@ -198,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log, options))
         except Preempted as err:
             print(err, flush=True)
-            return 143
+            return PREEMPTED_EXIT
     if not is_primary():
         return 0  # process 0 alone runs the baselines and writes metrics.json and report.md
     first = runs[0]

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic graphs built directly from arrays (no readers involved)."""
+"""Shared fixtures: small synthetic graphs built directly from arrays (no readers involved), and
+one XLA compilation cache for the whole session (this process and the subprocesses tests start)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import numpy as np
 import pytest
 
@@ -66,3 +68,28 @@ def make_toy_graph(num_samples=30, num_molecules=40, num_foods=5, num_nutrients=
 @pytest.fixture
 def toy_graph():
     return make_toy_graph()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Most of the suite's time is XLA compiling programs that other tests (and the subprocesses of
+    the multi-device, multi-process and resume tests) compile again: they are compiled once per
+    session and reused from this persistent cache."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    settings = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    saved_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield cache
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -41,12 +41,12 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
 def evaluate_from_args(args) -> dict:
     """The metrics dict for parsed arguments (hook for extensions: seeds, baselines)."""
     from jaxfood.commands.finetune import load_graph_arg
-    from jaxfood.train.finetune import evaluate_checkpoint
+    from jaxfood.workflows import evaluate
 
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: checkpoint directory not found")
     graph = load_graph_arg(args.graph)
-    return evaluate_checkpoint(args.checkpoint, graph, biomarkers=args.biomarkers, split=args.split)
+    return evaluate(args.checkpoint, graph, biomarkers=args.biomarkers, split=args.split)
 
 
 def run(args) -> int:

@@ -125,13 +125,6 @@ class HeteroGraph:
     def feature_dims(self) -> dict[str, int]:
         return {t: int(x.shape[1]) for t, x in self.node_features.items()}
 
-    def split_mask(self, split: str) -> Array:
-        """[S] bool mask of the samples in ``split`` ('train', 'val' or 'test')."""
-        return self.sample_split == SPLIT_CODES[split]
-
-    def split_indices(self, split: str) -> np.ndarray:
-        return np.nonzero(np.asarray(self.sample_split) == SPLIT_CODES[split])[0]
-
     def to_numpy(self) -> HeteroGraph:
         return jax.tree_util.tree_map(np.asarray, self)
 
