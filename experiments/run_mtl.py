@@ -56,7 +56,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one to show (not '(default: None)')."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default:" in (action.help or ""):
+        if action.default in (None, False, []) or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -102,7 +102,7 @@ def check_run_config(cfg: RunConfig, graph=None) -> RunConfig:
     from jaxfood.train.pretrain import check_pretrain_config
 
     if cfg.seeds < 1:
-        raise ConfigError(f"config: key 'seeds' = {cfg.seeds}: expected a positive number of seeds")
+        raise ConfigError(f"--set seeds={cfg.seeds}: expected a positive number of seeds")
     for key in ("rf_estimators", "top_k"):
         value = getattr(cfg.evaluation, key)
         if value < 1:

@@ -38,8 +38,10 @@ def _split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise UserError(f"--split '{text}': expected three non-negative fractions summing to 1, e.g. 0.7,0.15,0.15")
+    if len(parts) != 3 or any(not p > 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        # A zero validation or test fraction leaves model selection or every test metric without samples.
+        raise UserError(f"--split '{text}': expected three positive fractions (train, validation, test) summing "
+                        "to 1, e.g. 0.7,0.15,0.15")
     return parts  # type: ignore[return-value]
 
 

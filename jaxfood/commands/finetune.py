@@ -135,6 +135,9 @@ def run(args) -> int:
     if args.pretrained is not None and not Path(args.pretrained).is_dir():
         raise UserError(f"--pretrained {args.pretrained}: checkpoint directory not found")
     graph = load_graph_arg(args.graph)
+    from jaxfood.commands.evaluate import check_biomarkers_arg
+
+    check_biomarkers_arg(args.biomarkers, graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     if options.wanted(info):
