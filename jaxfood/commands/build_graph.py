@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from jaxfood.errors import UserError
 
@@ -103,7 +102,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood.graph.hetero_graph import save_graph, summary
-    from jaxfood.io_utils import atomic_dir
+    from jaxfood.io_utils import atomic_dir, check_output_dir
 
     mode = _check_args(args)
     if args.preset != "default" and mode != "default":
@@ -111,9 +110,7 @@ def run(args) -> int:
     if args.molecule_ids and not args.molecule_embeddings:
         raise UserError("--molecule-ids needs --molecule-embeddings")
     fractions = _split(args.split) if args.split else (0.7, 0.15, 0.15)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    out = check_output_dir(args.out, "--out")
     start = time.perf_counter()
     stages = tqdm(total=2, desc="build-graph", unit="step", file=sys.stderr, leave=False,
                   disable=not sys.stderr.isatty())

@@ -51,8 +51,10 @@ def evaluate_from_args(args) -> dict:
 
 def run(args) -> int:
     from jaxfood.commands.finetune import print_summary
-    from jaxfood.io_utils import write_json
+    from jaxfood.io_utils import check_output_file, write_json
 
+    if args.out:
+        check_output_file(args.out, "--out")
     metrics = evaluate_from_args(args)
     print_summary(metrics)
     if args.out:

@@ -6,9 +6,6 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
-
-from jaxfood.errors import UserError
 
 NAME = "pretrain"
 HELP = "pretrain the graph encoder self-supervised (GraphCL: contrast two augmented views)"
@@ -74,13 +71,11 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood.config import dump_config, load_config
-    from jaxfood.io_utils import write_text
+    from jaxfood.io_utils import check_output_dir, write_text
     from jaxfood.train.pretrain import PretrainConfig, pretrain
 
     start = time.perf_counter()
-    workdir = Path(args.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: exists and is not a directory")
+    workdir = check_output_dir(args.workdir, "--workdir")
     cfg = load_config(PretrainConfig(), args.config, args.overrides)
     if args.graph:
         from jaxfood.graph.hetero_graph import load_graph

@@ -41,7 +41,7 @@ from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_mod
 from jaxfood.train import multitask as mt
 from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
-from jaxfood.train.optimizer import OptimizerConfig, learning_rates, make_optimizer
+from jaxfood.train.optimizer import GROUPS, OptimizerConfig, learning_rates, make_optimizer
 
 CHECKPOINT_KIND = "finetune"
 
@@ -130,6 +130,15 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if unknown:
         raise ConfigError(f"finetune config: key 'weighting.static_weights': unknown task(s) {sorted(unknown)} "
                           f"(expected {list(tw.TASKS)})")
+    for group in GROUPS:
+        g = getattr(cfg.optimizer, group)
+        # A negative rate climbs the loss (and AdamW then decays towards it): never what a user meant.
+        for name, value in (("learning_rate", g.learning_rate), ("weight_decay", g.weight_decay),
+                            ("end_factor", g.end_factor), ("warmup_steps", g.warmup_steps), ("clip_norm", g.clip_norm)):
+            if value < 0:
+                raise ConfigError(f"finetune config: key 'optimizer.{group}.{name}' = {value}: expected a number >= 0")
+        if g.eps <= 0:
+            raise ConfigError(f"finetune config: key 'optimizer.{group}.eps' = {g.eps}: expected a positive number")
     cfg.encoder.validate("finetune config: encoder")
     return cfg
 
