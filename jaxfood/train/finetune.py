@@ -36,6 +36,7 @@ from jaxfood.config import config_from_dict, config_to_dict, dump_config
 from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
+from jaxfood.graph.splits import check_split_matches, split_fingerprint
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_model
 from jaxfood.train import multitask as mt
@@ -413,6 +414,7 @@ def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGr
         "id_maps": {t: list(ids) for t, ids in graph.meta.node_ids.items()},
         "graph_summary": summary(graph),
         "graph_sources": graph.meta.extra.get("sources"),
+        "split_fingerprint": split_fingerprint(graph),
         "nutrient_names": list(graph.meta.nutrient_names),
         "normalisation": graph.meta.normalisation,
         "pretrained": None if pretrained is None else str(pretrained),
@@ -558,6 +560,7 @@ def check_graph_matches(meta: Mapping[str, Any], graph: HeteroGraph, source: str
             bad = next(i for i, (a, b) in enumerate(zip(have, ids)) if a != b)
             raise CheckpointError(f"{source}: '{node_type}' node {bad} is '{have[bad]}' in the graph but "
                                   f"'{ids[bad]}' in the checkpoint (a different graph)")
+    check_split_matches(meta.get("split_fingerprint"), graph, source)
 
 
 def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = None) -> LoadedFinetune:
