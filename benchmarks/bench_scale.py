@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     import jax
 
     from jaxfood.config import load_config
+    from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import simulate
-    from jaxfood.graph.build import build_graph
     from jaxfood.graph.sampling import NeighbourSampler
     from jaxfood.train.distributed import DataParallelConfig, finetune_data_parallel
 

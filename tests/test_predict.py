@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     import jax
 
     from jaxfood.config import load_config
-    from jaxfood.graph.build import build_graph
+    from jaxfood.data.build import build_graph
     from jaxfood.models.heads import make_multitask_model
     from jaxfood.train.checkpoint import save_checkpoint
     from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph

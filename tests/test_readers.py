@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxfood.data.build import BuildWarning, build_graph
 from jaxfood.data.readers import (
     DataWarning,
     parse_nutrient_header,
@@ -19,7 +20,6 @@ from jaxfood.data.readers import (
     read_tables,
 )
 from jaxfood.errors import UserError
-from jaxfood.graph.build import BuildWarning, build_graph
 
 DATA = Path(__file__).parent / "data"
 SMALL = DATA / "small"

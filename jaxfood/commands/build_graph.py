@@ -124,8 +124,8 @@ def run(args) -> int:
 
             graph = build_graph_from_upstream_json(args.upstream_json, per_unit=args.per_unit)
         elif mode == "files":
+            from jaxfood.data.build import build_graph
             from jaxfood.data.readers import DEFAULT_LABEL_COLUMN, read_tables
-            from jaxfood.graph.build import build_graph
 
             tables = read_tables(args.feature_table, args.metadata, args.nutrients,
                                  molecule_embeddings=args.molecule_embeddings,

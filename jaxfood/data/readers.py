@@ -20,7 +20,7 @@ Bad input policy. Problems that make the data unusable or ambiguous raise
 expected: missing column, non-numeric, negative or infinite value, duplicate sample file name,
 duplicate molecule id or food row, empty table, unparseable nutrient header, embedding count
 mismatch. Problems the data survives are reported as a counted warning (Python ``warnings``:
-:class:`DataWarning` from here, :class:`jaxfood.graph.build.BuildWarning` for what the builder
+:class:`DataWarning` from here, :class:`jaxfood.data.build.BuildWarning` for what the builder
 decides -- foods without nutrients, unlabelled samples, molecules without an embedding; the CLI
 prints them) and handled as documented:
 
@@ -627,7 +627,7 @@ def read_tables(
     Cross-file checks: samples of the feature table against the metadata (see
     :func:`align_tables`), food labels against the nutrient table and embedding ids against
     feature-table ``row ID`` values (no overlap at all is an error; foods without nutrients and
-    molecules without an embedding are counted warnings of :func:`jaxfood.graph.build.build_graph`).
+    molecules without an embedding are counted warnings of :func:`jaxfood.data.build.build_graph`).
     """
     features = read_feature_table(feature_table)
     meta = read_metadata(metadata, label_column=label_column)

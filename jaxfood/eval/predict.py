@@ -3,7 +3,7 @@
 A new sample (or many, from a GNPS feature table) is appended to the graph a model was fine-tuned
 on as new ``Sample`` nodes with ``contains_molecule`` edges (and their reverse) and no label edge.
 Its intensities are normalised exactly as the builder normalised training intensities
-(:func:`jaxfood.graph.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
+(:func:`jaxfood.data.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
 graph's ``normalisation["contains_molecule"]`` mean/std). The encoder's Sample input mode must be
 ``shared`` (one learned vector for every sample: inductive), so no per-sample parameter is needed.
 
@@ -472,7 +472,7 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
     """Detection and false-alarm rates of the out-of-library flag.
 
     ``num_held_out`` foods (random with ``seed``, or ``held_out``) lose all their samples; the graph
-    is built from the rest (:func:`jaxfood.graph.build.build_graph`), fine-tuned with ``cfg``, and
+    is built from the rest (:func:`jaxfood.data.build.build_graph`), fine-tuned with ``cfg``, and
     both the held-out foods' samples (unknown foods) and the graph's test samples (known foods)
     are predicted as new samples. Detection rate: fraction of unknown-food samples flagged;
     false-alarm rate: fraction of known-food test samples flagged (threshold: ``quantile`` of the
@@ -482,7 +482,7 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
 
     from sklearn.metrics import roc_auc_score
 
-    from jaxfood.graph.build import build_graph
+    from jaxfood.data.build import build_graph
     from jaxfood.train.finetune import FinetuneConfig, finetune, load_finetuned
 
     foods = sorted(set(tables.metadata.food_labels) - {""})
