@@ -86,8 +86,8 @@ def tiny_run(tmp_path_factory):
     import jax
 
     from jaxfood.config import load_config
+    from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import SimConfig, simulate
-    from jaxfood.graph.build import build_graph
     from jaxfood.graph.hetero_graph import save_graph
     from jaxfood.models.heads import make_multitask_model
     from jaxfood.train.checkpoint import save_checkpoint
