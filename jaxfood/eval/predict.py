@@ -5,7 +5,8 @@ on as new ``Sample`` nodes with ``contains_molecule`` edges (and their reverse) 
 Its intensities are normalised exactly as the builder normalised training intensities
 (:func:`jaxfood.data.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
 graph's ``normalisation["contains_molecule"]`` mean/std). The encoder's Sample input mode must be
-``shared`` (one learned vector for every sample: inductive), so no per-sample parameter is needed.
+inductive (``shared``: one learned vector for every sample; ``profile``: a map of the sample's own
+intensities), so no per-sample parameter is needed.
 
 Why the new samples' ``contains_molecule`` edges (Sample -> Molecule) are masked in the encoder
 (they stay on in the attention pooling, and the reverse Molecule -> Sample edges carry the
@@ -327,10 +328,11 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     import jax
     import jax.numpy as jnp
 
+    from jaxfood.models.encoder import INDUCTIVE_MODES
     from jaxfood.train.finetune import prepare_graph
     from jaxfood.train.multitask import split_params
 
-    if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
+    if loaded.model.encoder_config.input_mode(schema.SAMPLE) not in INDUCTIVE_MODES:
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
                               f"'{loaded.model.encoder_config.input_mode(schema.SAMPLE)}'; predicting new samples needs "
                               "'shared' (inductive), fine-tune with encoder.input_modes.Sample=shared")
