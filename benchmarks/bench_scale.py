@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     import jax
 
     from jaxfood.config import load_config
+    from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import simulate
-    from jaxfood.graph.build import build_graph
     from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
     from jaxfood.train.finetune import FinetuneConfig, finetune, prepare_graph
     from jaxfood.train.graphcl import PretrainConfig

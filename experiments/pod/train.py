@@ -67,8 +67,8 @@ def load_graph_from_args(args):
         from jaxfood.graph.hetero_graph import load_graph
 
         return load_graph(args.graph)
+    from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import simulate
-    from jaxfood.graph.build import build_graph
 
     return build_graph(simulate(args.preset, seed=0).tables, seed=0)
 

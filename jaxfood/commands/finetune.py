@@ -122,19 +122,21 @@ def run(args) -> int:
 
     from jaxfood import workflows
     from jaxfood.config import load_config
-    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.io_utils import check_output_dir
+    from jaxfood.train.finetune import FinetuneConfig, check_config
     from jaxfood.train.parallel_options import options_from_args
     from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
 
     start = time.perf_counter()
     options = options_from_args(args)
-    workdir = Path(args.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: exists and is not a directory")
-    cfg = load_config(FinetuneConfig(), args.config, args.overrides)
+    workdir = check_output_dir(args.workdir, "--workdir")
+    cfg = check_config(load_config(FinetuneConfig(), args.config, args.overrides))  # before any work
     if args.pretrained is not None and not Path(args.pretrained).is_dir():
         raise UserError(f"--pretrained {args.pretrained}: checkpoint directory not found")
     graph = load_graph_arg(args.graph)
+    from jaxfood.commands.evaluate import check_biomarkers_arg
+
+    check_biomarkers_arg(args.biomarkers, graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     try:

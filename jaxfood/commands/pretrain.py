@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from jaxfood.errors import UserError
 from jaxfood.train.parallel_options import add_data_parallel_arguments
 
 NAME = "pretrain"
@@ -69,15 +67,14 @@ def run(args) -> int:
     from jaxfood import workflows
     from jaxfood.commands.finetune import load_graph_arg
     from jaxfood.config import load_config
+    from jaxfood.io_utils import check_output_dir
     from jaxfood.train.graphcl import PretrainConfig
     from jaxfood.train.parallel_options import options_from_args
     from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
 
     start = time.perf_counter()
     options = options_from_args(args)
-    workdir = Path(args.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: exists and is not a directory")
+    workdir = check_output_dir(args.workdir, "--workdir")
     cfg = load_config(PretrainConfig(), args.config, args.overrides)
     graph = load_graph_arg(args.graph)
     progress = not args.quiet and sys.stderr.isatty()

@@ -98,8 +98,8 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as err:  # orbax raises many types for shape/structure mismatches
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"{self.shown}/{step}: cannot restore ({msg})") from None
+            _quiet_aborted_reads()
+            raise _restore_error(f"{self.shown}/{step}", err) from None
         return jax.tree_util.tree_map(np.asarray, restored["state"]), dict(restored["meta"])
 
     def wait(self) -> None:
@@ -139,6 +139,40 @@ def restore_checkpoint(directory: str | os.PathLike, step: int | None = None,
         raise CheckpointError(f"{_shown(directory)}: checkpoint directory not found")
     with Checkpointer(directory, create=False) as ckpt:
         return ckpt.restore(step, target)
+
+
+def _restore_error(where: str, err: Exception) -> CheckpointError:
+    """One short line: damaged files are named as such, without tensorstore's spec dump."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    damaged = re.search(r"DATA_LOSS|FAILED_PRECONDITION|Error (?:reading|decoding|opening)|ZSTD|Expecting value|"
+                        r"Unterminated string|Invalid control character|Extra data", first)
+    if damaged:
+        item = re.search(r'Error reading "([^"/]+)', first)
+        what = f" (reading {item.group(1)})" if item else ""
+        return CheckpointError(f"{where}: the checkpoint files are damaged or incomplete{what}; copy or save the "
+                               "checkpoint again")
+    first = re.sub(r"\s*\[tensorstore_spec=.*", "", first)
+    return CheckpointError(f"{where}: cannot restore ({first[:300]})")
+
+
+def _quiet_aborted_reads() -> None:
+    """After a failed restore, orbax closes its event loop while tensorstore still finishes the other
+    reads; their callbacks then raise 'Event loop is closed' as unraisable exceptions (tracebacks on
+    stderr after the one-line error). Those, and only those, are dropped."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxfood_quiet", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    hook._jaxfood_quiet = True
+    sys.unraisablehook = hook
 
 
 def load_encoder(directory: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], Any, dict]:

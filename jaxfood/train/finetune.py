@@ -34,6 +34,7 @@ from jaxfood.errors import CheckpointError, ConfigError, GraphError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, align_reverse_edges, summary
 from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
+from jaxfood.graph.splits import check_split_matches, split_fingerprint
 from jaxfood.io_utils import write_text
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_model
@@ -46,7 +47,7 @@ from jaxfood.train.finetune_step import multitask_step_fn, padding_aware_model, 
 from jaxfood.train.graphcl import default_encoder_config as graphcl_encoder_config
 from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
 from jaxfood.train.monitoring import TensorBoard, flatten_metrics
-from jaxfood.train.optimizer import OptimizerConfig, learning_rates, make_optimizer
+from jaxfood.train.optimizer import GROUPS, OptimizerConfig, learning_rates, make_optimizer
 from jaxfood.train.parallel_options import DataParallelOptions
 from jaxfood.train.preemption import Preempted
 from jaxfood.train.pretrain import sampled_edges
@@ -139,6 +140,15 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if unknown:
         raise ConfigError(f"finetune config: key 'weighting.static_weights': unknown task(s) {sorted(unknown)} "
                           f"(expected {list(tw.TASKS)})")
+    for group in GROUPS:
+        g = getattr(cfg.optimizer, group)
+        # A negative rate climbs the loss (and AdamW then decays towards it): never what a user meant.
+        for name, value in (("learning_rate", g.learning_rate), ("weight_decay", g.weight_decay),
+                            ("end_factor", g.end_factor), ("warmup_steps", g.warmup_steps), ("clip_norm", g.clip_norm)):
+            if value < 0:
+                raise ConfigError(f"finetune config: key 'optimizer.{group}.{name}' = {value}: expected a number >= 0")
+        if g.eps <= 0:
+            raise ConfigError(f"finetune config: key 'optimizer.{group}.eps' = {g.eps}: expected a positive number")
     cfg.encoder.validate("finetune config: encoder")
     return cfg
 
@@ -411,6 +421,7 @@ def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGr
         "id_maps": {t: list(ids) for t, ids in graph.meta.node_ids.items()},
         "graph_summary": summary(graph),
         "graph_sources": graph.meta.extra.get("sources"),
+        "split_fingerprint": split_fingerprint(graph),
         "nutrient_names": list(graph.meta.nutrient_names),
         "normalisation": graph.meta.normalisation,
         "pretrained": None if pretrained is None else str(pretrained),
@@ -545,6 +556,7 @@ def check_graph_matches(meta: Mapping[str, Any], graph: HeteroGraph, source: str
             bad = next(i for i, (a, b) in enumerate(zip(have, ids)) if a != b)
             raise CheckpointError(f"{source}: '{node_type}' node {bad} is '{have[bad]}' in the graph but "
                                   f"'{ids[bad]}' in the checkpoint (a different graph)")
+    check_split_matches(meta.get("split_fingerprint"), graph, source)
 
 
 def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = None) -> LoadedFinetune:
