@@ -10,7 +10,7 @@ evaluation as hooks; it never imports ``jaxfood.eval``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxfood.config import dump_config
+from jaxfood.data.simulate import simulate
+from jaxfood.eval.metrics import biomarkers_from_pairs, read_biomarkers
 from jaxfood.eval.readouts import embedding_readouts, food_embedding_figure
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
@@ -29,9 +31,7 @@ from jaxfood.train.finetune import (
     Evaluator,
     FinetuneConfig,
     FinetuneResult,
-    _as_reference,
     check_config,
-    default_biomarkers,
     load_finetuned,
     prepare_graph,
     stability_settings,
@@ -43,6 +43,31 @@ from jaxfood.train.parallel_options import DataParallelOptions
 from jaxfood.train.processes import is_primary
 
 Log = Callable[[str], None]
+
+
+def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
+    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
+    sources = graph.meta.extra.get("sources")
+    source = sources.get("embedded_default") if isinstance(sources, Mapping) else None
+    if not source:
+        return None
+    dataset = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
+    return _as_reference(biomarkers_from_pairs(dataset.biomarkers))
+
+
+def _as_reference(biomarkers) -> dict[str, set[str]] | None:
+    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
+    the same order wherever the reference comes from keeps the metrics bit-identical).
+    ``biomarkers``: a ``feature,category`` CSV path, ``{food: ids}`` or ``(id, food)`` pairs."""
+    if biomarkers is None:
+        return None
+    if isinstance(biomarkers, (str, Path)):
+        reference = read_biomarkers(biomarkers)
+    elif isinstance(biomarkers, Mapping):
+        reference = biomarkers
+    else:
+        reference = biomarkers_from_pairs(biomarkers)
+    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
 
 
 def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,6 @@ def _quiet_aborted_reads() -> None:
     """After a failed restore, orbax closes its event loop while tensorstore still finishes the other
     reads; their callbacks then raise 'Event loop is closed' as unraisable exceptions (tracebacks on
     stderr after the one-line error). Those, and only those, are dropped."""
-    import sys
-
     previous = sys.unraisablehook
     if getattr(previous, "_jaxfood_quiet", False):
         return

@@ -167,37 +167,6 @@ def prepare_graph(graph: HeteroGraph) -> HeteroGraph:
     return jax.device_put(aligned)
 
 
-def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
-    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
-    source = graph.meta.extra.get("sources", {}).get("embedded_default") if isinstance(
-        graph.meta.extra.get("sources"), Mapping) else None
-    if not source:
-        return None
-    from jaxfood.data.simulate import simulate
-    from jaxfood.eval.metrics import biomarkers_from_pairs
-
-    ds = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
-    return _as_reference(biomarkers_from_pairs(ds.biomarkers))
-
-
-def _as_reference(biomarkers) -> dict[str, set[str]] | None:
-    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
-    the same order wherever the reference comes from keeps the metrics bit-identical)."""
-    if biomarkers is None:
-        return None
-    if isinstance(biomarkers, (str, Path)):
-        from jaxfood.eval.metrics import read_biomarkers
-
-        reference = read_biomarkers(biomarkers)
-    elif isinstance(biomarkers, Mapping):
-        reference = biomarkers
-    else:
-        from jaxfood.eval.metrics import biomarkers_from_pairs
-
-        reference = biomarkers_from_pairs(biomarkers)
-    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
-
-
 # ---- evaluation ---------------------------------------------------------------------------------
 class Evaluator:
     """Jitted evaluation of a :class:`MultiTaskModel` on one graph (compiled once, reused).

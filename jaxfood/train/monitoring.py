@@ -22,6 +22,8 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 
+from jaxfood.io_utils import atomic_path
+
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested dict of numbers -> ``{"a/b/c": float}`` (non-numeric leaves are skipped)."""
@@ -75,12 +77,11 @@ def _series(rows: list[dict[str, float]], prefix: str) -> dict[str, tuple[np.nda
 
 def write_curves(history: Mapping[str, list[dict[str, float]]], out_dir: str | Path) -> list[Path]:
     """PNG curves of a run's history: task losses (+ validation score), task weights, gradient conflict."""
+    # matplotlib (heavy) is imported here: only runs that draw figures pay for it.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jaxfood.io_utils import atomic_path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
