@@ -81,10 +81,11 @@ def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, lo
     from functools import partial
 
     from jaxfood.eval.pipeline import headline
-    from jaxfood.train.distributed import finetune_on_devices, pretrain_on_devices
+    from jaxfood.train.distributed import pretrain_on_devices
+    from jaxfood.workflows import finetune as finetune_workflow
 
     # One process on one device: the usual loops; otherwise the data-parallel jobs (same outputs).
-    pretrain, finetune = partial(pretrain_on_devices, options=options), partial(finetune_on_devices, options=options)
+    pretrain, finetune = partial(pretrain_on_devices, options=options), partial(finetune_workflow, options=options)
 
     log(f"[seed {cfg.seed}] GraphCL pretraining")
     pre = pretrain(graph, cfg.pretrain, workdir / "pretrain", progress=progress)
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
+    from jaxfood.eval.evaluator import default_biomarkers
     from jaxfood.eval.pipeline import (
         SECTIONS,
         food_rankings,
@@ -163,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
     from jaxfood.io_utils import write_json, write_text
-    from jaxfood.train.finetune import default_biomarkers
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
     cfg = load_config(RunConfig(), args.config, overrides)

@@ -28,7 +28,8 @@ def runs(tmp_path_factory):
     import jax
 
     from jaxfood.config import load_config
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import finetune
 
     root = tmp_path_factory.mktemp("finetune")
     # The second run compiles the same programs as the first: reuse them from a persistent cache.
@@ -77,7 +78,8 @@ def test_a_rerun_in_the_same_workdir_replaces_the_earlier_run(runs, tmp_path):
 
     from jaxfood.config import load_config
     from jaxfood.train.checkpoint import latest_step
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import finetune
 
     root, graph_dir, _ = runs
     workdir = tmp_path / "w"

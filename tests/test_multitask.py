@@ -12,12 +12,11 @@ from conftest import make_toy_graph
 
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import make_edge_set, with_reverse_edges
-from jaxfood.graph.splits import SPLIT_CODES
+from jaxfood.graph.splits import SPLIT_CODES, prepare_graph
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig, make_multitask_model
 from jaxfood.train import multitask as mt
 from jaxfood.train import task_weighting as tw
-from jaxfood.train.finetune import prepare_graph
 from jaxfood.train.optimizer import OptimizerConfig, make_optimizer
 
 SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=2, embedding_dim=16, dropout=0.0,

@@ -39,9 +39,10 @@ def run(tmp_path_factory):
 
     from jaxfood.config import load_config
     from jaxfood.graph.build import build_graph
+    from jaxfood.graph.splits import prepare_graph
     from jaxfood.models.heads import make_multitask_model
     from jaxfood.train.checkpoint import save_checkpoint
-    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph
+    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta
 
     root = tmp_path_factory.mktemp("predict")
     with warnings.catch_warnings():
@@ -73,7 +74,9 @@ def _sample_csv(graph, index, path, extra_unknown=0):
 
 
 def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
-    from jaxfood.train.finetune import Evaluator, load_finetuned, prepare_graph
+    from jaxfood.eval.evaluator import Evaluator
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.train.finetune import load_finetuned
 
     root, graph, ckpt = run
     test = np.nonzero(np.asarray(graph.sample_split) == SPLIT_CODES["test"])[0][0]
@@ -119,8 +122,8 @@ def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
     # Gaussians fitted on the training samples' embeddings with their label edges switched off.
     from sklearn.covariance import LedoitWolf
 
+    from jaxfood.graph.edge_masks import label_edge_masks
     from jaxfood.train.multitask import make_predict_fn
-    from jaxfood.train.salient_molecules import label_edge_masks
 
     dgraph = prepare_graph(graph)
     split, labels = np.asarray(graph.sample_split), np.asarray(graph.sample_food)
@@ -183,8 +186,8 @@ def test_missing_column_exit_2(run, tmp_path, capsys):
 
 def test_out_of_library_rates_pipeline(tmp_path):
     from jaxfood.config import load_config
-    from jaxfood.eval.predict import out_of_library_rates
     from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import out_of_library_rates
 
     cfg = load_config(FinetuneConfig(), None, [*TINY, "weighting.method=static"])
     tables = _tables()

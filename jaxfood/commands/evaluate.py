@@ -41,7 +41,7 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
 def evaluate_from_args(args) -> dict:
     """The metrics dict for parsed arguments (hook for extensions: seeds, baselines)."""
     from jaxfood.commands.finetune import load_graph_arg
-    from jaxfood.train.finetune import evaluate_checkpoint
+    from jaxfood.workflows import evaluate_checkpoint
 
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: checkpoint directory not found")

@@ -125,7 +125,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood.config import load_config
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import evaluation_for, finetune
 
     start = time.perf_counter()
     options = options_from_args(args)
@@ -142,7 +143,8 @@ def run(args) -> int:
         from jaxfood.train.distributed import finetune_job
 
         result = finetune_job(graph, cfg, workdir, options=options, pretrained=args.pretrained,
-                              biomarkers=args.biomarkers, progress=progress and info.is_primary, log=log)
+                              evaluation=evaluation_for(graph, args.biomarkers),
+                              progress=progress and info.is_primary, log=log)
         if result.preempted:
             if info.is_primary:
                 print(f"preempted at step {result.best_step}: checkpoint in {result.checkpoint_dir}; "

@@ -176,7 +176,7 @@ def normalise_intensity(intensity, molecule_index, normalisation: dict[str, Any]
 
 
 def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.ndarray):
-    """Appends the new samples to ``dgraph`` (a :func:`~jaxfood.train.finetune.prepare_graph` output).
+    """Appends the new samples to ``dgraph`` (a :func:`~jaxfood.graph.splits.prepare_graph` output).
 
     Returns ``(graph, edge_masks, stats_mask, new_edges)``: ``edge_masks`` switches off the
     Sample -> Molecule edges of the new samples in the encoder (see the module docstring), ``stats_mask`` [S + n] the old samples,
@@ -324,8 +324,7 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     import jax
     import jax.numpy as jnp
 
-    from jaxfood.train.finetune import prepare_graph
-    from jaxfood.train.multitask import split_params
+    from jaxfood.graph.splits import prepare_graph
 
     if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
@@ -336,7 +335,7 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     dgraph = prepare_graph(graph)
     ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
     forward = _forward_fn(loaded.model)
-    params = split_params(loaded.params)[0]
+    params = loaded.params  # the model ignores the task-weighting entries beside its own
     ext = jax.device_put(ext)
     label_key, rev_label_key = schema.IS_INSTANCE_OF, schema.reverse_key(schema.IS_INSTANCE_OF)
     # The same mask keys in both passes (all-on here): one compilation.
@@ -448,12 +447,14 @@ def split_tables_by_food(tables, held_out: Sequence[str]):
             subset_samples(ft, np.nonzero(out_cols)[0]))
 
 
-def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str | Path = "runs/ool", seed: int = 0,
+def out_of_library_rates(tables, fit, num_held_out: int = 5, seed: int = 0,
                          quantile: float = DEFAULT_QUANTILE, held_out: Sequence[str] | None = None) -> dict[str, Any]:
     """Detection and false-alarm rates of the out-of-library flag.
 
     ``num_held_out`` foods (random with ``seed``, or ``held_out``) lose all their samples; the graph
-    is built from the rest (:func:`jaxfood.graph.build.build_graph`), fine-tuned with ``cfg``, and
+    is built from the rest (:func:`jaxfood.graph.build.build_graph`), fine-tuned by ``fit(graph) ->
+    loaded`` (``.model``, ``.params``, ``.meta``; :func:`jaxfood.workflows.out_of_library_rates`
+    fine-tunes with a config), and
     both the held-out foods' samples (unknown foods) and the graph's test samples (known foods)
     are predicted as new samples. Detection rate: fraction of unknown-food samples flagged;
     false-alarm rate: fraction of known-food test samples flagged (threshold: ``quantile`` of the
@@ -464,7 +465,6 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
     from sklearn.metrics import roc_auc_score
 
     from jaxfood.graph.build import build_graph
-    from jaxfood.train.finetune import FinetuneConfig, finetune, load_finetuned
 
     foods = sorted(set(tables.metadata.food_labels) - {""})
     if held_out is None:
@@ -474,9 +474,7 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = build_graph(train_tables, seed=seed)
-    cfg = cfg or FinetuneConfig()
-    result = finetune(graph, cfg, workdir, progress=False)
-    loaded = load_finetuned(result.checkpoint_dir, graph)
+    loaded = fit(graph)
 
     ft = train_tables.features
     test_cols = np.nonzero((np.asarray(graph.sample_split) == SPLIT_CODES["test"]) & (np.asarray(graph.sample_food) >= 0))[0]

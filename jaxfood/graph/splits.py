@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
-from jaxfood.errors import UserError
+from jaxfood.errors import GraphError, UserError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, make_edge_set
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, align_reverse_edges, make_edge_set
 
 
 def stratified_split(
@@ -102,3 +103,17 @@ def samples_reaching_own_food(graph: HeteroGraph) -> np.ndarray:
         if int(sf[s0]) in seen_f:
             leaks.append(int(s0))
     return np.asarray(leaks, dtype=np.int64)
+
+
+def prepare_graph(graph: HeteroGraph) -> HeteroGraph:
+    """The graph fine-tuning and evaluation run on: reverse ``contains_molecule`` edges aligned with
+    the forward ones (one edge mask then serves both directions), arrays on the device. Held-out
+    samples never have label edges (checked)."""
+    aligned = align_reverse_edges(graph, (schema.CONTAINS,))
+    split = np.asarray(graph.sample_split)
+    fwd = graph.edges[schema.IS_INSTANCE_OF]
+    held_out = split[np.asarray(fwd.senders)] != SPLIT_CODES["train"]
+    if held_out.any():
+        raise GraphError(f"graph: {int(held_out.sum())} held-out sample(s) have a label edge "
+                         "('Sample|is_instance_of|Food'); rebuild the graph with 'jaxfood build-graph'")
+    return jax.device_put(aligned)

@@ -389,6 +389,9 @@ class FoodProjection(nn.Module):
 MOLECULE_INPUT = "Molecule:input"
 #: Key of the class-attention pooling's parameters inside ``params["salient_pool"]``.
 CLASS_ATTENTION = "class_attention"
+#: Names of the molecule-importance scorers, implemented in :mod:`jaxfood.eval.molecules` (named
+#: here, below train/ and eval/, so that the fine-tuning config can list and check them).
+SCORER_NAMES: tuple[str, ...] = ("class_attention", "attention", "gat_attention", "gradient")
 
 
 @dataclasses.dataclass(frozen=True)

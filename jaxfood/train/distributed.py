@@ -793,9 +793,9 @@ def _noop(_msg: str) -> None:
 
 
 def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParallelOptions = DataParallelOptions(),
-                 pretrained=None, biomarkers=None, progress: bool = True, log=None):
+                 pretrained=None, evaluation, progress: bool = True, log=None):
     """``jaxfood finetune`` on every device of every process: :func:`jaxfood.train.finetune.finetune`'s
-    outputs, trained by the data-parallel step of this module.
+    outputs, trained by the data-parallel step of this module; ``evaluation`` as there.
 
     Every process calls it with the same arguments. ``cfg`` is a
     :class:`~jaxfood.train.finetune.FinetuneConfig`; its ``steps`` are data-parallel steps of
@@ -824,7 +824,6 @@ def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
     primary = is_primary()
     cfg = ft.check_config(cfg)
     workdir = os.fspath(workdir)
-    reference = ft._as_reference(biomarkers) if biomarkers is not None else ft.default_biomarkers(graph)
     if pretrained is not None:
         enc_cfg, enc_params, _ = ft._load_pretrained(pretrained, cfg)
         log(f"encoder from {pretrained}")
@@ -837,6 +836,8 @@ def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
 
     full = ft.prepare_graph(graph).to_numpy()
     base = make_multitask_model(full, enc_cfg, cfg.heads)
+    evaluator = evaluation(base, jax.device_put(full), cfg)
+    reference = evaluator.reference
     model = padding_aware_model(base)
     layout = ShardLayout.current(options.per_device, options.local_devices)
     if options.sampled:
@@ -893,12 +894,10 @@ def finetune_job(graph, cfg, workdir: str | os.PathLike, *, options: DataParalle
                      options.checkpoint_every, meta, 1, on_log, count_edges, progress=False, max_to_keep=1)
         if not result.preempted:
             # The kept checkpoint is the last step's: score it as the single-device run scores its best.
-            evaluator = ft.Evaluator(base, jax.device_put(full), cfg.salient_k, cfg.knn_k, cfg.salient_scorer,
-                                     cfg.scorers)
             params = result.state["params"]
-            val = evaluator.evaluate(params, "val", salient=False)
-            monitor.validation(result.end_step, val, ft.selection_score(val, cfg.selection))
-            metrics = evaluator.evaluate(params, "test", reference)
+            val, score = evaluator.validate(mt.split_params(params)[0], salient=False)
+            monitor.validation(result.end_step, val, score)
+            metrics = evaluator.test(mt.split_params(params)[0])
             metrics["task_weights"] = ft.task_weight_summary(cfg.weighting, params)
             metrics["best_step"] = result.end_step
     finally:
@@ -1046,14 +1045,14 @@ def pretrain_on_devices(graph, cfg, workdir, *, options: DataParallelOptions | N
 
 
 def finetune_on_devices(graph, cfg, workdir, *, options: DataParallelOptions | None = None, pretrained=None,
-                        biomarkers=None, progress: bool = True, log=None):
+                        evaluation, progress: bool = True, log=None):
     """:func:`jaxfood.train.finetune.finetune`, or :func:`finetune_job` when ``options.wanted()``;
     returns a ``FinetuneResult`` either way (the same on every process). Raises :class:`Preempted`."""
     from jaxfood.train.finetune import finetune
 
     if options is None or not options.wanted():
-        return finetune(graph, cfg, workdir, pretrained=pretrained, biomarkers=biomarkers, progress=progress, log=log)
-    result = finetune_job(graph, cfg, workdir, options=options, pretrained=pretrained, biomarkers=biomarkers,
+        return finetune(graph, cfg, workdir, pretrained=pretrained, evaluation=evaluation, progress=progress, log=log)
+    result = finetune_job(graph, cfg, workdir, options=options, pretrained=pretrained, evaluation=evaluation,
                           progress=progress and is_primary(), log=log if is_primary() else None)
     if result.preempted:
         raise Preempted(result.best_step, result.checkpoint_dir)

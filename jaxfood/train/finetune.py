@@ -14,8 +14,11 @@ on the test split. Everything lands under ``workdir``::
     metrics.json         the final test metrics (also returned)
     figures/             losses.png, task_weights.png, gradient_conflict.png
 
-:func:`evaluate_checkpoint` rebuilds the model from a checkpoint and reproduces those metrics
-exactly (same graph, same reference biomarkers -- the checkpoint keeps the ones it was scored with).
+The metrics come from the evaluation the caller supplies (``evaluation``: ``train/`` imports
+nothing from ``eval/``; :func:`jaxfood.workflows.finetune` passes :mod:`jaxfood.eval.evaluator`'s).
+:func:`load_finetuned` rebuilds the model from a checkpoint; :func:`jaxfood.workflows.evaluate_checkpoint`
+reproduces the metrics exactly (same graph, same reference biomarkers -- the checkpoint keeps the
+ones it was scored with).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +37,11 @@ import numpy as np
 
 from jaxfood.config import config_from_dict, config_to_dict, dump_config
 from jaxfood.errors import CheckpointError, ConfigError
-from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
+from jaxfood.graph.splits import prepare_graph
 from jaxfood.models.encoder import EncoderConfig
-from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_model
+from jaxfood.models.heads import SCORER_NAMES, HeadsConfig, MultiTaskModel, make_multitask_model
 from jaxfood.train import multitask as mt
-from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.optimizer import OptimizerConfig, learning_rates, make_optimizer
 
@@ -87,7 +89,7 @@ class FinetuneConfig:
     task_gradient_scope: Literal["representation", "encoder"] = "representation"
     salient_k: int = 10
     salient_scorer: Literal["class_attention", "attention", "gat_attention", "gradient"] = "class_attention"
-    scorers: tuple[str, ...] = tuple(sal.SCORERS)
+    scorers: tuple[str, ...] = SCORER_NAMES
     stability_perturbations: int = 3
     stability_noise_sd: float = 0.1
     stability_drop_fraction: float = 0.05
@@ -123,9 +125,9 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         if key.split(".")[0] not in sections or "." not in key:
             raise ConfigError(f"finetune config: key 'selection.{key}': expected '<section>.<metric>' with a "
                               f"section in {sorted(sections)}")
-    bad = [name for name in (*cfg.scorers, cfg.salient_scorer) if name not in sal.SCORERS]
+    bad = [name for name in (*cfg.scorers, cfg.salient_scorer) if name not in SCORER_NAMES]
     if bad:
-        raise ConfigError(f"finetune config: key 'scorers': unknown scorer '{bad[0]}' (expected {list(sal.SCORERS)})")
+        raise ConfigError(f"finetune config: key 'scorers': unknown scorer '{bad[0]}' (expected {list(SCORER_NAMES)})")
     unknown = set(cfg.weighting.static_weights) - set(tw.TASKS)
     if unknown:
         raise ConfigError(f"finetune config: key 'weighting.static_weights': unknown task(s) {sorted(unknown)} "
@@ -134,208 +136,24 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-# ---- graph preparation --------------------------------------------------------------------------
-def prepare_graph(graph: HeteroGraph) -> HeteroGraph:
-    """The graph fine-tuning and evaluation run on: reverse ``contains_molecule`` edges aligned with
-    the forward ones, arrays on the device. Held-out samples never have label edges (checked)."""
-    sal_graph = sal.align_reverse_edges(graph)
-    split = np.asarray(graph.sample_split)
-    fwd = graph.edges[schema.IS_INSTANCE_OF]
-    held_out = split[np.asarray(fwd.senders)] != SPLIT_CODES["train"]
-    if held_out.any():
-        from jaxfood.errors import GraphError
+# ---- evaluation (supplied by the caller) -------------------------------------------------------
+class FinetuneEvaluation(Protocol):
+    """What the loop needs from evaluation; :class:`jaxfood.eval.evaluator.FinetuneEvaluation` is one.
 
-        raise GraphError(f"graph: {int(held_out.sum())} held-out sample(s) have a label edge "
-                         "('Sample|is_instance_of|Food'); rebuild the graph with 'jaxfood build-graph'")
-    return jax.device_put(sal_graph)
-
-
-def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
-    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
-    source = graph.meta.extra.get("sources", {}).get("embedded_default") if isinstance(
-        graph.meta.extra.get("sources"), Mapping) else None
-    if not source:
-        return None
-    from jaxfood.data.simulate import simulate
-    from jaxfood.eval.metrics import biomarkers_from_pairs
-
-    ds = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
-    return _as_reference(biomarkers_from_pairs(ds.biomarkers))
-
-
-def _as_reference(biomarkers) -> dict[str, set[str]] | None:
-    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
-    the same order wherever the reference comes from keeps the metrics bit-identical)."""
-    if biomarkers is None:
-        return None
-    if isinstance(biomarkers, (str, Path)):
-        from jaxfood.eval.metrics import read_biomarkers
-
-        reference = read_biomarkers(biomarkers)
-    elif isinstance(biomarkers, Mapping):
-        reference = biomarkers
-    else:
-        from jaxfood.eval.metrics import biomarkers_from_pairs
-
-        reference = biomarkers_from_pairs(biomarkers)
-    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
-
-
-# ---- evaluation ---------------------------------------------------------------------------------
-class Evaluator:
-    """Jitted evaluation of a :class:`MultiTaskModel` on one graph (compiled once, reused).
-
-    ``evaluate(params, split, reference=None, salient=True)`` returns the nested metrics dict::
-
-        {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece},
-         "nutrition": {knn_purity, spearman, nutrient_r2, nutrient_r2_per_nutrient},
-         "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
-                               stability_jaccard, per_scorer: {name: {...}}}}
-
-    Food classification and nutrient R² are scored on the samples of ``split``; the Food
-    embeddings (the triplet projection) on all foods against their USDA categories (k-NN purity)
-    and nutrient profiles (Spearman of pairwise distances); molecule rankings per food from all
-    labelled samples, fidelity on the samples of ``split`` (probability of the true food);
-    ``stability_jaccard`` of the headline scorer's rankings under ``stability`` =
-    ``(perturbations, noise_sd, drop_fraction, seed)`` (see :func:`salient_molecules.perturb_contains`).
+    ``train/`` imports nothing from ``eval/``: the caller (``jaxfood.workflows``) hands
+    :func:`finetune` a factory ``(model, prepared graph, cfg) -> FinetuneEvaluation``.
     """
 
-    def __init__(self, model: MultiTaskModel, graph: HeteroGraph, salient_k: int = 10, knn_k: int = 5,
-                 scorer: str = "class_attention", scorers: Sequence[str] = tuple(sal.SCORERS),
-                 stability: tuple[int, float, float, int] = (3, 0.1, 0.05, 0)):
-        self.model, self.graph = model, graph
-        self.stability = stability
-        self.salient_k, self.knn_k, self.scorer = int(salient_k), int(knn_k), scorer
-        self.scorers = tuple(dict.fromkeys([scorer, *scorers]))
-        self._predict = mt.make_predict_fn(model)
-        self._score = {name: jax.jit(lambda p, g, _n=name: sal.score_molecules(_n, model, mt.split_params(p)[0], g))
-                       for name in self.scorers}
-        k = self.salient_k
+    reference: Mapping[str, set[str]] | None  # the reference biomarkers, kept in the checkpoint meta
 
-        def fid(params, graph, scores, sample_mask, target):
-            return sal.fidelity_probabilities(model, mt.split_params(params)[0], graph, scores, k, sample_mask,
-                                              target_class=target)
+    def validate(self, params, salient: bool = True) -> tuple[dict[str, Any], float]:
+        """Validation metrics and the selection score of ``params`` (a MultiTaskModel's)."""
 
-        self._fidelity = jax.jit(fid)
-        # The headline scorer always runs with explicit edge masks (all edges for the clean input):
-        # the clean and the perturbed inputs share one compiled program.
-        self._score_perturbed = jax.jit(lambda p, g, m: sal.score_molecules(scorer, model, mt.split_params(p)[0], g, m))
-        self._all_edges = sal.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
-
-    def _headline_scores(self, params):
-        return self._score_perturbed(params, self.graph, self._all_edges)
-
-    def stability_jaccard(self, params, clean_scores=None) -> float:
-        """Mean :func:`salient_molecules.topk_jaccard` of the headline scorer's per-food rankings
-        between the clean input and each perturbation (NaN with 0 perturbations)."""
-        perturbations, noise_sd, drop_fraction, seed = self.stability
-        if perturbations < 1:
-            return math.nan
-        k = self.salient_k
-        if clean_scores is None:
-            clean_scores = self._headline_scores(params)
-        clean = sal.rankings_by_id(sal.rank_molecules_per_food(np.asarray(clean_scores), self.graph)[0], self.graph, k)
-        overlaps = []
-        for i in range(perturbations):
-            graph, masks = sal.perturb_contains(self.graph, jax.random.fold_in(jax.random.key(seed), i), noise_sd,
-                                                drop_fraction)
-            scores = np.asarray(self._score_perturbed(params, graph, masks))
-            noisy = sal.rankings_by_id(sal.rank_molecules_per_food(scores, self.graph)[0], self.graph, k)
-            overlaps.append(sal.topk_jaccard(clean, noisy, k))
-        return float(np.mean(overlaps))
-
-    def predict(self, params):
-        return jax.device_get(self._predict(params, self.graph))
-
-    def evaluate(self, params, split: str = "test", reference: Mapping[str, set[str]] | None = None,
-                 salient: bool = True, scorers: Sequence[str] | None = None,
-                 stability: bool = True) -> dict[str, Any]:
-        from jaxfood.eval.metrics import (
-            classification_metrics,
-            distance_spearman,
-            fidelity,
-            knn_purity,
-            nutrient_r2,
-            precision_recall_at_k,
-        )
-
-        graph = self.graph
-        out = self.predict(params)
-        labels = np.asarray(graph.sample_food)
-        in_split = (np.asarray(graph.sample_split) == SPLIT_CODES[split]) & (labels >= 0)
-        idx = np.nonzero(in_split)[0]
-        logits = np.asarray(out.food_logits, np.float64)[idx]
-        proba = np.exp(logits - logits.max(1, keepdims=True))
-        proba /= proba.sum(1, keepdims=True)
-        metrics: dict[str, Any] = {"food_classification": classification_metrics(labels[idx], proba)}
-
-        food_nutrients = np.asarray(graph.food_nutrients)
-        r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
-                         list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
-        projection = np.asarray(out.food_projection)
-        category = np.asarray(graph.food_category)
-        known = category >= 0
-        metrics["nutrition"] = {
-            "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
-            "spearman": distance_spearman(projection, food_nutrients),
-            "nutrient_r2": r2["overall"],
-            "nutrient_r2_per_nutrient": r2["per_nutrient"],
-        }
-        if not salient:
-            return metrics
-
-        k = self.salient_k
-        sample_mask = jnp.asarray(in_split)
-        target = jnp.asarray(np.where(labels >= 0, labels, 0))
-        per_scorer = {}
-        headline_scores = None
-        for name in (scorers or self.scorers):
-            scores = self._headline_scores(params) if name == self.scorer else self._score[name](params, graph)
-            if name == self.scorer:
-                headline_scores = scores
-            # GraphFramEx's "phenomenon" form: the probability of the true food.
-            p_full, p_removed, p_kept = (np.asarray(x)[idx] for x in jax.device_get(
-                self._fidelity(params, graph, scores, sample_mask, target)))
-            fid_plus, fid_minus = fidelity(p_full, p_removed, p_kept)
-            entry = {"fidelity_plus": fid_plus, "fidelity_minus": fid_minus}
-            if reference is not None:
-                ranking, _ = sal.rank_molecules_per_food(np.asarray(scores), graph)
-                prec, rec = precision_recall_at_k(sal.rankings_by_id(ranking, graph, k), reference, k)
-            else:
-                prec = rec = math.nan
-            entry[f"precision_at_{k}"] = prec
-            entry[f"recall_at_{k}"] = rec
-            per_scorer[name] = entry
-        head = per_scorer[self.scorer] if self.scorer in per_scorer else next(iter(per_scorer.values()))
-        metrics["salient_molecules"] = {**head, "scorer": self.scorer, "k": k,
-                                        "stability_jaccard": (self.stability_jaccard(params, headline_scores)
-                                                              if stability else math.nan),
-                                        "per_scorer": per_scorer}
-        return metrics
-
-    def rankings(self, params, scorer: str | None = None, top: int | None = None) -> dict[str, list[str]]:
-        """``{food id: [molecule ids]}`` ranked by ``scorer`` (default: the headline scorer)."""
-        scorer = scorer or self.scorer
-        scores = np.asarray(self._headline_scores(params) if scorer == self.scorer else self._score[scorer](params, self.graph))
-        ranking, _ = sal.rank_molecules_per_food(scores, self.graph)
-        return sal.rankings_by_id(ranking, self.graph, top)
+    def test(self, params) -> dict[str, Any]:
+        """The final (test) metrics of ``params``."""
 
 
-def stability_settings(cfg: FinetuneConfig) -> tuple[int, float, float, int]:
-    """The :class:`Evaluator`'s ``stability`` argument from a config."""
-    return (int(cfg.stability_perturbations), float(cfg.stability_noise_sd), float(cfg.stability_drop_fraction),
-            int(cfg.seed))
-
-
-def selection_score(metrics: Mapping[str, Any], selection: Mapping[str, float]) -> float:
-    """Weighted sum of validation metrics named ``section.metric``; a NaN metric counts 0."""
-    score = 0.0
-    for key, weight in selection.items():
-        section, name = key.split(".", 1)
-        value = metrics.get(section, {}).get(name, math.nan)
-        value = float(value) if value is not None else math.nan
-        score += weight * (value if math.isfinite(value) else 0.0)
-    return score
+EvaluationFactory = Callable[[MultiTaskModel, HeteroGraph, "FinetuneConfig"], FinetuneEvaluation]
 
 
 def task_weight_summary(cfg: tw.WeightingConfig, params) -> dict[str, Any]:
@@ -413,7 +231,7 @@ def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGr
 
 
 def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str | Path = "runs/finetune",
-             pretrained: str | Path | None = None, biomarkers=None, progress: bool = True,
+             pretrained: str | Path | None = None, *, evaluation: EvaluationFactory, progress: bool = True,
              log=None) -> FinetuneResult:
     """Fine-tunes the three tasks on ``graph``; see the module docstring for what is written.
 
@@ -422,8 +240,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
       cfg: the run's configuration (default :class:`FinetuneConfig`).
       workdir: output directory.
       pretrained: checkpoint directory of a pretrained encoder (GraphCL / converted); None: scratch.
-      biomarkers: reference biomarkers for precision@k (``{food: ids}``, ``(id, food)`` pairs or a
-        ``feature,category`` CSV path); default: the simulator's for the embedded default graph.
+      evaluation: ``(model, prepared graph, cfg) -> FinetuneEvaluation``, the validation and test
+        metrics (:func:`jaxfood.workflows.finetune` passes :mod:`jaxfood.eval.evaluator`'s).
     """
     from jaxfood.io_utils import write_json, write_text
     from jaxfood.train.checkpoint import restore_checkpoint, save_checkpoint
@@ -434,7 +252,6 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     log = log or (lambda _msg: None)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    reference = _as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
 
     if pretrained is not None:
         enc_cfg, enc_params, _ = _load_pretrained(pretrained, cfg)
@@ -467,8 +284,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         return raw_step(state, graph, batch)
 
     step_fn = jax.jit(counted_step, donate_argnums=(0,))
-    evaluator = Evaluator(model, dgraph, cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
-                          stability_settings(cfg))
+    evaluator = evaluation(model, dgraph, cfg)
+    reference = evaluator.reference
     seed_mask = jnp.asarray(np.asarray(graph.sample_split) == SPLIT_CODES["train"])
     accumulation = cfg.optimizer.accumulation_steps
 
@@ -493,8 +310,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
             if (i + 1) % cfg.eval_every == 0 or i + 1 == steps:
                 # All three tasks are validated; the salient task by its headline scorer only
                 # (precision/recall@k, fidelity), without the stability perturbations.
-                val = evaluator.evaluate(state.params, "val", reference, scorers=(cfg.salient_scorer,), stability=False)
-                score = selection_score(val, cfg.selection)
+                val, score = evaluator.validate(mt.split_params(state.params)[0])
                 monitor.validation(i + 1, val, score)
                 if score > best_score:
                     best_score, best_step, stale = score, i + 1, 0
@@ -514,7 +330,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     # The final metrics are computed from the checkpoint as stored: evaluate_checkpoint reproduces them.
     restored, _ = restore_checkpoint(ckpt_dir)
     best_params = jax.tree_util.tree_map(jnp.asarray, restored["params"])
-    metrics = evaluator.evaluate(best_params, "test", reference)
+    metrics = evaluator.test(mt.split_params(best_params)[0])
     metrics["task_weights"] = task_weight_summary(cfg.weighting, best_params)
     metrics["best_step"] = best_step
     write_json(workdir / "metrics.json", metrics)
@@ -572,26 +388,3 @@ def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = 
     model = make_multitask_model(dgraph, enc_cfg, cfg.heads)
     params = jax.tree_util.tree_map(jnp.asarray, dict(state["params"]))
     return LoadedFinetune(model=model, params=params, config=cfg, meta=meta)
-
-
-def evaluate_checkpoint(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: str = "test",
-                        step: int | None = None) -> dict[str, Any]:
-    """Test metrics of a fine-tuning checkpoint on ``graph`` -- those :func:`finetune` reported.
-
-    ``biomarkers`` (a ``feature,category`` CSV path, ``{food: ids}`` or pairs) replaces the reference
-    the checkpoint was scored with (kept in its meta).
-    """
-    loaded = load_finetuned(ckpt_dir, graph, step)
-    cfg = loaded.config
-    if biomarkers is not None:
-        reference = _as_reference(biomarkers)
-    elif loaded.meta.get("biomarkers") is not None:
-        reference = _as_reference(loaded.meta["biomarkers"])
-    else:
-        reference = None
-    evaluator = Evaluator(loaded.model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
-                          stability_settings(cfg))
-    metrics = evaluator.evaluate(loaded.params, split, reference)
-    metrics["task_weights"] = task_weight_summary(cfg.weighting, loaded.params)
-    metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
-    return metrics
