@@ -29,6 +29,7 @@ from jaxfood.eval.metrics import (
     nutrient_r2,
     precision_recall_at_k,
     read_biomarkers,
+    samples_digest,
 )
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
@@ -93,10 +94,12 @@ class Evaluator:
          "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
                                stability_jaccard, per_scorer: {name: {...}}}}
 
-    Food classification and nutrient R² are scored on the samples of ``split``; the Food
-    embeddings (the triplet projection) on all foods against their USDA categories (k-NN purity)
-    and nutrient profiles (Spearman of pairwise distances); molecule rankings per food from all
-    labelled samples, fidelity on the samples of ``split`` (probability of the true food);
+    Food classification and nutrient R² are scored on the ``num_samples`` samples of ``split``;
+    the Food embeddings (the triplet projection) on all foods against their USDA categories (k-NN
+    purity) and nutrient profiles (Spearman of pairwise distances) -- in-sample figures (listed
+    under ``nutrition.in_sample``): the triplet loss trains on every food; molecule rankings per
+    food from the *training* samples only (no label of a scored sample enters them), fidelity on
+    the samples of ``split`` (probability of the *predicted* food, for every scorer);
     ``stability_jaccard`` of the headline scorer's rankings under ``stability`` =
     ``(perturbations, noise_sd, drop_fraction, seed)`` (see :func:`molecules.perturb_contains`).
     ``graph``: a :func:`jaxfood.graph.splits.prepare_graph` output.
@@ -114,8 +117,8 @@ class Evaluator:
                        for name in self.scorers}
         k = self.salient_k
 
-        def fid(params, graph, scores, sample_mask, target):
-            return mol.fidelity_probabilities(model, params, graph, scores, k, sample_mask, target_class=target)
+        def fid(params, graph, scores, sample_mask):
+            return mol.fidelity_probabilities(model, params, graph, scores, k, sample_mask)
 
         self._fidelity = jax.jit(fid)
         # The headline scorer always runs with explicit edge masks (all edges for the clean input):
@@ -159,7 +162,10 @@ class Evaluator:
         logits = np.asarray(out.food_logits, np.float64)[idx]
         proba = np.exp(logits - logits.max(1, keepdims=True))
         proba /= proba.sum(1, keepdims=True)
-        metrics: dict[str, Any] = {"food_classification": classification_metrics(labels[idx], proba)}
+        sample_ids = graph.meta.node_ids.get(schema.SAMPLE) or [str(i) for i in range(labels.size)]
+        metrics: dict[str, Any] = {"food_classification": {
+            **classification_metrics(labels[idx], proba), "num_samples": int(idx.size),
+            "samples_digest": samples_digest(sample_ids[i] for i in idx)}}
 
         food_nutrients = np.asarray(graph.food_nutrients)
         r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
@@ -168,26 +174,30 @@ class Evaluator:
         category = np.asarray(graph.food_category)
         known = category >= 0
         metrics["nutrition"] = {
+            # In-sample: every food, and the triplet loss trains on all of their nutrient profiles.
             "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
             "spearman": distance_spearman(projection, food_nutrients),
+            "in_sample": ["knn_purity", "spearman"],
+            "num_foods_in_sample": int(food_nutrients.shape[0]),
             "nutrient_r2": r2["overall"],
             "nutrient_r2_per_nutrient": r2["per_nutrient"],
+            "num_samples": int(idx.size),
         }
         if not salient:
             return metrics
 
         k = self.salient_k
         sample_mask = jnp.asarray(in_split)
-        target = jnp.asarray(np.where(labels >= 0, labels, 0))
         per_scorer = {}
         headline_scores = None
         for name in (scorers or self.scorers):
             scores = self._headline_scores(params) if name == self.scorer else self._score[name](params, graph)
             if name == self.scorer:
                 headline_scores = scores
-            # GraphFramEx's "phenomenon" form: the probability of the true food.
+            # One rule for every scorer: the probability of the *predicted* food (what a user of
+            # `jaxfood predict` is shown), never the held-out label.
             p_full, p_removed, p_kept = (np.asarray(x)[idx] for x in jax.device_get(
-                self._fidelity(params, graph, scores, sample_mask, target)))
+                self._fidelity(params, graph, scores, sample_mask)))
             fid_plus, fid_minus = fidelity(p_full, p_removed, p_kept)
             entry = {"fidelity_plus": fid_plus, "fidelity_minus": fid_minus}
             if reference is not None:
@@ -199,7 +209,14 @@ class Evaluator:
             entry[f"recall_at_{k}"] = rec
             per_scorer[name] = entry
         head = per_scorer[self.scorer] if self.scorer in per_scorer else next(iter(per_scorer.values()))
+        ranking_samples = (np.asarray(graph.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
         metrics["salient_molecules"] = {**head, "scorer": self.scorer, "k": k,
+                                        # fidelity on the samples of the split; rankings (precision/
+                                        # recall@k, stability) from the training samples only
+                                        "num_samples": int(idx.size),
+                                        "num_ranking_samples": int(ranking_samples.sum()),
+                                        "num_reference_foods": len(reference) if reference is not None else 0,
+                                        "in_sample": [f"precision_at_{k}", f"recall_at_{k}", "stability_jaccard"],
                                         "stability_jaccard": (self.stability_jaccard(params, headline_scores)
                                                               if stability else math.nan),
                                         "per_scorer": per_scorer}

@@ -35,7 +35,7 @@ import numpy as np
 from jaxfood.eval.metrics import jaccard_at_k
 from jaxfood.graph import schema
 from jaxfood.graph.edge_masks import REV_CONTAINS, contains_edge_masks, merge_edge_masks
-from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
 from jaxfood.models.heads import segment_topk_mask
 
 
@@ -49,6 +49,12 @@ def _per_sample_normalise(scores, graph: HeteroGraph, edge_mask=None):
     return scores / jnp.where(total > 0, total, 1.0)[contains.senders]
 
 
+def training_labels(graph: HeteroGraph):
+    """[S] food of each training sample, -1 for every other sample (val, test, unknown food)."""
+    train = jnp.asarray(graph.sample_split) == SPLIT_CODES["train"]
+    return jnp.where(train, jnp.asarray(graph.sample_food), -1)
+
+
 def attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
     """Weights of the attention-pooling head, [E_contains]."""
     out = model.apply(params, graph, edge_masks=edge_masks)
@@ -56,13 +62,14 @@ def attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
 
 
 def class_attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
-    """Weights of each sample's *own food's* class-attention branch, [E_contains] (the predicted
-    food's where the food is unknown; the plain pooling weights without class attention).
+    """Weights of the class-attention branch of each *training* sample's own food, [E_contains];
+    every other sample (val, test, unknown food) gets its *predicted* food's branch, so no label
+    the model was not trained on enters a score. Without class attention: the plain pooling weights.
 
     GraphFramEx's "phenomenon" explanation: why is this sample its food -- the molecules that
     food's branch reads its logit from (see :class:`jaxfood.models.heads.ClassAttentionPool`).
     """
-    out = model.apply(params, graph, edge_masks=edge_masks, explain_class=jnp.asarray(graph.sample_food))
+    out = model.apply(params, graph, edge_masks=edge_masks, explain_class=training_labels(graph))
     return out.molecule_weights
 
 
@@ -128,7 +135,8 @@ def rank_molecules_per_food(edge_scores, graph: HeteroGraph, sample_mask=None, s
 
     Args:
       edge_scores: [E_contains] per-sample importances (summing to 1 over each sample's edges).
-      sample_mask: [S] bool, samples to use (default: all with a known food).
+      sample_mask: [S] bool, samples to use (default: the training samples with a known food --
+        a ranking reported as a test figure must not use the labels of the samples it is tested on).
       sample_food: [S] food of each sample (default ``graph.sample_food``; predicted foods work too).
       contrast: how the food's samples are contrasted with the other foods' samples:
         ``log_ratio`` (default) ``log(mean_f + c) - log(mean_rest + c)`` of the (non-negative part
@@ -148,7 +156,9 @@ def rank_molecules_per_food(edge_scores, graph: HeteroGraph, sample_mask=None, s
     receivers = np.asarray(contains.receivers)
     scores = np.asarray(edge_scores, np.float64)
     food = np.asarray(graph.sample_food if sample_food is None else sample_food)
-    use = food >= 0 if sample_mask is None else (np.asarray(sample_mask) & (food >= 0))
+    if sample_mask is None:
+        sample_mask = np.asarray(graph.sample_split) == SPLIT_CODES["train"]
+    use = np.asarray(sample_mask) & (food >= 0)
     num_foods, num_molecules = graph.num_nodes[schema.FOOD], graph.num_nodes[schema.MOLECULE]
     keep = use[senders]
     total = np.zeros((num_foods, num_molecules), np.float64)

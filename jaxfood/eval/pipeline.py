@@ -46,13 +46,19 @@ def run_baselines(graph: HeteroGraph, reference: Mapping[str, set[str]] | None, 
                   rf_estimators: int = 200) -> dict[str, float]:
     """``metrics.json["baselines"]`` for ``graph``'s test split."""
     from jaxfood.eval.baselines import baseline_metrics, preprocess_intensities
+    from jaxfood.eval.metrics import samples_digest
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
 
     features = preprocess_intensities(raw_peak_areas(graph))
-    return baseline_metrics(
-        features, np.asarray(graph.sample_food), np.asarray(graph.sample_split), np.asarray(graph.food_nutrients),
+    food, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    out = baseline_metrics(
+        features, food, split, np.asarray(graph.food_nutrients),
         graph.meta.node_ids[schema.MOLECULE], graph.meta.node_ids[schema.FOOD], reference,
-        k=k, seed=seed, rf_estimators=rf_estimators,
+        k=k, seed=seed, rf_estimators=rf_estimators, test_split=SPLIT_CODES["test"],
     )
+    tested = np.nonzero((split == SPLIT_CODES["test"]) & (food >= 0))[0]
+    out["samples_digest"] = samples_digest(graph.meta.node_ids[schema.SAMPLE][i] for i in tested)
+    return out
 
 
 def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,16 @@ def default_encoder_config() -> EncoderConfig:
 
 
 def default_selection() -> dict[str, float]:
-    return {"food_classification.accuracy": 1.0, "nutrition.nutrient_r2": 0.5, "nutrition.spearman": 0.25}
+    """Validation metrics of the validation samples only; the Food-level figures (``nutrition.spearman``,
+    ``knn_purity``) are in-sample and would make the number that picks the checkpoint a test figure."""
+    return {"food_classification.accuracy": 1.0, "nutrition.nutrient_r2": 0.5}
+
+
+#: Metrics that do not depend on the split, never a selection criterion: the Food-level figures
+#: (in-sample) and the rankings' agreement with the reference biomarkers (training samples' rankings
+#: against the reference the test reports); prefixes.
+IN_SAMPLE_METRICS = ("nutrition.spearman", "nutrition.knn_purity", "salient_molecules.precision_at_",
+                     "salient_molecules.recall_at_", "salient_molecules.stability_jaccard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +134,9 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         if key.split(".")[0] not in sections or "." not in key:
             raise ConfigError(f"finetune config: key 'selection.{key}': expected '<section>.<metric>' with a "
                               f"section in {sorted(sections)}")
+        if key.startswith(IN_SAMPLE_METRICS):
+            raise ConfigError(f"finetune config: key 'selection.{key}': the same on val and test (in-sample or "
+                              "scored against the test reference); select on validation-sample metrics")
     bad = [name for name in (*cfg.scorers, cfg.salient_scorer) if name not in SCORER_NAMES]
     if bad:
         raise ConfigError(f"finetune config: key 'scorers': unknown scorer '{bad[0]}' (expected {list(SCORER_NAMES)})")
