@@ -114,8 +114,21 @@ def _read_header(path: Path, sep: str) -> list[str]:
             return next(csv.reader(f, delimiter=sep))
         except StopIteration:
             raise UserError(f"{path}: file is empty (expected a header line)") from None
-        except (csv.Error, UnicodeDecodeError) as err:
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: {_encoding_problem(path, err)}") from None
+        except csv.Error as err:
             raise UserError(f"{path}: cannot be read as CSV ({err})") from None
+
+
+def _encoding_problem(path: Path, err: UnicodeDecodeError) -> str:
+    """Names the encoding a spreadsheet or Windows tool most likely saved instead of UTF-8."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        found = "UTF-16 text"
+    else:
+        found = f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at position {err.start}; e.g. Latin-1 or binary)"
+    return f"{found}; expected a UTF-8 CSV (re-save it as 'CSV UTF-8')"
 
 
 def _read_csv(path: Path, what: str, **kwargs) -> tuple[pd.DataFrame, list[str]]:

@@ -333,6 +333,8 @@ def load_graph(directory: str | Path) -> HeteroGraph:
         header = json.loads(jpath.read_text())
     except json.JSONDecodeError as err:
         raise GraphError(f"{jpath}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise GraphError(f"{jpath}: not UTF-8 text (expected the JSON written by 'jaxfood build-graph')") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise GraphError(f"{jpath}: field 'format' must be '{FORMAT_NAME}'")
     if header.get("version") != FORMAT_VERSION:
