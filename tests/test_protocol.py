@@ -23,8 +23,8 @@ TINY = [
 
 
 def _simulated():
+    from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import SimConfig, simulate
-    from jaxfood.graph.build import build_graph
 
     cfg = SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
                     contaminants=20, embedding_dim=4)
@@ -71,7 +71,8 @@ def test_held_out_labels_move_only_the_metrics_scored_against_them(simulated, tm
     model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
     params = model.init(jax.random.key(3), dgraph)
     ckpt = tmp_path / "checkpoints"
-    save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, reference, None))
+    save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None,
+                                                                   {"biomarkers": {f: sorted(m) for f, m in reference.items()}}))
 
     permuted = permute_labels(graph)
     metrics, rankings = {}, {}

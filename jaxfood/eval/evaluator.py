@@ -1,11 +1,10 @@
 """Evaluation of a fine-tuned multi-task model: the metrics of all three tasks on one split.
 
 :class:`Evaluator` compiles the forward pass, the molecule scorers and fidelity once for a graph
-and scores parameters on a split; :func:`selection_score` combines validation metrics into the
-number early stopping and checkpoint selection follow; :class:`FinetuneEvaluation` is what the
-fine-tuning loop receives from its caller (``jaxfood.train`` imports nothing from here: the
-workflow hands the loop a factory of it). ``params`` are a :class:`MultiTaskModel`'s
-(extra top-level entries such as the task-weighting parameters are ignored).
+and scores parameters on a split (``jaxfood.workflows`` hands it to the fine-tuning loop as its
+validation hook: ``jaxfood.train`` imports nothing from here). ``params`` are a
+:class:`MultiTaskModel`'s (extra top-level entries such as the task-weighting parameters are
+ignored). :func:`default_biomarkers` / :func:`as_reference`: the reference precision@k is scored against.
 """
 
 from __future__ import annotations
@@ -65,18 +64,7 @@ def as_reference(biomarkers) -> dict[str, set[str]] | None:
     return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
 
 
-# ---- checkpoint selection -------------------------------------------------------------------------
-def selection_score(metrics: Mapping[str, Any], selection: Mapping[str, float]) -> float:
-    """Weighted sum of validation metrics named ``section.metric``; a NaN metric counts 0."""
-    score = 0.0
-    for key, weight in selection.items():
-        section, name = key.split(".", 1)
-        value = metrics.get(section, {}).get(name, math.nan)
-        value = float(value) if value is not None else math.nan
-        score += weight * (value if math.isfinite(value) else 0.0)
-    return score
-
-
+# ---- settings -------------------------------------------------------------------------------
 def stability_settings(cfg) -> tuple[int, float, float, int]:
     """The :class:`Evaluator`'s ``stability`` argument from a fine-tuning config."""
     return (int(cfg.stability_perturbations), float(cfg.stability_noise_sd), float(cfg.stability_drop_fraction),
@@ -228,35 +216,3 @@ class Evaluator:
         scores = np.asarray(self._headline_scores(params) if scorer == self.scorer else self._score[scorer](params, self.graph))
         ranking, _ = mol.rank_molecules_per_food(scores, self.graph)
         return mol.rankings_by_id(ranking, self.graph, top)
-
-
-class FinetuneEvaluation:
-    """What the fine-tuning loop calls: ``validate(params) -> (val metrics, selection score)`` and
-    ``test(params) -> metrics`` of one run (config ``cfg``, reference biomarkers ``reference``).
-
-    Validation covers all three tasks, the salient task by its headline scorer only (no stability
-    perturbations); the test metrics are the full set (every scorer, stability).
-    """
-
-    def __init__(self, model, graph: HeteroGraph, cfg, reference: Mapping[str, set[str]] | None):
-        self.cfg, self.reference = cfg, reference
-        self.evaluator = Evaluator(model, graph, cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
-                                   stability_settings(cfg))
-
-    def validate(self, params, salient: bool = True) -> tuple[dict[str, Any], float]:
-        val = self.evaluator.evaluate(params, "val", self.reference, salient=salient,
-                                      scorers=(self.cfg.salient_scorer,), stability=False)
-        return val, selection_score(val, self.cfg.selection)
-
-    def test(self, params, split: str = "test") -> dict[str, Any]:
-        return self.evaluator.evaluate(params, split, self.reference)
-
-
-def finetune_evaluation(reference: Mapping[str, set[str]] | None):
-    """Factory ``(model, prepared graph, cfg) -> FinetuneEvaluation`` for the fine-tuning loop,
-    scoring precision@k against ``reference`` (:func:`as_reference` / :func:`default_biomarkers`)."""
-
-    def make(model, graph: HeteroGraph, cfg) -> FinetuneEvaluation:
-        return FinetuneEvaluation(model, graph, cfg, reference)
-
-    return make
