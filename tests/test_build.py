@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from jaxfood.cli import main
+from jaxfood.data.build import build_graph, grouped_zscore
 from jaxfood.data.readers import read_tables
 from jaxfood.graph import schema
-from jaxfood.graph.build import build_graph, grouped_zscore
 from jaxfood.graph.hetero_graph import load_graph, save_graph
 from jaxfood.graph.splits import samples_reaching_own_food
 
@@ -267,3 +267,17 @@ def test_cli_default_writes_full_summary(tmp_path, capsys):
     assert summary["splits"]["val"] > 0 and summary["splits"]["test"] > 0
     assert sum(summary["splits"].values()) == summary["nodes"]["Sample"]
     assert summary["edges"][schema.IS_INSTANCE_OF] == summary["splits"]["train"]
+
+
+def test_graph_package_imports_nothing_from_data():
+    """DESIGN: imports point down (graph <- data); the builder lives in jaxfood.data."""
+    import ast
+
+    graph_dir = Path(__file__).parents[1] / "jaxfood" / "graph"
+    offenders = []
+    for path in sorted(graph_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("jaxfood.data")]
+    assert offenders == []

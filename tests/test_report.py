@@ -66,9 +66,9 @@ def tiny_run(tmp_path_factory):
     import jax
 
     from jaxfood.config import load_config
+    from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import SimConfig, simulate
     from jaxfood.eval.metrics import biomarkers_from_pairs
-    from jaxfood.graph.build import build_graph
     from jaxfood.models.heads import make_multitask_model
     from jaxfood.train.checkpoint import save_checkpoint
     from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph

@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from jaxfood.errors import UserError
 
@@ -39,8 +38,10 @@ def _split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise UserError(f"--split '{text}': expected three non-negative fractions summing to 1, e.g. 0.7,0.15,0.15")
+    if len(parts) != 3 or any(not p > 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        # A zero validation or test fraction leaves model selection or every test metric without samples.
+        raise UserError(f"--split '{text}': expected three positive fractions (train, validation, test) summing "
+                        "to 1, e.g. 0.7,0.15,0.15")
     return parts  # type: ignore[return-value]
 
 
@@ -103,7 +104,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood.graph.hetero_graph import save_graph, summary
-    from jaxfood.io_utils import atomic_dir
+    from jaxfood.io_utils import atomic_dir, check_output_dir
 
     mode = _check_args(args)
     if args.preset != "default" and mode != "default":
@@ -111,9 +112,7 @@ def run(args) -> int:
     if args.molecule_ids and not args.molecule_embeddings:
         raise UserError("--molecule-ids needs --molecule-embeddings")
     fractions = _split(args.split) if args.split else (0.7, 0.15, 0.15)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    out = check_output_dir(args.out, "--out")
     start = time.perf_counter()
     stages = tqdm(total=2, desc="build-graph", unit="step", file=sys.stderr, leave=False,
                   disable=not sys.stderr.isatty())
@@ -125,8 +124,8 @@ def run(args) -> int:
 
             graph = build_graph_from_upstream_json(args.upstream_json, per_unit=args.per_unit)
         elif mode == "files":
+            from jaxfood.data.build import build_graph
             from jaxfood.data.readers import DEFAULT_LABEL_COLUMN, read_tables
-            from jaxfood.graph.build import build_graph
 
             tables = read_tables(args.feature_table, args.metadata, args.nutrients,
                                  molecule_embeddings=args.molecule_embeddings,

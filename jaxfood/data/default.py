@@ -46,9 +46,9 @@ def build_default_graph(seed: int = 0, preset: str = "default",
     propagate as Python warnings (the simulator leaves a few molecules without an embedding on
     purpose, as real spectral libraries do).
     """
+    from jaxfood.data.build import build_graph
     from jaxfood.data.readers import read_tables
     from jaxfood.data.simulate import simulate, write_dataset
-    from jaxfood.graph.build import build_graph
 
     ds = simulate(preset=preset, seed=seed)
     with tempfile.TemporaryDirectory(prefix="jaxfood-default-") as tmp:

@@ -1,6 +1,6 @@
 """In-memory tables between the readers (or the simulator) and the graph builder.
 
-Readers turn user files into these; the simulator produces the same; :mod:`jaxfood.graph.build`
+Readers turn user files into these; the simulator produces the same; :mod:`jaxfood.data.build`
 turns them into a :class:`~jaxfood.graph.hetero_graph.HeteroGraph`. Values here are raw
 (peak areas, nutrient amounts per 100 g); normalisation happens in the builder.
 """

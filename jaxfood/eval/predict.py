@@ -3,7 +3,7 @@
 A new sample (or many, from a GNPS feature table) is appended to the graph a model was fine-tuned
 on as new ``Sample`` nodes with ``contains_molecule`` edges (and their reverse) and no label edge.
 Its intensities are normalised exactly as the builder normalised training intensities
-(:func:`jaxfood.graph.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
+(:func:`jaxfood.data.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
 graph's ``normalisation["contains_molecule"]`` mean/std). The encoder's Sample input mode must be
 inductive (``shared``: one learned vector for every sample; ``profile``: a map of the sample's own
 intensities), so no per-sample parameter is needed.
@@ -76,22 +76,25 @@ def read_sample_file(path: str | Path, sample_id: str | None = None) -> FeatureT
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: sample file not found")
+    from jaxfood.data.readers import read_feature_table, sniff_delimiter
+
+    if path.suffix.lower() == ".npz":
+        return read_feature_table(path)
+
+    sep = sniff_delimiter(path)
     try:
-        header = pd.read_csv(path, nrows=0, sep=None if path.suffix.lower() in (".tsv", ".txt") else ",",
-                             engine="python").columns.tolist()
+        header = pd.read_csv(path, nrows=0, sep=sep, engine="python").columns.tolist()
     except Exception as err:  # noqa: BLE001 -- any parse failure is the user's file
         raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     header = [str(c).strip() for c in header]
-    if GNPS_ROW_ID in header or path.suffix.lower() == ".npz":
-        from jaxfood.data.readers import read_feature_table
-
+    if GNPS_ROW_ID in header:
         return read_feature_table(path)
     missing = [c for c in SAMPLE_COLUMNS if c not in header]
     if missing:
         raise UserError(f"{path}: missing column '{missing[0]}' (expected columns 'molecule_id,intensity' for one "
                         f"sample, or a GNPS feature table with '{GNPS_ROW_ID}' and '<file> Peak area' columns)")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     df.columns = [str(c).strip() for c in df.columns]
@@ -386,7 +389,9 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     n_mean = np.asarray(nstats.get("mean", np.zeros(len(names))), np.float64)
     n_std = np.asarray(nstats.get("std", np.ones(len(names))), np.float64)
     proba = _softmax(logits[S:])
-    nutrients = np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean
+    # Amounts per 100 g are never negative; the head's de-normalised output can be (z * std + mean).
+    nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
+    low, high = nutrient_training_range(graph, n_mean, n_std)
     weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
     mol_ids = graph.meta.node_ids[schema.MOLECULE]
     k = max(1, min(int(top_k), len(foods)))
@@ -404,6 +409,8 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
             "unknown_examples": matched.unknown_examples[j],
             "top_foods": [{"food": foods[f], "probability": float(proba[j, f])} for f in order],
             "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
+            "nutrients_outside_training_range": [
+                name for name, v, lo, hi in zip(names, nutrients[j], low, high) if not lo - 1e-9 <= v <= hi + 1e-9],
             "top_molecules": [{"molecule_id": mol_ids[matched.molecule_index[e]], "weight": float(weights[e]),
                                "intensity": float(matched.intensity[e])} for e in top],
             "out_of_library_score": score,
@@ -415,8 +422,20 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
         "out_of_library": {"score": OOL_SCORES[ool_score], "method": ool_score, "threshold": threshold,
                            "quantile": quantile,
                            "calibration": f"quantile {quantile} of the scores of {val.size} validation samples"},
+        "nutrient_training_range": {name: [float(lo), float(hi)] for name, lo, hi in zip(names, low, high)},
         "samples": samples,
     }
+
+
+def nutrient_training_range(graph: HeteroGraph, n_mean, n_std) -> tuple[np.ndarray, np.ndarray]:
+    """``([N], [N])``: the lowest and highest amount per 100 g of each nutrient among the foods that
+    have training samples; an estimate outside is an extrapolation the model was never shown."""
+    labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    foods = np.unique(labels[(split == SPLIT_CODES["train"]) & (labels >= 0)])
+    amounts = np.asarray(graph.food_nutrients, np.float64)[foods] * n_std + n_mean
+    if amounts.size == 0:
+        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)
+    return np.maximum(amounts.min(0), 0.0), amounts.max(0)
 
 
 # ---- out-of-library detection on foods held out from training ------------------------------------------
@@ -455,7 +474,7 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
     """Detection and false-alarm rates of the out-of-library flag.
 
     ``num_held_out`` foods (random with ``seed``, or ``held_out``) lose all their samples; the graph
-    is built from the rest (:func:`jaxfood.graph.build.build_graph`), fine-tuned with ``cfg``, and
+    is built from the rest (:func:`jaxfood.data.build.build_graph`), fine-tuned with ``cfg``, and
     both the held-out foods' samples (unknown foods) and the graph's test samples (known foods)
     are predicted as new samples. Detection rate: fraction of unknown-food samples flagged;
     false-alarm rate: fraction of known-food test samples flagged (threshold: ``quantile`` of the
@@ -465,7 +484,7 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
 
     from sklearn.metrics import roc_auc_score
 
-    from jaxfood.graph.build import build_graph
+    from jaxfood.data.build import build_graph
     from jaxfood.train.finetune import FinetuneConfig, finetune, load_finetuned
 
     foods = sorted(set(tables.metadata.food_labels) - {""})

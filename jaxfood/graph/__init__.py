@@ -1,4 +1,4 @@
-"""The heterogeneous graph: container, schema, builders, splits, sampling, save/load."""
+"""The heterogeneous graph: container, schema, splits, sampling, save/load (builders live in jaxfood.data)."""
 
 from jaxfood.graph.hetero_graph import (  # noqa: F401
     EdgeSet,

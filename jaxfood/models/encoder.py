@@ -51,7 +51,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxfood.errors import ConfigError, GraphError
@@ -264,8 +263,3 @@ def make_encoder(graph, cfg: EncoderConfig) -> HeteroGATEncoder:
         num_nodes=tuple((t, int(graph.meta.num_nodes[t])) for t in graph.node_types),
         feature_dims=tuple((t, int(x.shape[1])) for t, x in graph.node_features.items()),
     )
-
-
-def count_parameters(params) -> int:
-    """Number of scalars in a parameter tree."""
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

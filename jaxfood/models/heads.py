@@ -32,8 +32,6 @@ from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.models.profile import sample_profile
 
-HEAD_NAMES: tuple[str, ...] = ("classifier", "nutrient_head", "food_projection", "salient_pool")
-
 
 # ---- segment helpers ---------------------------------------------------------------------------
 def segment_softmax(logits, segment_ids, num_segments: int, mask=None):
