@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="shortcut for --set seeds=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not keep compiled programs on disk")
     add_data_parallel_arguments(parser)  # --coordinator/--num-processes/--process-id, --sampled, ...
     return parser.parse_args(argv)
 
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         SECTIONS,
         food_rankings,
         mean_and_std,
+        rankings_with_details,
         report_assets,
         run_baselines,
         scorer_rankings,
@@ -163,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
     from jaxfood.io_utils import write_json, write_text
+    from jaxfood.train.adapt import adapt_and_report
     from jaxfood.train.finetune import default_biomarkers
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
@@ -188,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         if is_primary():
             save_graph(graph, workdir / "graph")
         log(f"embedded default graph built, saved in {workdir / 'graph'}")
+    cfg = adapt_and_report(cfg, graph, log)  # defaults follow the graph (no nutrients, no Molecule features...)
     reference = default_biomarkers(graph)
 
     runs = []
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(workdir / "metrics.json", ordered)
     rankings = scorer_rankings(first["outputs"]["finetune"], graph, k=cfg.evaluation.top_k,
                                scorers=first["outputs"]["finetune"].config.scorers)
-    write_json(workdir / "rankings.json", rankings)
+    write_json(workdir / "rankings.json", rankings_with_details(rankings, graph))  # ids with m/z, RT, annotation
     figures = dict(first["outputs"]["finetune"].figures)
     figures.update(assets.figures)
     figures.update({f"pretraining: {k}": v for k, v in first["outputs"]["pretrain"].figures.items()})

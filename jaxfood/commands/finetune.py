@@ -100,8 +100,8 @@ def print_summary(metrics: dict, out=None) -> None:
     rows = [
         ("food classification", "accuracy", fc["accuracy"]), ("", "weighted F1", fc["weighted_f1"]),
         ("", "AUROC (macro)", fc["auroc_macro"]), ("", "top-3 accuracy", fc["top3_accuracy"]),
-        ("nutrition", "k-NN purity (Food)", nu["knn_purity"]), ("", "distance Spearman", nu["spearman"]),
-        ("", "nutrient R²", nu["nutrient_r2"]),
+        ("nutrition", "k-NN purity (Food)", nu.get("knn_purity")), ("", "distance Spearman", nu.get("spearman")),
+        ("", "nutrient R²", nu.get("nutrient_r2")),
         ("salient molecules", f"precision@{k} ({sm.get('scorer')})", sm.get(f"precision_at_{k}")),
         ("", "fidelity+", sm["fidelity_plus"]), ("", "fidelity-", sm["fidelity_minus"]),
     ]
@@ -125,6 +125,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood.config import load_config
+    from jaxfood.train.adapt import adapt_and_report
     from jaxfood.train.finetune import FinetuneConfig, finetune
 
     start = time.perf_counter()
@@ -138,6 +139,7 @@ def run(args) -> int:
     graph = load_graph_arg(args.graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    cfg = adapt_and_report(cfg, graph, log or (lambda msg: None))  # defaults follow the graph
     if options.wanted(info):
         from jaxfood.train.distributed import finetune_job
 

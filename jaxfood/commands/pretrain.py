@@ -75,6 +75,7 @@ def run(args) -> int:
 
     from jaxfood.config import dump_config, load_config
     from jaxfood.io_utils import write_text
+    from jaxfood.train.adapt import adapt_and_report
     from jaxfood.train.pretrain import PretrainConfig, pretrain
 
     start = time.perf_counter()
@@ -93,10 +94,11 @@ def run(args) -> int:
             # The embedded data's deliberate gaps (molecules without a spectrum) are not news here.
             warnings.simplefilter("ignore")
             graph = build_default_graph(seed=0)
-    if info.is_primary:
-        write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    cfg = adapt_and_report(cfg, graph, log or (lambda msg: None))  # defaults follow the graph
+    if info.is_primary:
+        write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
     if options.wanted(info):
         from jaxfood.train.distributed import pretrain_job
 

@@ -3,8 +3,10 @@
 Formats:
 
 * **Feature table** -- GNPS / MZmine quantification CSV: ``row ID``, ``row m/z``, ``row retention
-  time``, then one ``<filename> Peak area`` column per sample (other columns, e.g. ``row ion
-  mobility`` or MZmine's trailing empty column, are ignored). Or the jaxfood sparse ``.npz``
+  time``, then one ``<filename> Peak area`` column per sample, optionally an annotation column
+  (:data:`ANNOTATION_COLUMNS`: GNPS ``Compound_Name``, ``compound name``, MZmine ``row identity``);
+  m/z, RT and annotation follow each molecule into every output that names it. Other columns
+  (``row ion mobility``, MZmine's trailing empty column) are ignored. Or the jaxfood sparse ``.npz``
   (keys ``sample_ids``, ``molecule_ids``, ``sample_index``, ``molecule_index``, ``intensity``,
   optional ``mz``, ``rt``) used for large data sets.
 * **Sample metadata** -- CSV (or TSV): ``filename``, the food label column (default
@@ -60,6 +62,8 @@ from jaxfood.errors import UserError
 
 PEAK_AREA_SUFFIX = " Peak area"
 ROW_ID, ROW_MZ, ROW_RT = "row ID", "row m/z", "row retention time"
+#: Columns naming a molecule (GNPS library hit, MZmine identity), first present wins (case-insensitive).
+ANNOTATION_COLUMNS = ("Compound_Name", "compound name", "row identity (main ID)", "row identity", "annotation")
 HIERARCHY_COLUMNS = tuple(f"sample_type_group{i}" for i in range(1, 7))
 DEFAULT_LABEL_COLUMN = "sample_type_group5"
 #: Non-nutrient columns a wide nutrient CSV may carry (provenance of each food's values).
@@ -218,6 +222,7 @@ def read_feature_table(path: str | Path) -> FeatureTable:
     mz = _numeric_column(df, ROW_MZ, path, allow_nan=True, allow_negative=False) if ROW_MZ in df else None
     rt = _numeric_column(df, ROW_RT, path, allow_nan=True, allow_negative=False) if ROW_RT in df else None
 
+    annotation = _annotation_column(df)
     areas = np.empty((len(df), len(area_cols)), np.float64)
     for j, col in enumerate(area_cols):
         areas[:, j] = _numeric_column(df, col, path, allow_nan=True, allow_negative=False,
@@ -237,8 +242,19 @@ def read_feature_table(path: str | Path) -> FeatureTable:
         intensity=areas[mol_idx, samp_idx],
         molecule_mz=mz,
         molecule_rt=rt,
+        molecule_annotation=annotation,
         source=str(path),
     )
+
+
+def _annotation_column(df: pd.DataFrame) -> list[str] | None:
+    """The first of :data:`ANNOTATION_COLUMNS` the table has, '' where a row has no annotation."""
+    lower = {str(c).strip().lower(): c for c in df.columns}
+    for name in ANNOTATION_COLUMNS:
+        col = lower.get(name.lower())
+        if col is not None:
+            return ["" if pd.isna(v) else str(v).strip() for v in df[col].tolist()]
+    return None
 
 
 _NPZ_REQUIRED = ("sample_ids", "molecule_ids", "sample_index", "molecule_index", "intensity")
@@ -590,6 +606,7 @@ def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[Feat
         intensity=features.intensity[entry_keep],
         molecule_mz=features.molecule_mz,
         molecule_rt=features.molecule_rt,
+        molecule_annotation=features.molecule_annotation,
         source=features.source,
     )
     meta = SampleMetadata(
@@ -606,13 +623,14 @@ def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[Feat
 def read_tables(
     feature_table: str | Path,
     metadata: str | Path,
-    nutrients: str | Path,
+    nutrients: str | Path | None = None,
     molecule_embeddings: str | Path | None = None,
     label_column: str = DEFAULT_LABEL_COLUMN,
     molecule_ids: str | Path | None = None,
 ) -> RawTables:
     """Reads and cross-checks all inputs; samples are aligned to the feature table's order.
 
+    ``nutrients`` is optional: without it the graph has no Nutrient nodes (the nutrition task is off).
     Cross-file checks: samples of the feature table against the metadata (see
     :func:`align_tables`), food labels against the nutrient table and embedding ids against
     feature-table ``row ID`` values (no overlap at all is an error; foods without nutrients and
@@ -621,14 +639,14 @@ def read_tables(
     features = read_feature_table(feature_table)
     meta = read_metadata(metadata, label_column=label_column)
     features, meta = align_tables(features, meta)
-    nutrient_table = read_nutrients(nutrients, metadata=meta)
+    nutrient_table = read_nutrients(nutrients, metadata=meta) if nutrients is not None else None
     labels = sorted({x for x in meta.food_labels if x})
     if not labels:
         raise UserError(f"{meta.source}: column '{label_column}' is empty for every matched sample "
                         "(expected a food label per sample)")
     # Foods without nutrients and molecules without an embedding are usable: the builder, which
     # decides what they get, warns about them (once, also for tables that come from elsewhere).
-    if not set(labels) & set(nutrient_table.foods):
+    if nutrient_table is not None and not set(labels) & set(nutrient_table.foods):
         raise UserError(f"{nutrient_table.source}: none of the {len(labels)} food labels of {meta.source} column "
                         f"'{label_column}' has nutrients (e.g. {_examples(labels, 2)}; expected them in column 'food')")
     embeddings = None

@@ -44,7 +44,7 @@ import numpy as np
 from jaxfood.data.tables import FeatureTable
 from jaxfood.errors import CheckpointError, UserError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph
+from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph, molecule_details
 
 #: Out-of-library scores: name -> description (the first is the default).
 OOL_SCORES = {
@@ -386,7 +386,6 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     proba = _softmax(logits[S:])
     nutrients = np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean
     weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
-    mol_ids = graph.meta.node_ids[schema.MOLECULE]
     k = max(1, min(int(top_k), len(foods)))
     samples = []
     for j, sid in enumerate(matched.sample_ids):
@@ -402,7 +401,7 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
             "unknown_examples": matched.unknown_examples[j],
             "top_foods": [{"food": foods[f], "probability": float(proba[j, f])} for f in order],
             "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
-            "top_molecules": [{"molecule_id": mol_ids[matched.molecule_index[e]], "weight": float(weights[e]),
+            "top_molecules": [{**molecule_details(graph, int(matched.molecule_index[e])), "weight": float(weights[e]),
                                "intensity": float(matched.intensity[e])} for e in top],
             "out_of_library_score": score,
             "out_of_library": bool(score > threshold) if math.isfinite(threshold) else None,

@@ -369,7 +369,10 @@ class NutrientHead(nn.Module):
     @nn.compact
     def __call__(self, sample_embeddings, pooled, deterministic: bool = True):
         x = jnp.concatenate([sample_embeddings, pooled], -1)
-        return _MLP(self.hidden_dim, self.num_nutrients, self.dropout, name="mlp")(x, deterministic)
+        # A graph without nutrients gets [S, 0]: one unused output keeps the parameter tree the same
+        # shape of tree (a Dense of width 0 cannot be initialised).
+        width = max(self.num_nutrients, 1)
+        return _MLP(self.hidden_dim, width, self.dropout, name="mlp")(x, deterministic)[..., :self.num_nutrients]
 
 
 class FoodProjection(nn.Module):

@@ -35,7 +35,7 @@ import numpy as np
 from jaxfood.config import config_from_dict, config_to_dict, dump_config
 from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, absent_parts
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_model
 from jaxfood.train import multitask as mt
@@ -270,17 +270,20 @@ class Evaluator:
         metrics: dict[str, Any] = {"food_classification": classification_metrics(labels[idx], proba)}
 
         food_nutrients = np.asarray(graph.food_nutrients)
-        r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
-                         list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
-        projection = np.asarray(out.food_projection)
-        category = np.asarray(graph.food_category)
-        known = category >= 0
-        metrics["nutrition"] = {
-            "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
-            "spearman": distance_spearman(projection, food_nutrients),
-            "nutrient_r2": r2["overall"],
-            "nutrient_r2_per_nutrient": r2["per_nutrient"],
-        }
+        if food_nutrients.shape[1] == 0:  # no nutrient table: the section says why it is empty
+            metrics["nutrition"] = {"absent": absent_parts(graph)[schema.NUTRIENT]}
+        else:
+            r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
+                             list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
+            projection = np.asarray(out.food_projection)
+            category = np.asarray(graph.food_category)
+            known = category >= 0
+            metrics["nutrition"] = {
+                "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
+                "spearman": distance_spearman(projection, food_nutrients),
+                "nutrient_r2": r2["overall"],
+                "nutrient_r2_per_nutrient": r2["per_nutrient"],
+            }
         if not salient:
             return metrics
 
