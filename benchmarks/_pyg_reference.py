@@ -24,14 +24,15 @@ def edge_type(key: str) -> tuple[str, str, str]:
 
 def make_hetero_conv(relations: Sequence[str], in_dims: Mapping[str, int], edge_dims: Mapping[str, int],
                      heads: int, channels: int, *, concat: bool = True, dropout: float = 0.0,
-                     aggr: str = "sum") -> HeteroConv:
-    """``HeteroConv({rel: GATConv((d_src, d_dst), C, heads=H, edge_dim=F or None, add_self_loops=False)})``."""
+                     aggr: str = "sum", residual: bool = False) -> HeteroConv:
+    """``HeteroConv({rel: GATConv((d_src, d_dst), C, heads=H, edge_dim=F or None, add_self_loops=False,
+    residual=residual)})``."""
     convs = {}
     for key in relations:
         src, _, dst = edge_type(key)
         convs[edge_type(key)] = GATConv((in_dims[src], in_dims[dst]), channels, heads=heads, concat=concat,
                                         dropout=dropout, edge_dim=edge_dims.get(key) or None,
-                                        add_self_loops=False)
+                                        add_self_loops=False, residual=residual)
     return HeteroConv(convs, aggr=aggr)
 
 
@@ -55,6 +56,8 @@ def gat_conv_to_flax(conv: GATConv, *, grads: bool = False) -> dict:
     if conv.lin_edge is not None:
         out["lin_edge"] = {"kernel": get(conv.lin_edge.weight).T}
         out["att_edge"] = get(conv.att_edge)[0]
+    if getattr(conv, "res", None) is not None:
+        out["res"] = {"kernel": get(conv.res.weight).T}
     return out
 
 
@@ -81,7 +84,7 @@ class PygHeteroGATEncoder(torch.nn.Module):
 
     def __init__(self, num_nodes: Mapping[str, int], relations: Sequence[str], edge_dims: Mapping[str, int], *,
                  hidden_dim: int, num_heads: int, num_layers: int, embedding_dim: int, dropout: float,
-                 aggr: str = "sum"):
+                 aggr: str = "sum", residual: bool = False):
         super().__init__()
         self.relations = list(relations)
         self.dropout = dropout
@@ -92,7 +95,8 @@ class PygHeteroGATEncoder(torch.nn.Module):
         for i in range(num_layers):
             d = embedding_dim if i == 0 else hidden_dim
             self.convs.append(make_hetero_conv(relations, dict.fromkeys(num_nodes, d), edge_dims, num_heads,
-                                               hidden_dim // num_heads, dropout=dropout, aggr=aggr))
+                                               hidden_dim // num_heads, dropout=dropout, aggr=aggr,
+                                               residual=residual))
 
     def forward(self, edge_index_dict: dict, edge_attr_dict: dict, x_dict: dict | None = None) -> dict:
         x = dict(self.embeddings) if x_dict is None else x_dict

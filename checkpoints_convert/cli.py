@@ -44,9 +44,15 @@ Food|Contains|Nutrient=Food|has_nutrient|Nutrient, Is_of_type=is_instance_of (an
 """
 
 
+def _prog() -> str:
+    """The name the user typed: the ``jaxfood-convert`` script or ``python -m checkpoints_convert``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("jaxfood-convert") else "python -m checkpoints_convert"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m checkpoints_convert",
+        prog=_prog(),
         description="Convert PyTorch Geometric HeteroGATEncoder checkpoints of the original PyTorch project\n"
                     "(GraphCL pretraining or fine-tuned link prediction) into jaxfood orbax checkpoints,\n"
                     "verify them against PyG, and export jaxfood encoders back to PyTorch.",

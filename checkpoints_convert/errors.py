@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jaxfood.errors import CheckpointError
 
-INSTALL_HINT = 'pip install "jaxfood[convert]"'
+
+def install_hint() -> str:
+    """The command that installs the ``[convert]`` extra: editable from a source checkout."""
+    if (Path(__file__).resolve().parents[1] / "setup.cfg").is_file():
+        return 'pip install -e ".[convert]"'
+    return 'pip install "jaxfood[convert]"'
+
+
+INSTALL_HINT = install_hint()
 
 
 class ConvertError(CheckpointError):

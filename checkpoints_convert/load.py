@@ -117,12 +117,33 @@ def load_torch_file(path: str | Path) -> Any:
         raise _refusal(path, err) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError,
             TypeError, KeyError) as err:
-        raise ConvertError(f"{path}: not a PyTorch checkpoint written by torch.save ({_first_line(err)})") from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> ConvertError:
+    """A file torch.load cannot read: say 'not complete' when it is a cut-off torch.save archive."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    truncated = isinstance(err, EOFError)
+    if head == b"PK\x03\x04":  # torch.save's zip format; its central directory is written last
+        try:
+            with zipfile.ZipFile(path) as archive:
+                truncated = truncated or archive.testzip() is not None
+        except (zipfile.BadZipFile, OSError, EOFError):
+            truncated = True
+    if truncated:
+        return ConvertError(f"{path}: not a complete PyTorch checkpoint ({path.stat().st_size} bytes: the torch.save archive is cut "
+                            "off or damaged, e.g. an unfinished copy or save); copy or save it again")
+    return ConvertError(f"{path}: not a PyTorch checkpoint written by torch.save ({_first_line(err)})")
 
 
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    # torch's reader appends a paragraph of advice after its first sentence ("This is an internal ...").
+    first = text[0].split(". This is")[0]
+    return f"{type(err).__name__}: {first}"
 
 
 def _is_tensor(x: Any) -> bool:

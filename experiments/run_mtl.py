@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxfood.cli import run_command  # noqa: E402
+from jaxfood.errors import ConfigError  # noqa: E402
 from jaxfood.train.finetune import FinetuneConfig  # noqa: E402
+from jaxfood.train.graphcl import PretrainConfig  # noqa: E402
 from jaxfood.train.parallel_options import add_data_parallel_arguments  # noqa: E402
-from jaxfood.train.pretrain import PretrainConfig  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +52,20 @@ class RunConfig:
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not '(default: None)')."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="run_mtl.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--workdir", default="runs/mtl", help="output directory (created; files in it are replaced)")
     parser.add_argument("--graph", default=None, help="graph directory from 'jaxfood build-graph' (default: embedded)")
@@ -69,6 +80,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _in_section(err: Exception, section: str) -> ConfigError:
+    """A section's check message with its key dotted under ``section`` (``epochs`` -> ``pretrain.epochs``)."""
+    msg = str(err)
+    for source, inner in ((f"{section} config 'encoder': ", "encoder."), (f"{section} config: encoder: ", "encoder."),
+                          (f"{section} config: ", "")):
+        if msg.startswith(source):
+            rest = re.sub(r"^(keys? )'", rf"\1'{section}.{inner}", msg[len(source):])
+            return ConfigError(f"config: {rest}")
+    bare = re.match(r"^([A-Za-z_][\w.]*)( =|:| and )", msg)  # "epochs = -1: ..." (pretrain's checks)
+    if bare:
+        return ConfigError(f"config: key '{section}.{bare.group(1)}'{msg[bare.end(1):]}")
+    return ConfigError(f"config: {section}: {msg}")
+
+
+def check_run_config(cfg: RunConfig, graph=None) -> RunConfig:
+    """Checks every key of the run before anything runs or is written; errors name the dotted key.
+
+    With ``graph`` also the keys that depend on it (pretraining augmentations of input features).
+    """
+    from jaxfood.train.adapt import adapt_to_graph
+    from jaxfood.train.finetune import check_config as check_finetune_config
+    from jaxfood.train.graphcl import check_pretrain_config
+
+    if cfg.seeds < 1:
+        raise ConfigError(f"--set seeds={cfg.seeds}: expected a positive number of seeds")
+    for key in ("rf_estimators", "top_k"):
+        value = getattr(cfg.evaluation, key)
+        if value < 1:
+            raise ConfigError(f"config: key 'evaluation.{key}' = {value}: expected a positive integer")
+    default = FinetuneConfig() if graph is None else adapt_to_graph(FinetuneConfig(), graph)[0]  # as run() adapts it
+    if cfg.finetune.encoder != default.encoder:
+        # Fine-tuning starts from the pretrained encoder and the from-scratch ablation copies
+        # pretrain.encoder, so finetune.encoder would be silently ignored here.
+        raise ConfigError("config: key 'finetune.encoder' has no effect in run_mtl.py (the fine-tuned model "
+                          "keeps the pretrained encoder): set pretrain.encoder.* instead")
+    try:
+        check_finetune_config(cfg.finetune)
+    except ConfigError as err:
+        raise _in_section(err, "finetune") from None
+    if graph is not None:
+        try:
+            check_pretrain_config(cfg.pretrain, graph)
+        except ConfigError as err:
+            raise _in_section(err, "pretrain") from None
+    return cfg
+
+
 def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
     return dataclasses.replace(
         cfg, seed=seed,
@@ -81,11 +139,12 @@ def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, lo
     """One seed: pretrain, fine-tune, ablations; returns metrics (without baselines) and outputs."""
     from functools import partial
 
+    from jaxfood import workflows
     from jaxfood.eval.pipeline import headline
-    from jaxfood.train.distributed import finetune_on_devices, pretrain_on_devices
 
-    # One process on one device: the usual loops; otherwise the data-parallel jobs (same outputs).
-    pretrain, finetune = partial(pretrain_on_devices, options=options), partial(finetune_on_devices, options=options)
+    # The same workflows as the `jaxfood` commands, on every device of every process.
+    pretrain = partial(workflows.pretrain, options=options)
+    finetune = partial(workflows.finetune, options=options)
 
     log(f"[seed {cfg.seed}] GraphCL pretraining")
     pre = pretrain(graph, cfg.pretrain, workdir / "pretrain", progress=progress)
@@ -146,9 +205,12 @@ def summary_table(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    from jaxfood.train.distributed import Preempted, init_from_args, is_primary, options_from_args
+    from jaxfood.train.processes import init_from_args, is_primary
 
     init_from_args(args)  # joins a multi-host job before anything touches a device
+    from jaxfood.train.parallel_options import options_from_args
+    from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
+
     options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
@@ -164,17 +226,13 @@ def run(args: argparse.Namespace) -> int:
     )
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
-    from jaxfood.io_utils import write_json, write_text
+    from jaxfood.io_utils import check_output_dir, write_json, write_text
     from jaxfood.train.adapt import adapt_and_report
-    from jaxfood.train.finetune import default_biomarkers
+    from jaxfood.workflows import default_biomarkers
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
-    cfg = load_config(RunConfig(), args.config, overrides)
-    if cfg.seeds < 1:
-        from jaxfood.errors import ConfigError
-
-        raise ConfigError(f"--set seeds={cfg.seeds}: expected a positive number of seeds")
-    workdir = Path(args.workdir)
+    cfg = check_run_config(load_config(RunConfig(), args.config, overrides))
+    workdir = check_output_dir(args.workdir, "--workdir")
     progress = not args.no_progress
 
     def log(msg: str) -> None:
@@ -182,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Inputs are read and checked before anything is written: a bad graph leaves no workdir behind.
     graph = load_graph(args.graph) if args.graph else build_default_graph(seed=cfg.seed)
+    cfg = adapt_and_report(cfg, graph, log)  # defaults follow the graph (no nutrients, no Molecule features...)
+    check_run_config(cfg, graph)
     workdir.mkdir(parents=True, exist_ok=True)
     if is_primary():
         write_text(workdir / "run_config.yaml", dump_config(cfg))
@@ -191,7 +251,6 @@ def run(args: argparse.Namespace) -> int:
         if is_primary():
             save_graph(graph, workdir / "graph")
         log(f"embedded default graph built, saved in {workdir / 'graph'}")
-    cfg = adapt_and_report(cfg, graph, log)  # defaults follow the graph (no nutrients, no Molecule features...)
     reference = default_biomarkers(graph)
 
     runs = []
@@ -202,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log, options))
         except Preempted as err:
             print(err, flush=True)
-            return 143
+            return PREEMPTED_EXIT
     if not is_primary():
         return 0  # process 0 alone runs the baselines and writes metrics.json and report.md
     first = runs[0]

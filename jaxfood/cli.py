@@ -16,6 +16,7 @@ import importlib
 import pkgutil
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 import jaxfood.commands as commands_pkg
@@ -60,14 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(run, args, debug: bool) -> int:
-    """Runs ``run(args)``, mapping user errors to one line on stderr and exit status 2.
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warning: <message>`` -- what a user can act on, not the file and line that raised it."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
+
+def run_command(run, args, debug: bool) -> int:
+    """Runs ``run(args)``, mapping user errors to one line on stderr and exit status 2; warnings are
+    printed as ``warning: ...`` lines (with ``--debug`` in Python's format, file and line).
     Compiled programs are kept on disk between commands (:mod:`jaxfood.compile_cache`) unless
     ``args.no_compile_cache``."""
     from jaxfood.compile_cache import enable_compile_cache
 
     enable_compile_cache(disabled=getattr(args, "no_compile_cache", False))
+    saved = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = format_warning
     try:
         return int(run(args) or 0)
     except UserError as err:
@@ -78,6 +87,8 @@ def run_command(run, args, debug: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:

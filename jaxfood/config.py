@@ -170,10 +170,29 @@ def load_config(default: T, path: str | Path | None = None, overrides: Sequence[
             raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        for key in data:
+            _hint_section_prefix(cfg, str(key), data[key], str(path))
         cfg = _apply(cfg, data, str(path))
     for key, value in parse_overrides(overrides):
+        head, _, rest = key.partition(".")
+        if rest:
+            _hint_section_prefix(cfg, head, _nest(rest, value), f"--set {key}", f"--set {rest}=...")
         cfg = _apply(cfg, _nest(key, value), f"--set {key}", merge_dicts=True)
     return cfg
+
+
+def _hint_section_prefix(cfg: Any, head: str, value: Any, source: str, fix: str | None = None) -> None:
+    """An unknown top-level key whose contents are valid keys of ``cfg`` (``finetune.steps`` given to
+    ``jaxfood finetune``, whose keys are run_mtl's ``finetune.*`` without the prefix): say so."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head in names or not isinstance(value, Mapping) or not value:
+        return
+    try:
+        _apply(cfg, value, source, merge_dicts=True)
+    except ConfigError:
+        return
+    raise ConfigError(f"{source}: unknown key '{head}': this command's keys have no '{head}.' prefix "
+                      f"(use {fix or 'the keys under ' + repr(head) + ' at the top level'})")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,6 +16,63 @@ from pathlib import Path
 from typing import Any
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (where a new directory would be created)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(directory: Path) -> bool:
+    """Whether a file can be created in ``directory`` (os.access is wrong for root and read-only mounts)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxfood-write-probe.", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Checks, before any work, that ``path`` can become or already is a writable directory.
+
+    Raises :class:`~jaxfood.errors.UserError` naming ``flag`` (e.g. ``--out``) when ``path`` is an
+    existing file, lies under a file, or cannot be written. Creates nothing.
+    """
+    from jaxfood.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a directory (expected a directory to write into)")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise UserError(f"{flag} {path}: {base} is a file, so the directory cannot be created "
+                        "(expected a directory path)")
+    if not _probe_writable(base):
+        raise UserError(f"{flag} {path}: directory {base} is not writable (expected a directory you can write to)")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Checks, before any work, that a file can be written at ``path`` (not a directory, writable parent)."""
+    from jaxfood.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory (expected a file name to write)")
+    if str(path).endswith(os.sep):
+        raise UserError(f"{flag} {path}: ends with '{os.sep}' (expected a file name to write)")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise UserError(f"{flag} {path}: {base} is a file, so {path.parent} cannot be created "
+                        "(expected a file path in a directory)")
+    if not _probe_writable(base):
+        raise UserError(f"{flag} {path}: directory {base} is not writable (expected a location you can write to)")
+    return path
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic graphs built directly from arrays (no readers involved)."""
+"""Shared fixtures: small synthetic graphs built directly from arrays (no readers involved), and
+one XLA compilation cache for the whole session (this process and the subprocesses tests start)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
     os.environ["JAXFOOD_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxfood-test-xla-")
     atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,3 +76,68 @@ def make_toy_graph(num_samples=30, num_molecules=40, num_foods=5, num_nutrients=
 @pytest.fixture
 def toy_graph():
     return make_toy_graph()
+
+
+TINY_FINETUNE = [
+    "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
+    "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
+    "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
+    "loss.salient_top_k=3", "salient_k=3",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``(root, graph, checkpoint_dir, params)``: a small simulated graph saved in ``root/graph``
+    beside a fine-tuning checkpoint of the tiny model at its initial parameters (the bad-input and
+    fuzz tests need a valid checkpoint, not a good one; training would only cost time)."""
+    import warnings
+
+    import jax
+
+    from jaxfood.config import load_config
+    from jaxfood.data.build import build_graph
+    from jaxfood.data.simulate import SimConfig, simulate
+    from jaxfood.graph.hetero_graph import save_graph
+    from jaxfood.models.heads import make_multitask_model
+    from jaxfood.train.checkpoint import save_checkpoint
+    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    sim = SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
+                    contaminants=20, embedding_dim=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = build_graph(simulate(sim, seed=0).tables, seed=0)
+    save_graph(graph, root / "graph")
+    cfg = load_config(FinetuneConfig(), None, TINY_FINETUNE)
+    dgraph = prepare_graph(graph)
+    params = make_multitask_model(dgraph, cfg.encoder, cfg.heads).init(jax.random.key(1), dgraph)
+    ckpt = root / "checkpoints"
+    save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
+    return root, graph, ckpt, params
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Most of the suite's time is XLA compiling programs that other tests (and the subprocesses of
+    the multi-device, multi-process and resume tests) compile again: they are compiled once per
+    session and reused from this persistent cache."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    settings = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    saved_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield cache
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -83,8 +83,8 @@ def test_gs_urls_reach_orbax_unmangled(given, monkeypatch):
     assert meta["step"] == 3 and state["step"] == 7
     _, params, _ = ck.load_encoder(given)
     assert params["w"].shape == (2, 3)
-    # The multi-host Checkpointer of distributed training takes the same paths.
-    from jaxfood.train.distributed import Checkpointer
+    # The Checkpointer behind both (and the training loop) takes the same paths.
+    from jaxfood.train.checkpoint import Checkpointer
 
     Checkpointer(given).close()
     assert len(FakeManager.seen) == 5

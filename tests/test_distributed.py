@@ -19,7 +19,11 @@ import numpy as np
 import pytest
 
 from jaxfood.errors import CheckpointError, ConfigError
-from jaxfood.train import distributed as dist
+from jaxfood.train import data_parallel as dp
+from jaxfood.train import processes
+from jaxfood.train.checkpoint import Checkpointer
+from jaxfood.train.finetune_step import padding_aware_model
+from jaxfood.train.parallel_options import add_distributed_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +60,10 @@ MULTITASK_WORKER = """
     from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
     from jaxfood.models.encoder import EncoderConfig
     from jaxfood.models.heads import HeadsConfig, make_multitask_model
-    from jaxfood.train import distributed as dist, multitask, task_weighting as tw
+    from jaxfood.train import multitask, task_weighting as tw
+    from jaxfood.train.data_parallel import ShardLayout, data_parallel
+    from jaxfood.train.finetune_step import multitask_step_fn, padding_aware_model, train_state_to_dict
+    from jaxfood.train.loop import LoopConfig, train_loop
 
     assert jax.local_device_count() == 4
     graph = make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1)
@@ -68,17 +75,17 @@ MULTITASK_WORKER = """
     weighting = tw.WeightingConfig(method="gradnorm")  # its statistics must be averaged too
     tx = optax.chain(optax.clip_by_global_norm(5.0), optax.sgd(0.05, momentum=0.9))
     loss_cfg = multitask.LossConfig(salient_top_k=3)
-    pmodel = dist.padding_aware_model(model)
-    state = multitask.init_train_state(pmodel, weighting, tx, jax.random.PRNGKey(0), sampler.batch(0).graph)
-    state = jax.tree_util.tree_map(np.asarray, dist.train_state_to_dict(state))
-    step_fn = dist.multitask_step_fn(model, loss_cfg, weighting, tx)
+    pmodel = padding_aware_model(model)
+    state = multitask.init_train_state(pmodel, weighting, tx, jax.random.key(0), sampler.batch(0).graph)
+    state = jax.tree_util.tree_map(np.asarray, train_state_to_dict(state))
+    step_fn = multitask_step_fn(model, loss_cfg, weighting, tx)
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
-    step = dist.data_parallel(step_fn, dist.ShardLayout(0, 1, devices, per_device), seed=11)
-    result = dist.fit(step, state, sampler.batch, num_steps=3)
+    step = data_parallel(step_fn, ShardLayout(0, 1, devices, per_device), seed=11)
+    result = train_loop(step, state, sampler.batch, LoopConfig(num_steps=3))
     seeds = [sorted(sampler.seeds_for(0, s).tolist()) for s in range(4)]
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
-               "loss": [h["loss/total"] for h in result.history], "compilations": step.compile_count(),
-               "weights": [result.history[-1][f"weight/{t}"] for t in multitask.TASKS],
+               "loss": [h["loss/total"] for h in result.history["train"]], "compilations": step.compile_count(),
+               "weights": [result.history["train"][-1][f"weight/{t}"] for t in multitask.TASKS],
                "distinct_subgraphs": len({tuple(s) for s in seeds})}, open(os.environ["OUT"], "w"))
 """
 
@@ -87,8 +94,10 @@ PRETRAIN_WORKER = """
     import jax, numpy as np
     from conftest import make_toy_graph
     from jaxfood.models.encoder import EncoderConfig
-    from jaxfood.train import distributed as dist, pretrain
+    from jaxfood.train import graphcl as pretrain
     from jaxfood.train.augment import prepare_pretrain_graph
+    from jaxfood.train.data_parallel import ShardLayout, data_parallel
+    from jaxfood.train.loop import LoopConfig, train_loop
 
     graph = make_toy_graph(num_samples=30, num_molecules=30, per_sample=6, seed=2)
     enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
@@ -99,14 +108,14 @@ PRETRAIN_WORKER = """
     model = pretrain.make_model(pre_graph, cfg)
     import optax
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
-    params = model.init(jax.random.PRNGKey(0), pre_graph)
+    params = model.init(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
-    step_fn = dist.pretrain_step_fn(model, optimizer)
+    step_fn = pretrain.make_pretrain_step(model, optimizer)
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
-    step = dist.data_parallel(step_fn, dist.ShardLayout(0, 1, devices, per_device), seed=5)
-    result = dist.fit(step, state, lambda s, shard: pre_graph, num_steps=3)
+    step = data_parallel(step_fn, ShardLayout(0, 1, devices, per_device), seed=5)
+    result = train_loop(step, state, lambda s, shard: pre_graph, LoopConfig(num_steps=3), fixed_batch=True)
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
-               "loss": [h["loss"] for h in result.history]}, open(os.environ["OUT"], "w"))
+               "loss": [h["loss"] for h in result.history["train"]]}, open(os.environ["OUT"], "w"))
 """
 
 
@@ -137,62 +146,65 @@ def test_graphcl_step_pmap_over_4_devices_equals_one_device_with_4_views(tmp_pat
 
 # ---- helpers in this process (one device) --------------------------------------------------------
 def test_shard_layout_numbers_shards_globally():
-    layouts = [dist.ShardLayout(p, 2, 2, 3) for p in range(2)]
+    layouts = [dp.ShardLayout(p, 2, 2, 3) for p in range(2)]
     ids = np.concatenate([lay.shard_ids().reshape(-1) for lay in layouts])
     np.testing.assert_array_equal(ids, np.arange(12))
     assert layouts[1].shard_ids().shape == (2, 3) and layouts[0].num_shards == 12
 
 
 def test_local_batch_stacks_shards_in_device_major_order():
-    layout = dist.ShardLayout(1, 2, 2, 2)
-    batch = dist.local_batch(lambda step, shard: {"x": np.array([step, shard])}, 7, layout)
+    layout = dp.ShardLayout(1, 2, 2, 2)
+    batch = dp.local_batch(lambda step, shard: {"x": np.array([step, shard])}, 7, layout)
     np.testing.assert_array_equal(batch["x"][..., 1], [[4, 5], [6, 7]])
     assert np.all(batch["x"][..., 0] == 7)
 
 
 def test_replicate_and_unreplicate_round_trip():
     tree = {"a": np.arange(6.0).reshape(2, 3), "b": np.int32(4)}
-    rep = dist.replicate(tree)
+    rep = dp.replicate(tree)
     assert rep["a"].shape == (jax.local_device_count(), 2, 3)
-    back = dist.unreplicate(rep)
+    back = dp.unreplicate(rep)
     np.testing.assert_array_equal(back["a"], tree["a"])
     assert int(back["b"]) == 4
 
 
 def test_aggregate_metrics_is_the_mean_over_shards():
     metrics = {"loss": np.array([[1.0, 3.0]]), "acc": np.array([[0.5, 0.5]])}
-    assert dist.aggregate_metrics(metrics) == {"acc": 0.5, "loss": 2.0}
+    assert processes.aggregate_metrics(metrics) == {"acc": 0.5, "loss": 2.0}
 
 
 def test_shard_rng_depends_on_step_and_shard_only():
-    a, b = dist.shard_rng(0, 3, 1), dist.shard_rng(0, 3, 1)
+    def bits(key):
+        return np.asarray(jax.random.key_data(key))
+
+    a, b = bits(dp.shard_rng(0, 3, 1)), bits(dp.shard_rng(0, 3, 1))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, dist.shard_rng(0, 3, 2)) and not np.array_equal(a, dist.shard_rng(0, 4, 1))
+    assert not np.array_equal(a, bits(dp.shard_rng(0, 3, 2))) and not np.array_equal(a, bits(dp.shard_rng(0, 4, 1)))
 
 
 def test_distributed_arguments_parse_and_bad_values_are_one_line_errors(monkeypatch):
     for name in ("JAXFOOD_COORDINATOR", "JAXFOOD_NUM_PROCESSES", "JAXFOOD_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
-    parser = dist.add_distributed_arguments(argparse.ArgumentParser())
+    parser = add_distributed_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--coordinator", "10.0.0.2:8476", "--num-processes", "4", "--process-id", "3"])
     assert (args.coordinator, args.num_processes, args.process_id) == ("10.0.0.2:8476", 4, 3)
     assert parser.parse_args([]).coordinator is None
-    info = dist.init_from_args(parser.parse_args([]))  # no flags: one process, nothing to join
-    assert info.process_count == 1 and info.is_primary and dist.is_primary()
+    info = processes.init_from_args(parser.parse_args([]))  # no flags: one process, nothing to join
+    assert info.process_count == 1 and info.is_primary and processes.is_primary()
     with pytest.raises(ConfigError, match="go together"):
-        dist.initialize_distributed("127.0.0.1:1234", None, 0)
+        processes.initialize_distributed("127.0.0.1:1234", None, 0)
     with pytest.raises(ConfigError, match="expected HOST:PORT"):
-        dist.initialize_distributed("localhost", 2, 0)
+        processes.initialize_distributed("localhost", 2, 0)
     with pytest.raises(ConfigError, match=r"--process-id 2: expected 0 \.\. 1"):
-        dist.initialize_distributed("127.0.0.1:1234", 2, 2)
+        processes.initialize_distributed("127.0.0.1:1234", 2, 2)
     monkeypatch.setenv("JAXFOOD_NUM_PROCESSES", "two")
     with pytest.raises(ConfigError, match="JAXFOOD_NUM_PROCESSES"):
-        dist.add_distributed_arguments(argparse.ArgumentParser())
+        add_distributed_arguments(argparse.ArgumentParser())
 
 
 def test_checkpointer_round_trip_and_resume_target(tmp_path):
     state = {"params": {"w": np.arange(4, dtype=np.float32)}, "step": np.int32(3)}
-    ckpt = dist.Checkpointer(tmp_path / "ck")
+    ckpt = Checkpointer(tmp_path / "ck")
     assert ckpt.latest_step() is None
     ckpt.save(3, state, {"kind": "test", "history": [{"loss": 1.0}]})
     ckpt.save(5, {"params": {"w": np.ones(4, np.float32)}, "step": np.int32(5)}, {"kind": "test"})
@@ -208,7 +220,7 @@ def test_checkpointer_round_trip_and_resume_target(tmp_path):
     core_state, core_meta = restore_checkpoint(tmp_path / "ck")
     assert core_meta["step"] == 5 and np.all(core_state["params"]["w"] == 1)
     with pytest.raises(CheckpointError):
-        dist.Checkpointer(tmp_path / "empty").restore()
+        Checkpointer(tmp_path / "empty").restore()
 
 
 def test_padding_changes_nothing_for_the_real_nodes():
@@ -230,8 +242,8 @@ def test_padding_changes_nothing_for_the_real_nodes():
     a, b = tight.batch(3), loose.batch(3)
     enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
-    model = dist.padding_aware_model(make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8)))
-    params = model.init(jax.random.PRNGKey(1), a.graph)
+    model = padding_aware_model(make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8)))
+    params = model.init(jax.random.key(1), a.graph)
     out_a = model.apply(params, a.graph, node_index=a.node_index)
     out_b = model.apply(params, b.graph, node_index=b.node_index)
     assert b.graph.num_nodes[schema.SAMPLE] > a.graph.num_nodes[schema.SAMPLE]
@@ -251,8 +263,10 @@ SAMPLED_PRETRAIN_WORKER = """
     from conftest import make_toy_graph
     from jaxfood.graph.sampling import SamplerConfig
     from jaxfood.models.encoder import EncoderConfig
-    from jaxfood.train import distributed as dist, pretrain
+    from jaxfood.train import graphcl as pretrain
     from jaxfood.train.augment import prepare_pretrain_graph
+    from jaxfood.train.data_parallel import ShardLayout, data_parallel
+    from jaxfood.train.loop import LoopConfig, train_loop
 
     graph = make_toy_graph(num_samples=40, num_molecules=40, per_sample=6, seed=2)
     enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
@@ -263,21 +277,21 @@ SAMPLED_PRETRAIN_WORKER = """
     model = pretrain.make_model(pre_graph, cfg)
     views = pretrain.PretrainSampler(graph, cfg, SamplerConfig(batch_size=4, seed=3))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
-    params = model.init(jax.random.PRNGKey(0), pre_graph)
+    params = model.init(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
-    step = dist.data_parallel(dist.pretrain_step_fn(model, optimizer), dist.ShardLayout(0, 1, devices, per_device),
-                              seed=5)
+    step = data_parallel(pretrain.make_pretrain_step(model, optimizer), ShardLayout(0, 1, devices, per_device),
+                         seed=5)
     shapes = set()
     def make_shard(s, shard):
         sub = views.batch(s, shard)
         shapes.add(tuple(sorted((k, x.shape) for k, x in jax.tree_util.tree_flatten_with_path(sub)[0]
                                 for k in [jax.tree_util.keystr(k)])))
         return sub
-    result = dist.fit(step, state, make_shard, num_steps=3)
+    result = train_loop(step, state, make_shard, LoopConfig(num_steps=3))
     seeds = [tuple(sorted(views.sampler.seeds_for(0, s).tolist())) for s in range(4)]
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
-               "loss": [h["loss"] for h in result.history], "compilations": step.compile_count(),
+               "loss": [h["loss"] for h in result.history["train"]], "compilations": step.compile_count(),
                "shapes": len(shapes), "distinct_subgraphs": len(set(seeds)),
                "initial_l1": float(sum(np.abs(x).sum() for x in jax.tree_util.tree_leaves(state["params"]))),
                "final_l1": float(sum(np.abs(np.asarray(x)).sum()
@@ -296,3 +310,60 @@ def test_sampled_graphcl_pmap_over_4_devices_equals_one_device_on_the_same_4_sub
     np.testing.assert_allclose(pmapped["loss"], single["loss"], rtol=1e-5)
     # Training moved the parameters well beyond the tolerance (the comparison can fail).
     assert abs(pmapped["final_l1"] - pmapped["initial_l1"]) > 1e-2
+
+
+# ---- the loop (one device, a toy step: what is tested is the bookkeeping) -------------------------
+def _toy_step():
+    """``w <- w + mean over shards of (batch + noise)``: depends on the step's batch and key."""
+    def step(state, batch, rng):
+        delta = jax.lax.pmean(batch["x"] + 0.01 * jax.random.normal(rng, ()), dp.DATA_AXES)
+        return {"w": state["w"] + delta}, {"loss": delta}
+
+    return dp.data_parallel(step, dp.ShardLayout(0, 1, 1, 1), seed=3)
+
+
+def _toy_batch(step, shard):
+    return {"x": np.float32(step % 3)}
+
+
+def test_loop_keeps_the_best_evaluation_and_stops_early(tmp_path):
+    from jaxfood.train.checkpoint import restore_checkpoint
+    from jaxfood.train.loop import LoopConfig, train_loop
+
+    scores = iter([1.0, 3.0, 2.0, 2.5, 9.0])
+    loop = LoopConfig(num_steps=10, checkpoint_dir=tmp_path / "kept", eval_every=2, patience=2)
+    result = train_loop(_toy_step(), {"w": np.float32(0)}, _toy_batch, loop,
+                        evaluate=lambda state, step: (next(scores), {"w": float(state["w"])}), meta={"kind": "toy"})
+    # Scores at steps 2, 4, 6, 8: best at 4, then two evaluations without improvement: stop at 8.
+    assert result.stopped_early and result.end_step == 8 and result.best_step == 4 and result.best_score == 3.0
+    assert [row["step"] for row in result.history["val"]] == [2, 4, 6, 8]
+    kept, meta = restore_checkpoint(tmp_path / "kept")
+    assert meta["step"] == 4 and meta["best_step"] == 4 and meta["kind"] == "toy"
+    assert float(kept["w"]) == pytest.approx(result.history["val"][1]["w"])
+
+
+def test_loop_preempted_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path):
+    import signal
+
+    from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
+
+    def run(workdir, stop_at=None):
+        loop = LoopConfig(num_steps=7, checkpoint_dir=workdir / "kept", resume_dir=workdir / "resume",
+                          checkpoint_every=2)
+        prepare_run(loop)
+
+        def on_train(step, metrics):
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # the guard's handler: checkpoint this step and stop
+            return None
+
+        return train_loop(_toy_step(), {"w": np.float32(0)}, _toy_batch, loop, on_train=on_train)
+
+    reference = run(tmp_path / "a")
+    first = run(tmp_path / "b", stop_at=5)
+    assert first.preempted and first.end_step == 5 and (tmp_path / "b" / "resume" / "5").is_dir()
+    second = run(tmp_path / "b")
+    assert second.start_step == 5 and not second.preempted and second.end_step == 7
+    assert float(second.state["w"]) == float(reference.state["w"])
+    assert [row["step"] for row in second.history["train"]] == list(range(1, 8))
+    assert not (tmp_path / "b" / "resume").exists()  # a completed run leaves no snapshots behind

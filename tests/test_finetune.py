@@ -25,17 +25,12 @@ SMALL = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One run through the CLI, one through the library, same graph and seed."""
-    import jax
-
     from jaxfood.config import load_config
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import finetune
 
     root = tmp_path_factory.mktemp("finetune")
-    # The second run compiles the same programs as the first: reuse them from a persistent cache.
-    saved = {name: getattr(jax.config, name) for name in
-             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # The second run compiles the same programs as the first: conftest's compilation cache has them.
     graph_dir = root / "graph"
     save_graph(make_toy_graph(), graph_dir)
     biomarkers = root / "biomarkers.csv"
@@ -47,9 +42,7 @@ def runs(tmp_path_factory):
     assert cli.main(args) == 0
     cfg = load_config(FinetuneConfig(), None, SMALL)
     result = finetune(load_graph(graph_dir), cfg, root / "b", biomarkers=biomarkers, progress=False)
-    yield root, graph_dir, result
-    for name, value in saved.items():
-        jax.config.update(name, value)
+    return root, graph_dir, result
 
 
 def test_same_seed_writes_identical_metrics_json(runs):
@@ -76,17 +69,46 @@ def test_a_rerun_in_the_same_workdir_replaces_the_earlier_run(runs, tmp_path):
     import shutil
 
     from jaxfood.config import load_config
-    from jaxfood.train.checkpoint import latest_step
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.checkpoint import latest_step, save_checkpoint
+    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import finetune
 
-    root, graph_dir, _ = runs
+    root, graph_dir, first = runs
     workdir = tmp_path / "w"
-    shutil.copytree(root / "b", workdir)  # an earlier 4-step run (best step 2 or 4)
-    cfg = load_config(FinetuneConfig(), None, SMALL + ["steps=1", "eval_every=1"])
-    result = finetune(load_graph(graph_dir), cfg, workdir, progress=False)
-    assert result.best_step == 1 and latest_step(workdir / "checkpoints") == 1
-    assert json.loads((workdir / "metrics.json").read_text())["best_step"] == 1
+    shutil.copytree(root / "b", workdir)  # an earlier run, plus a later step of it that would win
+    save_checkpoint(workdir / "checkpoints", 99, {"params": first.params}, {"kind": "finetune"})
+    # The same configuration: the same compiled programs, no time spent compiling.
+    result = finetune(load_graph(graph_dir), load_config(FinetuneConfig(), None, SMALL), workdir, progress=False)
+    assert latest_step(workdir / "checkpoints") == result.best_step == first.best_step
+    assert json.loads((workdir / "metrics.json").read_text())["best_step"] == first.best_step
     assert len(list((workdir / "tb").iterdir())) == 1  # the earlier run's event file is gone
+
+
+def _key_paths(tree, prefix=""):
+    out = set()
+    for key, value in tree.items():
+        out.add(prefix + key)
+        if isinstance(value, dict) and key != "per_scorer":
+            out |= _key_paths(value, f"{prefix}{key}/")
+    return out
+
+
+def test_data_parallel_sampled_run_writes_the_same_metrics_keys(runs, tmp_path):
+    """`--data-parallel --sampled`: the same workflow on sampled subgraphs; metrics.json has every key
+    of the full-graph run, stability included, and its checkpoint is evaluated like any other."""
+    root, graph_dir, _ = runs
+    args = ["finetune", "--graph", str(graph_dir), "--workdir", str(tmp_path / "dp"), "--quiet",
+            "--biomarkers", str(root / "biomarkers.csv"), "--data-parallel", "--sampled", "--batch-size", "8"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    full = json.loads((root / "a" / "metrics.json").read_text())
+    sampled = json.loads((tmp_path / "dp" / "metrics.json").read_text())
+    assert _key_paths(sampled) == _key_paths(full)
+    assert 0.0 <= sampled["salient_molecules"]["stability_jaccard"] <= 1.0
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "dp" / "checkpoints"), "--graph", str(graph_dir),
+                     "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == sampled
 
 
 def test_evaluate_reproduces_the_final_metrics_exactly(runs, tmp_path):
@@ -98,7 +120,7 @@ def test_evaluate_reproduces_the_final_metrics_exactly(runs, tmp_path):
 
 
 def test_tensorboard_has_every_task(runs):
-    from jaxfood.train.finetune_monitoring import read_scalars
+    from jaxfood.train.monitoring import read_scalars
 
     root, _, _ = runs
     scalars = read_scalars(root / "a" / "tb")

@@ -69,15 +69,16 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
-def pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed):
+def pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed, residual=False):
     conv = make_hetero_conv(keys, dims, {k: e.attribute_dim for k, e in edges.items()}, heads, channels,
-                            concat=concat, aggr=aggr)
+                            concat=concat, aggr=aggr, residual=residual)
     randomise(conv, seed)
     return conv.eval()
 
 
-def flax_layer(keys, heads, channels, concat, aggr, edge_block=None):
-    return HeteroGATConv(tuple(keys), heads, channels, concat=concat, aggr=aggr, edge_block=edge_block)
+def flax_layer(keys, heads, channels, concat, aggr, edge_block=None, residual=False):
+    return HeteroGATConv(tuple(keys), heads, channels, concat=concat, aggr=aggr, edge_block=edge_block,
+                         residual=residual)
 
 
 def layer_forward_and_grads(layer, params, x_jax, edges, masks, probes):
@@ -102,23 +103,26 @@ def assert_tree_close(actual: dict, expected: dict, path: str = "", **tol) -> No
 
 CASES = [
     # seed, relations, heads, channels, concat, aggr, empty relation, edge block (0: one block;
-    # small blocks exercise the blocked scan, its padding and its VJP)
-    (0, 2, 2, 3, True, "sum", False, 0),
-    (1, 3, 4, 2, True, "sum", True, 7),
-    (2, 4, 3, 4, True, "sum", False, 8),
-    (3, 4, 2, 3, True, "mean", False, 0),
-    (4, 4, 2, 3, True, "max", False, 5),
-    (5, 3, 3, 2, False, "sum", False, 0),
-    (6, 4, 2, 3, False, "mean", True, 9),
+    # small blocks exercise the blocked scan, its padding and its VJP), residual (PyG
+    # GATConv(residual=True): the root weight)
+    (0, 2, 2, 3, True, "sum", False, 0, False),
+    (1, 3, 4, 2, True, "sum", True, 7, False),
+    (2, 4, 3, 4, True, "sum", False, 8, False),
+    (3, 4, 2, 3, True, "mean", False, 0, False),
+    (4, 4, 2, 3, True, "max", False, 5, False),
+    (5, 3, 3, 2, False, "sum", False, 0, False),
+    (6, 4, 2, 3, False, "mean", True, 9, False),
+    (7, 4, 2, 3, True, "sum", False, 0, True),
+    (8, 3, 3, 2, False, "mean", True, 7, True),
 ]
 
 
-@pytest.mark.parametrize("seed,num_relations,heads,channels,concat,aggr,empty,block", CASES)
+@pytest.mark.parametrize("seed,num_relations,heads,channels,concat,aggr,empty,block,residual", CASES)
 def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, heads, channels, concat, aggr, empty,
-                                                         block):
+                                                         block, residual):
     x, edges, dims = random_hetero_graph(seed, num_relations, empty)
     keys = list(edges)
-    conv = pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed)
+    conv = pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed, residual)
     edge_index, edge_attr = edges_to_pyg(edges)
     x_torch = {t: torch.tensor(v, requires_grad=True) for t, v in x.items()}
     expected = conv(x_torch, edge_index, edge_attr_dict=edge_attr)
@@ -126,8 +130,9 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
     # Gradients of a fixed random projection of every output, wrt inputs and weights.
     rng = np.random.default_rng(seed + 100)
     probes = {t: rng.normal(size=tuple(v.shape)).astype(np.float32) for t, v in expected.items()}
-    layer = flax_layer(keys, heads, channels, concat, aggr, block)
+    layer = flax_layer(keys, heads, channels, concat, aggr, block, residual)
     params = hetero_conv_to_flax(conv, keys)
+    assert ("res" in params[keys[0]]) == residual
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
     out, attention, (grad_params, grad_x) = layer_forward_and_grads(layer, params, x_jax, edges, None, probes)
 
@@ -197,16 +202,17 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
         np.testing.assert_allclose(np.asarray(grad_x[t]), expected_grad, err_msg=f"d/dx[{t}]", **GRAD_TOL)
 
 
-@pytest.mark.parametrize("aggr,block", [("sum", 0), ("mean", 64)])
-def test_encoder_matches_pyg_encoder(aggr, block):
+@pytest.mark.parametrize("aggr,block,residual", [("sum", 0, False), ("mean", 64, False), ("sum", 0, True)])
+def test_encoder_matches_pyg_encoder(aggr, block, residual):
     # 80 molecules for 30 samples x 8: many molecules contained by no sample (isolated in the
     # contains relations), all four attribute widths (1, 0, 3, 1) and a Molecule->Molecule relation.
     graph = make_toy_graph(num_molecules=80, similar=True, seed=3)
-    cfg = EncoderConfig(hidden_dim=12, num_heads=3, num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr)
+    cfg = EncoderConfig(hidden_dim=12, num_heads=3, num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr,
+                        residual=residual)
     encoder = make_encoder(graph, cfg).clone(edge_block=block)
     relations = list(graph.edges)
     reference = PygHeteroGATEncoder(graph.num_nodes, relations, graph.edge_dims(), hidden_dim=12, num_heads=3,
-                                    num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr)
+                                    num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr, residual=residual)
     randomise(reference, 7)
     reference.eval()
     edge_index, edge_attr = edges_to_pyg(graph.edges)

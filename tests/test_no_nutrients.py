@@ -36,7 +36,6 @@ finetune:
   eval_every: 2
   scorers: [class_attention]
   stability_perturbations: 1
-  encoder: {hidden_dim: 8, num_heads: 2, embedding_dim: 8}
   heads: {hidden_dim: 8, pool_dim: 8, attention_dim: 4, projection_dim: 4}
 evaluation:
   ablations: false
@@ -54,6 +53,7 @@ def study(tmp_path_factory):
                     contaminants=20, embedding_dim=4)
     paths = write_dataset(simulate(cfg, seed=0), root / "sim")
     table = pd.read_csv(paths["feature_table"])
+    table = table.copy()  # a wide table: insert into a defragmented copy
     table.insert(3, "Compound_Name", ["" if i % 3 else f"compound {i}" for i in range(len(table))])
     table.to_csv(root / "quant.csv", index=False)
     (root / "metadata.csv").write_bytes(Path(paths["metadata"]).read_bytes())
@@ -98,7 +98,7 @@ def test_adapt_to_graph_changes_only_what_the_graph_cannot_do(graph_dir):
     from jaxfood.graph.hetero_graph import load_graph
     from jaxfood.train.adapt import adapt_to_graph
     from jaxfood.train.finetune import FinetuneConfig
-    from jaxfood.train.pretrain import PretrainConfig, check_pretrain_config
+    from jaxfood.train.graphcl import PretrainConfig, check_pretrain_config
 
     graph = load_graph(graph_dir)
     pre, notes = adapt_to_graph(PretrainConfig(), graph)

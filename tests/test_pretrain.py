@@ -19,13 +19,8 @@ from jaxfood.models.encoder import EncoderConfig, make_encoder
 from jaxfood.train import pretrain as pretrain_module
 from jaxfood.train.augment import AugmentConfig, augment, prepare_pretrain_graph
 from jaxfood.train.checkpoint import load_encoder, save_checkpoint
-from jaxfood.train.pretrain import (
-    PretrainConfig,
-    check_pretrain_config,
-    load_pretrained_encoder,
-    make_model,
-    nt_xent_loss,
-)
+from jaxfood.train.graphcl import PretrainConfig, check_pretrain_config, make_model, nt_xent_loss
+from jaxfood.train.pretrain import load_pretrained_encoder
 
 SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=1, embedding_dim=16, dropout=0.1,
                               input_modes={"Sample": "shared", "Molecule": "both", "Food": "both"})
@@ -201,7 +196,7 @@ def test_checkpoint_reloads_into_the_fine_tuning_encoder(cli_run):
     config, params = load_pretrained_encoder(workdir / "checkpoints")
     assert config == result.encoder_config
     cfg_dict, params2, meta = load_encoder(workdir / "checkpoints")
-    assert meta["kind"] == "graphcl" and meta["epoch"] == result.best_epoch
+    assert meta["kind"] == "graphcl" and meta["best_step"] == result.best_epoch * 4  # steps_per_epoch=4
     # Fine-tuning builds the encoder on the full graph (label edges included) and loads the params.
     encoder = make_encoder(graph, config)
     fresh = encoder.init(jax.random.key(0), graph)["params"]

@@ -181,7 +181,7 @@ def test_infinite_intensity(small):
 
 def test_empty_intensity_cells_are_a_counted_warning(small):
     p = edit(small / "feature_table.csv", "105,150.0583,3.30,2500,2500,0", "105,150.0583,3.30,,,0")
-    with pytest.warns(DataWarning, match=r"2 empty peak area cell\(s\) in 2 column\(s\)") as rec:
+    with pytest.warns(DataWarning, match=r"2 empty or NaN peak area cell\(s\) in 2 column\(s\)") as rec:
         ft = read_feature_table(p)
     assert str(p) in str(rec[0].message)
     assert ft.intensity.shape == (18,)  # the two empty cells are not detections

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_toy_graph
-from test_multihost import TINY_CONFIG, job_env
+from test_multihost import TINY_CONFIG, TINY_OPTIONS, job_env
 
 from jaxfood.graph.hetero_graph import save_graph
 from jaxfood.train.checkpoint import latest_step
@@ -41,13 +41,12 @@ sys.exit(train.main(sys.argv[1:]))
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), root / "graph")
-    (root / "tiny.yaml").write_text(TINY_CONFIG.replace("steps: 6", f"steps: {STEPS}")
-                                    .replace("eval_batches: 1", "eval_batches: 0"))
+    (root / "tiny.yaml").write_text(TINY_CONFIG.replace("steps: 6", f"steps: {STEPS}"))
     (root / "worker.py").write_text(WORKER)
 
     def start(name: str, delay: float = 0.0) -> subprocess.Popen:
         cmd = [sys.executable, str(root / "worker.py"), "--graph", str(root / "graph"), "--workdir",
-               str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress",
+               str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
                "--final-params", str(root / f"{name}.npz")]
         env = dict(job_env(root, 1), STEP_DELAY=str(delay))
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -59,7 +58,7 @@ def job(tmp_path_factory):
 
     def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, step: int) -> None:
         deadline = time.monotonic() + 400
-        while not (workdir / "checkpoints" / str(step)).is_dir():
+        while not (workdir / "resume" / str(step)).is_dir():
             assert proc.poll() is None, proc.communicate()[1][-4000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
@@ -83,9 +82,9 @@ def test_sigterm_then_sigkill_then_rerun_ends_where_an_uninterrupted_run_does(jo
     job["wait"](proc, workdir, 3)
     proc.send_signal(signal.SIGTERM)
     out = job["finish"](proc, expect=143)
-    stopped = latest_step(workdir / "checkpoints")
+    stopped = latest_step(workdir / "resume")
     assert 3 <= stopped < STEPS and f"preempted: step {stopped}" in out
-    assert not (workdir / "report.json").exists()
+    assert not (workdir / "metrics.json").exists()
 
     # 2. Rerun, then killed outright (SIGKILL: no handler, maybe mid-save) after a later checkpoint.
     proc = job["start"]("interrupted", delay=0.3)
@@ -93,15 +92,16 @@ def test_sigterm_then_sigkill_then_rerun_ends_where_an_uninterrupted_run_does(jo
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    killed_at = latest_step(workdir / "checkpoints")
-    assert 9 <= killed_at < STEPS and not (workdir / "report.json").exists()
+    killed_at = latest_step(workdir / "resume")
+    assert 9 <= killed_at < STEPS and not (workdir / "metrics.json").exists()
 
-    # 3. Rerun to the end: it resumes from the last checkpoint and ends where the reference did.
-    job["finish"](job["start"]("interrupted"))
-    report = json.loads((workdir / "report.json").read_text())
-    assert report["status"] == "complete" and report["steps"] == STEPS
-    assert report["resumed_from_step"] == killed_at
+    # 3. Rerun to the end: it resumes from the last snapshot and ends where the reference did.
+    out = job["finish"](job["start"]("interrupted"))
+    assert f"complete: step {STEPS} on 1 process(es)" in out and f"resumed from step {killed_at}" in out
     _assert_same_params(np.load(root / "interrupted.npz"), job["reference"])
-    # The metric log continues across the interruptions and covers every step.
-    steps = [json.loads(line)["step"] for line in (workdir / "train_log.jsonl").read_text().splitlines()]
-    assert steps[-1] == STEPS and set(range(1, STEPS + 1)) <= set(steps)
+    # The history continues across the interruptions and has every step once; metrics are those
+    # of the reference (same kept state, same evaluation).
+    history = json.loads((workdir / "history.json").read_text())
+    assert [row["step"] for row in history["train"]] == list(range(1, STEPS + 1))
+    assert json.loads((workdir / "metrics.json").read_text()) == json.loads(
+        (root / "reference" / "metrics.json").read_text())

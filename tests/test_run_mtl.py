@@ -37,7 +37,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, arg
 
 @pytest.mark.slow
 def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
-    from jaxfood.train.finetune_monitoring import read_scalars
+    from jaxfood.train.monitoring import read_scalars
 
     workdir = tmp_path / "w"
     code = _run_mtl().main([

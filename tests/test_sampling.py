@@ -16,7 +16,6 @@ from jaxfood.graph.sampling import (
     _sample_incoming,
     compute_budgets,
     padding_edge_masks,
-    stack_subgraphs,
 )
 from jaxfood.models.encoder import EncoderConfig, make_encoder
 
@@ -186,8 +185,6 @@ def test_seeds_are_deterministic_disjoint_across_shards_and_vary_with_the_step(g
     x, y = sampler.batch(9, 2), sampler.batch(9, 2)
     for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
         np.testing.assert_array_equal(u, v)
-    stacked = stack_subgraphs([x, y])
-    assert stacked.seed_mask.shape == (2,) + x.seed_mask.shape
 
 
 def test_bad_sampler_settings_are_config_errors(graph):

@@ -1,14 +1,18 @@
 """Data-parallel multi-task fine-tuning on one or many hosts (TPU pod slices, multi-GPU hosts).
 
-Every host runs this same command. Each step trains on ``processes x local devices x per_device``
-neighbour-sampled subgraphs (one compilation for the whole run); gradients and task-weighting
-statistics are averaged over all devices of all hosts. Process 0 writes ``WORKDIR/train_log.jsonl``,
-``WORKDIR/tb/`` and ``WORKDIR/report.json``; all processes write ``WORKDIR/checkpoints/`` (shared
-storage: a gs:// bucket on pods). Rerunning with the same WORKDIR resumes from the latest checkpoint
-(saved every ``checkpoint_every`` steps and on SIGTERM) and ends where an uninterrupted run would.
+Every host runs this same command: ``jaxfood finetune``'s workflow (:func:`jaxfood.workflows.finetune`,
+the one training loop) with pod defaults: neighbour-sampled subgraphs (``--full-graph`` to train on
+full-graph replicas), a resume snapshot every 50 steps. Each step trains on ``processes x local
+devices x per_device`` subgraphs (one compilation for the whole run); gradients and task-weighting
+statistics are averaged over all devices of all hosts. Process 0 writes ``WORKDIR/config.yaml``,
+``metrics.json``, ``history.json``, ``tb/`` and ``figures/``; all processes write
+``WORKDIR/checkpoints/`` (the kept model: ``jaxfood evaluate|predict|embed`` read it) and
+``WORKDIR/resume/`` (shared storage: a gs:// bucket on pods). Rerunning with the same WORKDIR
+resumes from the latest snapshot (every ``--checkpoint-every`` steps and on SIGTERM) and ends
+where an uninterrupted run would.
 
     python experiments/pod/train.py --preset large --workdir runs/large
-    python experiments/pod/train.py --graph GRAPH_DIR --workdir W --set steps=500 --set per_device=2
+    python experiments/pod/train.py --graph GRAPH_DIR --workdir W --set steps=500 --per-device 2
     # two hosts:
     python experiments/pod/train.py ... --coordinator 10.0.0.2:8476 --num-processes 2 --process-id 0
 
@@ -24,9 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from jaxfood.errors import UserError  # noqa: E402
-from jaxfood.train.distributed import add_distributed_arguments  # noqa: E402
-
-PREEMPTED_EXIT = 143
+from jaxfood.train.parallel_options import (  # noqa: E402
+    add_distributed_arguments,
+    options_from_args,
+)
+from jaxfood.train.preemption import PREEMPTED_EXIT  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--graph", help="graph directory written by 'jaxfood build-graph'")
     source.add_argument("--preset", default="default",
                         help="simulator preset to build in memory when --graph is not given (default, large)")
-    parser.add_argument("--workdir", required=True, help="logs, checkpoints and report (shared storage)")
+    parser.add_argument("--workdir", required=True, help="logs, checkpoints and reports (shared storage)")
     parser.add_argument("--pretrained", help="checkpoint directory whose encoder starts the fine-tuning")
-    parser.add_argument("--config", help="YAML file of DataParallelConfig keys")
+    parser.add_argument("--config", help="YAML file of fine-tuning configuration keys (as 'jaxfood finetune')")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted for sections, e.g. sampler.batch_size=64)")
+                        help="override a configuration key (dotted for sections, e.g. optimizer.accumulation_steps=2)")
+    parser.add_argument("--full-graph", action="store_true",
+                        help="every device trains on the full graph (own random stream) instead of sampled subgraphs")
+    parser.add_argument("--batch-size", metavar="N", type=int, default=32, help="seed samples per sampled subgraph")
+    parser.add_argument("--per-device", metavar="K", type=int, default=1, help="subgraphs per device per step")
+    parser.add_argument("--checkpoint-every", metavar="N", type=int, default=50,
+                        help="resume snapshot every N steps (and on SIGTERM)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--final-params", metavar="FILE",
-                        help="also write this process's final parameters to FILE (.npz; '{process}' in the "
-                             "name is replaced by the process index): check that hosts agree")
+                        help="also write the kept parameters to FILE (.npz; '{process}' in the name is replaced "
+                             "by the process index): check that hosts agree")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_distributed_arguments(parser)
     return parser
@@ -80,33 +92,41 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # Joins the job before anything touches a device.
-        from jaxfood.train.distributed import init_from_args
+        from jaxfood.train.processes import init_from_args
 
         info = init_from_args(args)
+        from jaxfood import workflows
         from jaxfood.config import load_config
-        from jaxfood.train.checkpoint import load_encoder
-        from jaxfood.train.distributed import DataParallelConfig, finetune_data_parallel
+        from jaxfood.train.finetune import FinetuneConfig
+        from jaxfood.train.preemption import Preempted
 
-        cfg = load_config(DataParallelConfig(), args.config, args.set)
-        encoder_params = None
-        if args.pretrained:
-            _, encoder_params, _ = load_encoder(args.pretrained)
+        options = options_from_args(argparse.Namespace(sampled=not args.full_graph, batch_size=args.batch_size,
+                                                       per_device=args.per_device,
+                                                       checkpoint_every=args.checkpoint_every))
+        cfg = load_config(FinetuneConfig(), args.config, args.set)
         graph = load_graph_from_args(args)
-        report = finetune_data_parallel(graph, cfg, args.workdir, encoder_params=encoder_params,
+        try:
+            result = workflows.finetune(graph, cfg, args.workdir, pretrained=args.pretrained, options=options,
                                         progress=not args.no_progress)
+        except Preempted as stopped:
+            if info.is_primary:
+                print(stopped, flush=True)
+            return PREEMPTED_EXIT
     except UserError as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.final_params and report["status"] == "complete":
-        save_params(report["state"]["params"], args.final_params.replace("{process}", str(info.process_index)))
+    if args.final_params:
+        save_params(result.params, args.final_params.replace("{process}", str(info.process_index)))
     if info.is_primary:
-        final = report.get("final_metrics", {})
-        print(f"{report['status']}: step {report['steps']} on {report['process_count']} process(es), "
-              f"{report['device_count']} device(s); loss/total {final.get('loss/total', float('nan')):.4f}; "
-              f"{report['edges_per_second']:.3g} edges/s")
-    return PREEMPTED_EXIT if report["status"] == "preempted" else 0
+        spread, fc = result.spread, result.metrics["food_classification"]
+        print(f"complete: step {result.history['train'][-1]['step']} on {spread['process_count']} process(es), "
+              f"{spread['device_count']} device(s), {spread['num_shards']} shard(s) per step"
+              f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
+              f"kept step {result.best_step}, test accuracy {fc['accuracy']:.3f}; "
+              f"{result.edges_per_second:.3g} edges/s; {result.num_step_compilations} compilation(s)")
+    return 0
 
 
 if __name__ == "__main__":

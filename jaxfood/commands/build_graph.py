@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from jaxfood.errors import UserError
 
@@ -41,8 +40,10 @@ def _split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise UserError(f"--split '{text}': expected three non-negative fractions summing to 1, e.g. 0.7,0.15,0.15")
+    if len(parts) != 3 or any(not p > 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        # A zero validation or test fraction leaves model selection or every test metric without samples.
+        raise UserError(f"--split '{text}': expected three positive fractions (train, validation, test) summing "
+                        "to 1, e.g. 0.7,0.15,0.15")
     return parts  # type: ignore[return-value]
 
 
@@ -108,7 +109,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood.graph.hetero_graph import save_graph, summary
-    from jaxfood.io_utils import atomic_dir
+    from jaxfood.io_utils import atomic_dir, check_output_dir
 
     mode = _check_args(args)
     if args.preset != "default" and mode != "default":
@@ -116,9 +117,7 @@ def run(args) -> int:
     if args.molecule_ids and not args.molecule_embeddings:
         raise UserError("--molecule-ids needs --molecule-embeddings")
     fractions = _split(args.split) if args.split else (0.7, 0.15, 0.15)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    out = check_output_dir(args.out, "--out")
     start = time.perf_counter()
     stages = tqdm(total=2, desc="build-graph", unit="step", file=sys.stderr, leave=False,
                   disable=not sys.stderr.isatty())

@@ -87,10 +87,11 @@ def run(args) -> int:
 
     from jaxfood.config import config_from_dict
     from jaxfood.errors import CheckpointError
-    from jaxfood.io_utils import atomic_path
+    from jaxfood.io_utils import atomic_path, check_output_file
     from jaxfood.models.encoder import EncoderConfig
     from jaxfood.train.checkpoint import load_encoder
 
+    check_output_file(args.out, "--out")
     if args.upstream_json:
         from jaxfood.data.upstream import build_graph_from_upstream_json
 

@@ -41,18 +41,37 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
 def evaluate_from_args(args) -> dict:
     """The metrics dict for parsed arguments (hook for extensions: seeds, baselines)."""
     from jaxfood.commands.finetune import load_graph_arg
-    from jaxfood.train.finetune import evaluate_checkpoint
+    from jaxfood.workflows import evaluate
 
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: checkpoint directory not found")
     graph = load_graph_arg(args.graph)
-    return evaluate_checkpoint(args.checkpoint, graph, biomarkers=args.biomarkers, split=args.split)
+    check_biomarkers_arg(args.biomarkers, graph)
+    return evaluate(args.checkpoint, graph, biomarkers=args.biomarkers, split=args.split)
+
+
+def check_biomarkers_arg(path: str | None, graph) -> None:
+    """Reads ``--biomarkers`` and reports how many rows match ``graph`` (none: UserError)."""
+    import sys
+
+    from jaxfood.eval.metrics import match_biomarkers, read_biomarkers
+    from jaxfood.graph import schema
+
+    if not path:
+        return
+    matched, total = match_biomarkers(read_biomarkers(path), graph.meta.node_ids[schema.FOOD],
+                                      graph.meta.node_ids[schema.MOLECULE], path)
+    if matched < total:
+        print(f"warning: --biomarkers {path}: {matched} of {total} rows match the graph's foods and molecule ids; "
+              "the others are ignored", file=sys.stderr)
 
 
 def run(args) -> int:
     from jaxfood.commands.finetune import print_summary
-    from jaxfood.io_utils import write_json
+    from jaxfood.io_utils import check_output_file, write_json
 
+    if args.out:
+        check_output_file(args.out, "--out")
     metrics = evaluate_from_args(args)
     print_summary(metrics)
     if args.out:

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from jaxfood.errors import UserError
+from jaxfood.train.parallel_options import add_data_parallel_arguments
 
 NAME = "finetune"
 HELP = "fine-tune the encoder on food classification, nutrition alignment and salient molecules at once"
@@ -41,14 +42,15 @@ Writes to WORKDIR:
                          norms, task-gradient cosine similarities, validation metrics
   figures/               losses.png, task_weights.png, gradient_conflict.png
 
-Several devices or hosts: with more than one local device (GPUs, TPU cores), with
---coordinator/--num-processes/--process-id (one process per host, same command on every host) or
-with --data-parallel / --sampled, every step averages the gradients of one full-graph replica (or,
-with --sampled, one neighbour-sampled subgraph of --batch-size seed samples) per device over all
-devices of all hosts. Process 0 alone writes config.yaml, metrics.json, history.json, tb/ and
-figures/; all processes write checkpoints/ (shared storage, e.g. gs://), at the end, every
---checkpoint-every steps and on SIGTERM: rerunning the same command resumes. That path keeps the
-last step (no early stopping). Exit status 143: stopped by preemption, rerun to resume.
+One loop for every setting: one device, several local devices (GPUs, TPU cores) or several hosts
+(--coordinator/--num-processes/--process-id, the same command on every host). Every step averages
+the gradients of one full-graph replica (or, with --sampled, one neighbour-sampled subgraph of
+--batch-size seed samples) per device (--per-device K: K per device) over all devices of all
+hosts; validation, early stopping and the kept checkpoint are the same in every setting. Process 0
+alone writes config.yaml, metrics.json, history.json, tb/ and figures/; all processes write
+checkpoints/ (shared storage, e.g. gs://). The training state goes to resume/ every
+--checkpoint-every steps and on SIGTERM (exit status 143): rerunning the same command resumes;
+a completed run removes resume/.
 
 Configuration keys (--set key=value, dotted for nested sections), e.g.:
   steps=150  eval_every=25  patience=3  seed=0  weighting.method=gradnorm  weighting.gradnorm_alpha=1.5
@@ -74,8 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference biomarkers (CSV feature,category) for precision@k "
                              "[default: the simulator's ground truth for the embedded graph, else none]")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    from jaxfood.train.parallel_options import add_data_parallel_arguments
-
     add_data_parallel_arguments(parser)
 
 
@@ -113,53 +113,48 @@ def print_summary(metrics: dict, out=None) -> None:
     print(f"task weights ({weights.get('method', '?')}): {shown}", file=out)
 
 
-#: Exit status of a run stopped by preemption (SIGTERM); rerunning the same command resumes it.
-PREEMPTED_EXIT = 143
-
-
 def run(args) -> int:
     # Joins a multi-host job before anything touches a device.
-    from jaxfood.train.distributed import init_from_args, options_from_args
+    from jaxfood.train.processes import init_from_args
 
     info = init_from_args(args)
     from tqdm import tqdm
 
+    from jaxfood import workflows
     from jaxfood.config import load_config
+    from jaxfood.io_utils import check_output_dir
     from jaxfood.train.adapt import adapt_and_report
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.finetune import FinetuneConfig, check_config
+    from jaxfood.train.parallel_options import options_from_args
+    from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
 
     start = time.perf_counter()
     options = options_from_args(args)
-    workdir = Path(args.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: exists and is not a directory")
-    cfg = load_config(FinetuneConfig(), args.config, args.overrides)
+    workdir = check_output_dir(args.workdir, "--workdir")
+    cfg = check_config(load_config(FinetuneConfig(), args.config, args.overrides))  # before any work
     if args.pretrained is not None and not Path(args.pretrained).is_dir():
         raise UserError(f"--pretrained {args.pretrained}: checkpoint directory not found")
     graph = load_graph_arg(args.graph)
+    from jaxfood.commands.evaluate import check_biomarkers_arg
+
+    check_biomarkers_arg(args.biomarkers, graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     cfg = adapt_and_report(cfg, graph, log or (lambda msg: None))  # defaults follow the graph
-    if options.wanted(info):
-        from jaxfood.train.distributed import finetune_job
-
-        result = finetune_job(graph, cfg, workdir, options=options, pretrained=args.pretrained,
-                              biomarkers=args.biomarkers, progress=progress and info.is_primary, log=log)
-        if result.preempted:
-            if info.is_primary:
-                print(f"preempted at step {result.best_step}: checkpoint in {result.checkpoint_dir}; "
-                      "rerun the same command to resume")
-            return PREEMPTED_EXIT
-        if not info.is_primary:
-            return 0
-        spread = result.spread
-        print(f"data parallel: {spread['num_shards']} shard(s) per step on {spread['process_count']} process(es), "
-              f"{spread['device_count']} device(s), {'sampled subgraphs' if spread['sampled'] else 'full graph'}"
-              f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
-              f"{result.edges_per_second:.3g} edges/s")
-    else:
-        result = finetune(graph, cfg, workdir, pretrained=args.pretrained, biomarkers=args.biomarkers,
-                          progress=progress, log=log)
+    try:
+        result = workflows.finetune(graph, cfg, workdir, pretrained=args.pretrained, biomarkers=args.biomarkers,
+                                    options=options, progress=progress, log=log)
+    except Preempted as stopped:
+        if info.is_primary:
+            print(stopped)
+        return PREEMPTED_EXIT
+    if not info.is_primary:
+        return 0
+    spread = result.spread
+    print(f"data parallel: {spread['num_shards']} shard(s) per step on {spread['process_count']} process(es), "
+          f"{spread['device_count']} device(s), {'sampled subgraphs' if spread['sampled'] else 'full graph'}"
+          f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
+          f"{result.edges_per_second:.3g} edges/s")
     print(f"fine-tuned: {result.checkpoint_dir} (best step {result.best_step}, "
           f"{len(result.history['train'])} steps, {result.num_step_compilations} compilation)")
     print_summary(result.metrics)

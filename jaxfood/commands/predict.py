@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,7 +43,10 @@ default graph with the seed recorded in the checkpoint; it must match the checkp
 --json prints {"checkpoint", "graph", "source", "num_samples", "out_of_library": {score, method,
 threshold, quantile, calibration}, "samples": [{sample_id, molecules_detected, molecules_known,
 molecules_unknown, unknown_examples, top_foods: [{food, probability}], nutrients_per_100g: {name:
-value}, top_molecules: [{molecule_id, weight, intensity}], out_of_library_score, out_of_library}]}."""
+value}, nutrients_outside_training_range: [name], top_molecules: [{molecule_id, weight, intensity}],
+out_of_library_score, out_of_library}], "nutrient_training_range": {name: [low, high]}}.
+Nutrient amounts are >= 0; an estimate outside the range of the foods with training samples is an
+extrapolation and is flagged."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,12 +105,29 @@ def print_table(result: dict, out=None) -> None:
         for f in s["top_foods"]:
             print(f"  {f['food'][:40]:<40} {f['probability']:.3f}", file=out)
         print(f"  {'nutrient (per 100 g)':<40} estimate", file=out)
+        outside = set(s.get("nutrients_outside_training_range", ()))
+        ranges = result.get("nutrient_training_range", {})
         for name, v in s["nutrients_per_100g"].items():
-            print(f"  {name[:40]:<40} {v:.4g}", file=out)
+            note = ""
+            if name in outside and name in ranges:
+                lo, hi = ranges[name]
+                note = f"  ** outside the training foods' range {lo:.4g}-{hi:.4g}: an extrapolation **"
+            print(f"  {name[:40]:<40} {v:.4g}{note}", file=out)
         if s["top_molecules"]:
             print(f"  {'driving molecule':<40} weight", file=out)
             for m in s["top_molecules"]:
                 print(f"  {m['molecule_id'][:40]:<40} {m['weight']:.3f}", file=out)
+
+
+def _json_ready(x):
+    """NaN/inf (no validation sample, no training food) become null: they are not JSON."""
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def run(args) -> int:
@@ -127,9 +148,7 @@ def run(args) -> int:
                              ool_score=args.ool_score)
     result = {"checkpoint": str(checkpoint), "graph": graph_desc, **result}
     if args.json:
-        if result["out_of_library"]["threshold"] != result["out_of_library"]["threshold"]:
-            result["out_of_library"]["threshold"] = None  # NaN (no validation sample) is not JSON
-        print(json.dumps(result, indent=2, allow_nan=False))
+        print(json.dumps(_json_ready(result), indent=2, allow_nan=False))
     else:
         print_table(result)
     return 0

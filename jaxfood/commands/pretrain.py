@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
-from pathlib import Path
 
-from jaxfood.errors import UserError
+from jaxfood.train.parallel_options import add_data_parallel_arguments
 
 NAME = "pretrain"
 HELP = "pretrain the graph encoder self-supervised (GraphCL: contrast two augmented views)"
@@ -22,6 +20,7 @@ the other nodes of a random batch. No food label is used; fine-tuning starts fro
 Writes to WORKDIR:
   pretrain_config.yaml     the resolved configuration (defaults <- --config <- --set)
   checkpoints/             orbax checkpoint of the best epoch (by held-out view loss)
+  resume/                  training-state snapshots while running (removed at the end)
   tb/                      TensorBoard scalars: loss per node type, learning rate, gradient norm
   pretrain_history.json    {"loss": [...], "val_loss": [...]} per epoch
   pretrain_metrics.json    read-outs of the pretrained and of a randomly initialised encoder:
@@ -29,15 +28,14 @@ Writes to WORKDIR:
                            accuracy of frozen Sample embeddings (train split -> test split)
   figures/                 PCA maps of Food embeddings coloured by USDA food category
 
-Several devices or hosts: with more than one local device (GPUs, TPU cores), with
---coordinator/--num-processes/--process-id (one process per host, same command on every host) or
-with --data-parallel / --sampled, every step averages the gradients of one pair of views per
-device over all devices of all hosts: views of the full graph, or with --sampled of each device's
-own neighbour-sampled subgraph (--batch-size seed samples; edges are added from a candidate pool
-of that subgraph). Process 0 alone writes the JSON files, tb/ and figures/; all processes write
-checkpoints/ (shared storage), at the end, every --checkpoint-every steps and on SIGTERM:
-rerunning the same command resumes. That path keeps the last step (no early stopping; the
-held-out view loss is that of the final encoder). Exit status 143: preempted, rerun to resume.
+One loop for every setting: one device, several local devices (GPUs, TPU cores) or several hosts
+(--coordinator/--num-processes/--process-id, the same command on every host). Every step averages
+the gradients of one pair of views per device (--per-device K: K per device) over all devices of
+all hosts: views of the full graph, or with --sampled of each shard's own neighbour-sampled
+subgraph (--batch-size seed samples; edges are added from a candidate pool of that subgraph).
+Process 0 alone writes the JSON files, tb/ and figures/; all processes write checkpoints/ (shared
+storage). The training state goes to resume/ every --checkpoint-every steps and on SIGTERM
+(exit status 143): rerunning the same command resumes; a completed run removes resume/.
 
 Configuration keys (--set key=value, dotted for nested sections), e.g.:
   epochs=15  steps_per_epoch=10  learning_rate=1e-2  temperature=0.2  batch_size=256
@@ -56,67 +54,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                         help="override one configuration key (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    from jaxfood.train.parallel_options import add_data_parallel_arguments
-
     add_data_parallel_arguments(parser)
-
-
-#: Exit status of a run stopped by preemption (SIGTERM); rerunning the same command resumes it.
-PREEMPTED_EXIT = 143
 
 
 def run(args) -> int:
     # Joins a multi-host job before anything touches a device.
-    from jaxfood.train.distributed import init_from_args, options_from_args
+    from jaxfood.train.processes import init_from_args
 
     info = init_from_args(args)
-    options = options_from_args(args)
     from tqdm import tqdm
 
-    from jaxfood.config import dump_config, load_config
-    from jaxfood.io_utils import write_text
+    from jaxfood import workflows
+    from jaxfood.commands.finetune import load_graph_arg
+    from jaxfood.config import load_config
+    from jaxfood.io_utils import check_output_dir
     from jaxfood.train.adapt import adapt_and_report
-    from jaxfood.train.pretrain import PretrainConfig, pretrain
+    from jaxfood.train.graphcl import PretrainConfig
+    from jaxfood.train.parallel_options import options_from_args
+    from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
 
     start = time.perf_counter()
-    workdir = Path(args.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: exists and is not a directory")
+    options = options_from_args(args)
+    workdir = check_output_dir(args.workdir, "--workdir")
     cfg = load_config(PretrainConfig(), args.config, args.overrides)
-    if args.graph:
-        from jaxfood.graph.hetero_graph import load_graph
-
-        graph = load_graph(args.graph)
-    else:
-        from jaxfood.data.default import build_default_graph
-
-        with warnings.catch_warnings():
-            # The embedded data's deliberate gaps (molecules without a spectrum) are not news here.
-            warnings.simplefilter("ignore")
-            graph = build_default_graph(seed=0)
+    graph = load_graph_arg(args.graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     cfg = adapt_and_report(cfg, graph, log or (lambda msg: None))  # defaults follow the graph
-    if info.is_primary:
-        write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
-    if options.wanted(info):
-        from jaxfood.train.distributed import pretrain_job
-
-        result, fit_result = pretrain_job(graph, cfg, workdir, options=options, progress=progress and info.is_primary,
-                                          log=log if info.is_primary else None)
-        if fit_result.preempted:
-            if info.is_primary:
-                print(f"preempted at step {fit_result.end_step}: checkpoint in {result.checkpoint_dir}; "
-                      "rerun the same command to resume")
-            return PREEMPTED_EXIT
-        if not info.is_primary:
-            return 0
-        print(f"data parallel GraphCL: {fit_result.end_step} steps on {info.process_count} process(es), "
-              f"{info.device_count} device(s), {'sampled subgraphs' if options.sampled else 'full graph'}"
-              f"{f', resumed from step {fit_result.start_step}' if fit_result.start_step else ''}; "
-              f"{fit_result.edges_per_second:.3g} edges/s")
-    else:
-        result = pretrain(graph, cfg, workdir, progress=progress, log=log)
+    try:
+        result = workflows.pretrain(graph, cfg, workdir, options=options, progress=progress, log=log)
+    except Preempted as stopped:
+        if info.is_primary:
+            print(stopped)
+        return PREEMPTED_EXIT
+    if not info.is_primary:
+        return 0
+    spread = result.spread
+    print(f"GraphCL: {spread['num_shards']} shard(s) per step on {spread['process_count']} process(es), "
+          f"{spread['device_count']} device(s), {'sampled subgraphs' if spread['sampled'] else 'full graph'}"
+          f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
+          f"{result.edges_per_second:.3g} edges/s")
     m = result.metrics
     print(f"pretrained encoder: {result.checkpoint_dir} (epoch {result.best_epoch} of "
           f"{len(result.history['loss'])}, held-out view loss {min(result.history['val_loss']):.4f})")

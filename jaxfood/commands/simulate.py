@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 NAME = "simulate"
 HELP = "write the simulated FoodOmics-like dataset (real USDA foods and nutrients) as real-format files"
@@ -50,10 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from jaxfood.data.simulate import dataset_summary, simulate, write_dataset
-    from jaxfood.errors import UserError
+    from jaxfood.io_utils import check_output_dir
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"{args.out}: --out exists and is not a directory (expected a directory to write into)")
+    check_output_dir(args.out, "--out")
     start = time.perf_counter()
     with tqdm(total=2, desc=f"simulate ({args.preset})", unit="step", leave=False) as bar:
         dataset = simulate(preset=args.preset, seed=args.seed)

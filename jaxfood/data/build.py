@@ -213,6 +213,14 @@ def build_graph(tables: RawTables, *, seed: int = 0,
             raise UserError(f"{md.source}: none of the {n_drop} samples of {ft.source} is in the metadata")
         absent = [s for s in ft.sample_ids if s not in label_of]
         _warn(f"{ft.source}: {n_drop} sample(s) absent from {md.source} ({_examples(absent)}); dropped")
+    # A sample without any detected peak has no molecule edge: nothing to learn from, and predict
+    # refuses such a sample too.
+    detected = set(np.asarray(ft.sample_index, np.int64)[np.asarray(ft.intensity, np.float64) > 0].tolist())
+    empty = [ft.sample_ids[j] for j in kept if j not in detected]
+    if empty and len(empty) < len(kept):
+        _warn(f"{ft.source}: {len(empty)} sample(s) have no detected peak (every area is 0) ({_examples(empty)}); "
+              "dropped")
+        kept = [j for j in kept if j in detected]
     sample_ids = [ft.sample_ids[j] for j in kept]
     sample_labels = [label_of[s] for s in sample_ids]
     unlabelled = [s for s, lab in zip(sample_ids, sample_labels) if not lab]
@@ -224,6 +232,10 @@ def build_graph(tables: RawTables, *, seed: int = 0,
         raise UserError(f"{md.source}: column '{md.label_column}' has no food label for any sample")
     food_pos = {f: i for i, f in enumerate(foods)}
     sample_food = np.asarray([food_pos.get(lab, -1) for lab in sample_labels], np.int32)
+    few = [f for f, n in zip(foods, np.bincount(sample_food[sample_food >= 0], minlength=len(foods))) if n < 3]
+    if few:
+        _warn(f"{md.source}: {len(few)} food(s) have fewer than 3 samples ({_examples(few)}); all their samples "
+              "go to training, so none of them is validated or tested")
 
     # ---- contains_molecule ---------------------------------------------------------------------
     M, S, F = len(ft.molecule_ids), len(sample_ids), len(foods)

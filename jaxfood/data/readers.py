@@ -98,8 +98,18 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-def _sep_for(path: Path) -> str:
-    return "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+def sniff_delimiter(path: Path) -> str:
+    """The delimiter: the one of ',', tab and ';' that splits the header line most (a '.csv' saved by
+    a spreadsheet in a ';' locale, or tab-separated), else the extension's ('.tsv': tab, else ',')."""
+    default = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return default  # the reader names the problem
+    counts = {sep: header.count(sep) for sep in (",", "\t", ";")}
+    best = max(counts, key=lambda sep: (counts[sep], sep == default))
+    return best if counts[best] > 0 else default
 
 
 def _read_header(path: Path, sep: str) -> list[str]:
@@ -108,14 +118,27 @@ def _read_header(path: Path, sep: str) -> list[str]:
             return next(csv.reader(f, delimiter=sep))
         except StopIteration:
             raise UserError(f"{path}: file is empty (expected a header line)") from None
-        except (csv.Error, UnicodeDecodeError) as err:
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: {_encoding_problem(path, err)}") from None
+        except csv.Error as err:
             raise UserError(f"{path}: cannot be read as CSV ({err})") from None
+
+
+def _encoding_problem(path: Path, err: UnicodeDecodeError) -> str:
+    """Names the encoding a spreadsheet or Windows tool most likely saved instead of UTF-8."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        found = "UTF-16 text"
+    else:
+        found = f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at position {err.start}; e.g. Latin-1 or binary)"
+    return f"{found}; expected a UTF-8 CSV (re-save it as 'CSV UTF-8')"
 
 
 def _read_csv(path: Path, what: str, **kwargs) -> tuple[pd.DataFrame, list[str]]:
     """Reads a CSV/TSV, refusing duplicate column names (pandas would silently rename them)."""
     path = _check_file(path, what)
-    sep = _sep_for(path)
+    sep = sniff_delimiter(path)
     header = [h.strip() for h in _read_header(path, sep)]
     seen: set[str] = set()
     for col in header:
@@ -153,10 +176,11 @@ def _numeric_column(df: pd.DataFrame, col: str, path: Path, *, allow_nan: bool, 
         raise UserError(f"{path}: column '{col}', line {i + 2}: value {str(raw.iloc[i])!r} is not {what}")
     if not allow_nan and np.isnan(values).any():
         i = int(np.nonzero(np.isnan(values))[0][0])
-        raise UserError(f"{path}: column '{col}', line {i + 2}: empty value (expected {what})")
+        raise UserError(f"{path}: column '{col}', line {i + 2}: empty or NaN value (expected {what})")
     if np.isinf(values).any():
         i = int(np.nonzero(np.isinf(values))[0][0])
-        raise UserError(f"{path}: column '{col}', line {i + 2}: value {raw.iloc[i]!r} is infinite (expected {what})")
+        raise UserError(f"{path}: column '{col}', line {i + 2}: value '{str(raw.iloc[i]).strip()}' is infinite "
+                        f"(expected {what})")
     if not allow_negative and (values < 0).any():
         i = int(np.nonzero(values < 0)[0][0])
         raise UserError(f"{path}: column '{col}', line {i + 2}: value {values[i]:g} is negative (expected {what} >= 0)")
@@ -230,7 +254,7 @@ def read_feature_table(path: str | Path) -> FeatureTable:
     n_nan = int(np.isnan(areas).sum())
     if n_nan:
         cols = sorted({area_cols[j] for j in np.nonzero(np.isnan(areas).any(0))[0]})
-        _warn(f"{path}: {n_nan} empty peak area cell(s) in {len(cols)} column(s) ({_examples(cols)}) "
+        _warn(f"{path}: {n_nan} empty or NaN peak area cell(s) in {len(cols)} column(s) ({_examples(cols)}) "
               "treated as not detected (0)")
         areas = np.nan_to_num(areas, nan=0.0)
     samp_idx, mol_idx = np.nonzero(areas.T > 0)  # sample-major, the order the builder keeps

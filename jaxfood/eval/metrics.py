@@ -432,3 +432,26 @@ def read_biomarkers(path: str | os.PathLike) -> dict[str, set[str]]:
     if not pairs:
         raise UserError(f"{path}: no biomarker rows (expected at least one feature,category line)")
     return biomarkers_from_pairs(pairs)
+
+
+def match_biomarkers(reference: Mapping[str, Iterable[str]], food_ids: Sequence[str], molecule_ids: Sequence[str],
+                     source: str) -> tuple[int, int]:
+    """``(matched, total)`` (feature, category) pairs of ``reference`` whose food and molecule the
+    graph has. Precision@k against pairs that match nothing is 0 whatever the model: no pair
+    matching is a :class:`UserError` naming the unknown foods/ids."""
+    foods, molecules = set(map(str, food_ids)), set(map(str, molecule_ids))
+    pairs = [(str(f), str(m)) for f, ms in reference.items() for m in ms]
+    matched = sum(f in foods and m in molecules for f, m in pairs)
+    if pairs and not matched:
+        bad_foods = sorted({f for f, _ in pairs if f not in foods})
+        bad_ids = sorted({m for _, m in pairs if m not in molecules})
+        what = []
+        if bad_foods:
+            what.append(f"categories not among the graph's foods: {', '.join(repr(f) for f in bad_foods[:3])}"
+                        f"{' ...' if len(bad_foods) > 3 else ''}")
+        if bad_ids:
+            what.append(f"features not among the graph's molecule ids: {', '.join(repr(m) for m in bad_ids[:3])}"
+                        f"{' ...' if len(bad_ids) > 3 else ''}")
+        raise UserError(f"{source}: none of the {len(pairs)} biomarker rows matches the graph ({'; '.join(what)}); "
+                        "expected 'feature' = a feature table row ID and 'category' = a food label")
+    return matched, len(pairs)

@@ -5,7 +5,8 @@ on as new ``Sample`` nodes with ``contains_molecule`` edges (and their reverse) 
 Its intensities are normalised exactly as the builder normalised training intensities
 (:func:`jaxfood.data.build.grouped_zscore`: ``log1p`` then the per-molecule z-score of the
 graph's ``normalisation["contains_molecule"]`` mean/std). The encoder's Sample input mode must be
-``shared`` (one learned vector for every sample: inductive), so no per-sample parameter is needed.
+inductive (``shared``: one learned vector for every sample; ``profile``: a map of the sample's own
+intensities), so no per-sample parameter is needed.
 
 Why the new samples' ``contains_molecule`` edges (Sample -> Molecule) are masked in the encoder
 (they stay on in the attention pooling, and the reverse Molecule -> Sample edges carry the
@@ -75,22 +76,25 @@ def read_sample_file(path: str | Path, sample_id: str | None = None) -> FeatureT
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: sample file not found")
+    from jaxfood.data.readers import read_feature_table, sniff_delimiter
+
+    if path.suffix.lower() == ".npz":
+        return read_feature_table(path)
+
+    sep = sniff_delimiter(path)
     try:
-        header = pd.read_csv(path, nrows=0, sep=None if path.suffix.lower() in (".tsv", ".txt") else ",",
-                             engine="python").columns.tolist()
+        header = pd.read_csv(path, nrows=0, sep=sep, engine="python").columns.tolist()
     except Exception as err:  # noqa: BLE001 -- any parse failure is the user's file
         raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     header = [str(c).strip() for c in header]
-    if GNPS_ROW_ID in header or path.suffix.lower() == ".npz":
-        from jaxfood.data.readers import read_feature_table
-
+    if GNPS_ROW_ID in header:
         return read_feature_table(path)
     missing = [c for c in SAMPLE_COLUMNS if c not in header]
     if missing:
         raise UserError(f"{path}: missing column '{missing[0]}' (expected columns 'molecule_id,intensity' for one "
                         f"sample, or a GNPS feature table with '{GNPS_ROW_ID}' and '<file> Peak area' columns)")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     df.columns = [str(c).strip() for c in df.columns]
@@ -324,10 +328,11 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     import jax
     import jax.numpy as jnp
 
+    from jaxfood.models.encoder import INDUCTIVE_MODES
     from jaxfood.train.finetune import prepare_graph
     from jaxfood.train.multitask import split_params
 
-    if loaded.model.encoder_config.input_mode(schema.SAMPLE) != "shared":
+    if loaded.model.encoder_config.input_mode(schema.SAMPLE) not in INDUCTIVE_MODES:
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
                               f"'{loaded.model.encoder_config.input_mode(schema.SAMPLE)}'; predicting new samples needs "
                               "'shared' (inductive), fine-tune with encoder.input_modes.Sample=shared")
@@ -384,7 +389,9 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     n_mean = np.asarray(nstats.get("mean", np.zeros(len(names))), np.float64)
     n_std = np.asarray(nstats.get("std", np.ones(len(names))), np.float64)
     proba = _softmax(logits[S:])
-    nutrients = np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean
+    # Amounts per 100 g are never negative; the head's de-normalised output can be (z * std + mean).
+    nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
+    low, high = nutrient_training_range(graph, n_mean, n_std)
     weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
     k = max(1, min(int(top_k), len(foods)))
     samples = []
@@ -401,6 +408,8 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
             "unknown_examples": matched.unknown_examples[j],
             "top_foods": [{"food": foods[f], "probability": float(proba[j, f])} for f in order],
             "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
+            "nutrients_outside_training_range": [
+                name for name, v, lo, hi in zip(names, nutrients[j], low, high) if not lo - 1e-9 <= v <= hi + 1e-9],
             "top_molecules": [{**molecule_details(graph, int(matched.molecule_index[e])), "weight": float(weights[e]),
                                "intensity": float(matched.intensity[e])} for e in top],
             "out_of_library_score": score,
@@ -412,8 +421,20 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
         "out_of_library": {"score": OOL_SCORES[ool_score], "method": ool_score, "threshold": threshold,
                            "quantile": quantile,
                            "calibration": f"quantile {quantile} of the scores of {val.size} validation samples"},
+        "nutrient_training_range": {name: [float(lo), float(hi)] for name, lo, hi in zip(names, low, high)},
         "samples": samples,
     }
+
+
+def nutrient_training_range(graph: HeteroGraph, n_mean, n_std) -> tuple[np.ndarray, np.ndarray]:
+    """``([N], [N])``: the lowest and highest amount per 100 g of each nutrient among the foods that
+    have training samples; an estimate outside is an extrapolation the model was never shown."""
+    labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    foods = np.unique(labels[(split == SPLIT_CODES["train"]) & (labels >= 0)])
+    amounts = np.asarray(graph.food_nutrients, np.float64)[foods] * n_std + n_mean
+    if amounts.size == 0:
+        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)
+    return np.maximum(amounts.min(0), 0.0), amounts.max(0)
 
 
 # ---- out-of-library detection on foods held out from training ------------------------------------------

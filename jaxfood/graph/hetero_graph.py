@@ -129,13 +129,6 @@ class HeteroGraph:
     def feature_dims(self) -> dict[str, int]:
         return {t: int(x.shape[1]) for t, x in self.node_features.items()}
 
-    def split_mask(self, split: str) -> Array:
-        """[S] bool mask of the samples in ``split`` ('train', 'val' or 'test')."""
-        return self.sample_split == SPLIT_CODES[split]
-
-    def split_indices(self, split: str) -> np.ndarray:
-        return np.nonzero(np.asarray(self.sample_split) == SPLIT_CODES[split])[0]
-
     def to_numpy(self) -> HeteroGraph:
         return jax.tree_util.tree_map(np.asarray, self)
 
@@ -400,6 +393,8 @@ def load_graph(directory: str | Path) -> HeteroGraph:
         header = json.loads(jpath.read_text())
     except json.JSONDecodeError as err:
         raise GraphError(f"{jpath}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise GraphError(f"{jpath}: not UTF-8 text (expected the JSON written by 'jaxfood build-graph')") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise GraphError(f"{jpath}: field 'format' must be '{FORMAT_NAME}'")
     if header.get("version") != FORMAT_VERSION:

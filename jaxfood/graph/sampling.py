@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxfood.errors import ConfigError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import EdgeSet, GraphMeta, HeteroGraph, mirror_permutation
+from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, GraphMeta, HeteroGraph, mirror_permutation
 
 Array = Any
 
@@ -289,7 +289,7 @@ class NeighbourSampler:
         self._mirror = {k: mirror_permutation(k, graph.edges[k], graph.edges[schema.reverse_key(k)])
                         for k in self.relations if schema.reverse_key(k) in graph.edges}
         if seed_pool is None:
-            seed_pool = np.nonzero((np.asarray(graph.sample_split) == 0) & (np.asarray(graph.sample_food) >= 0))[0]
+            seed_pool = np.nonzero((np.asarray(graph.sample_split) == SPLIT_CODES["train"]) & (np.asarray(graph.sample_food) >= 0))[0]
         self.seed_pool = np.asarray(seed_pool, np.int64)
         if self.seed_pool.size == 0:
             raise ConfigError("sampler: the seed pool is empty (no training samples with a known food)")
@@ -481,10 +481,3 @@ def padding_edge_masks(graph: HeteroGraph) -> dict[str, Array]:
         if mask is not None:
             masks[key] = mask
     return masks
-
-
-def stack_subgraphs(subgraphs: Sequence[SampledSubgraph]) -> SampledSubgraph:
-    """Stacks subgraphs of one sampler along a new leading axis (they share one static meta)."""
-    import jax
-
-    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *subgraphs)

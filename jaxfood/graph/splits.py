@@ -102,3 +102,37 @@ def samples_reaching_own_food(graph: HeteroGraph) -> np.ndarray:
         if int(sf[s0]) in seen_f:
             leaks.append(int(s0))
     return np.asarray(leaks, dtype=np.int64)
+
+
+def split_fingerprint(graph: HeteroGraph) -> dict[str, str]:
+    """``{split name: 16 hex digits}``: a hash of the sorted sample ids of each split.
+
+    Recorded in fine-tuning checkpoints; a graph with the same samples split differently (another
+    ``--seed`` or ``--split``) has another fingerprint, so its test samples may be training samples.
+    """
+    import hashlib
+
+    ids = np.asarray(graph.meta.node_ids[schema.SAMPLE], dtype=object)
+    split = np.asarray(graph.sample_split)
+    out = {}
+    for name, code in SPLIT_CODES.items():
+        members = sorted(str(s) for s in ids[split == code])
+        out[name] = hashlib.sha256("\n".join(members).encode()).hexdigest()[:16]
+    return out
+
+
+def check_split_matches(recorded, graph: HeteroGraph, source: str) -> None:
+    """Raises :class:`~jaxfood.errors.CheckpointError` when ``graph``'s split is not ``recorded``
+    (a :func:`split_fingerprint`; None, as in checkpoints older than the fingerprint, is not checked)."""
+    from jaxfood.errors import CheckpointError
+
+    if not recorded:
+        return
+    have = split_fingerprint(graph)
+    differ = [name for name in SPLIT_CODES if name in recorded and recorded[name] != have[name]]
+    if differ:
+        raise CheckpointError(
+            f"{source}: the graph splits its samples differently from the graph the checkpoint was fine-tuned on "
+            f"({', '.join(differ)} sample ids differ: fingerprint {have[differ[0]]}, checkpoint "
+            f"{recorded[differ[0]]}); its held-out samples may be training samples: use the graph built with the "
+            "same files, --seed and --split")

@@ -8,7 +8,11 @@ input encoders chosen per node type:
 - ``features``: a Dense projection of ``graph.node_features[type]`` (spectral embeddings,
   nutrient profiles);
 - ``both``: their sum;
-- ``shared``: one learned vector for every node of the type (inductive: new samples work).
+- ``shared``: one learned vector for every node of the type (inductive: new samples work);
+- ``profile`` (Sample only): a Dense map of the sample's own standardised intensity profile
+  (:mod:`jaxfood.models.profile`, read from the ``Molecule -> Sample`` edges it receives, under
+  their edge mask): inductive, and samples start distinct, so Sample -> Molecule -> Sample paths
+  carry which samples share which molecules instead of copies of one vector.
 
 Layer 0 reads ``embedding_dim`` wide inputs, later layers ``hidden_dim``; every layer has
 ``num_heads`` heads of ``hidden_dim // num_heads`` channels, concatenated, so every node type leaves
@@ -19,6 +23,7 @@ Parameter layout (``params`` of ``encoder.init``; the checkpoint converter maps 
     embed_<Type>    {"embedding": [num_nodes, embedding_dim]}          input mode embedding/both
     project_<Type>  {"kernel": [d_feat, embedding_dim], "bias": [embedding_dim]}  features/both
     shared_<Type>   [1, embedding_dim]                                 input mode shared
+    profile_<Type>  [num_molecules, embedding_dim]                     input mode profile
     layer_<i>
       <Src|rel|Dst>
         lin_src   {"kernel": [d_in, H*C]}       = PyG convs[rel].lin_src.weight.T
@@ -28,6 +33,7 @@ Parameter layout (``params`` of ``encoder.init``; the checkpoint converter maps 
         lin_edge  {"kernel": [edge_dim, H*C]}   = PyG convs[rel].lin_edge.weight.T  (edge_dim > 0)
         att_edge  [H, C]                         = PyG convs[rel].att_edge[0]         (edge_dim > 0)
         bias      [H*C]                          = PyG convs[rel].bias
+        res       {"kernel": [d_in, H*C]}       = PyG convs[rel].res.weight.T   (residual)
 
 Node types that no relation of a layer ends in are not updated by that layer and, as in PyG's
 ``HeteroConv`` (whose output dict simply lacks them), are absent from its output; a later layer
@@ -45,16 +51,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxfood.errors import ConfigError, GraphError
 from jaxfood.graph import schema
 from jaxfood.models.gat import AGGREGATIONS, HeteroGATConv
+from jaxfood.models.profile import sample_profile
 
 Array = Any
 
-INPUT_MODES = ("embedding", "features", "both", "shared")
+INPUT_MODES = ("embedding", "features", "both", "shared", "profile")
+#: Input modes with no per-node parameter: new nodes of the type embed without retraining.
+INDUCTIVE_MODES = ("shared", "profile")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -75,10 +83,11 @@ class EncoderConfig:
     aggr: str = "sum"
     input_modes: dict[str, str] = dataclasses.field(default_factory=dict)
     compute_dtype: str = "float32"
+    residual: bool = False
 
     def __hash__(self) -> int:  # the dict field would make the generated hash fail
         return hash((self.hidden_dim, self.num_heads, self.num_layers, self.embedding_dim, self.dropout,
-                     self.aggr, tuple(sorted(self.input_modes.items())), self.compute_dtype))
+                     self.aggr, tuple(sorted(self.input_modes.items())), self.compute_dtype, self.residual))
 
     def input_mode(self, node_type: str) -> str:
         return self.input_modes.get(node_type, "embedding")
@@ -104,6 +113,9 @@ class EncoderConfig:
                                   f"{list(schema.NODE_TYPES)})")
             if mode not in INPUT_MODES:
                 raise ConfigError(f"{source}: key 'input_modes.{t}' = {mode!r}: expected one of {list(INPUT_MODES)}")
+            if mode == "profile" and t != schema.SAMPLE:
+                raise ConfigError(f"{source}: key 'input_modes.{t}' = 'profile': only '{schema.SAMPLE}' nodes have an "
+                                  "intensity profile")
         return self
 
 
@@ -139,7 +151,8 @@ class HeteroGATEncoder(nn.Module):
     feature_dims: tuple[tuple[str, int], ...] = ()
     edge_block: int | None = None
 
-    def _input_embeddings(self, graph, node_index: Mapping[str, Array] | None) -> dict[str, Array]:
+    def _input_embeddings(self, graph, node_index: Mapping[str, Array] | None,
+                          edge_masks: Mapping[str, Array] | None = None) -> dict[str, Array]:
         cfg = self.config
         dtype = COMPUTE_DTYPES[cfg.compute_dtype]
         feature_dims = dict(self.feature_dims)
@@ -169,6 +182,18 @@ class HeteroGATEncoder(nn.Module):
                     raise GraphError(f"graph: node_features['{node_type}'] has {x.shape[-1]} columns, the encoder "
                                      f"expects {feature_dims[node_type]}")
                 parts.append(nn.Dense(cfg.embedding_dim, dtype=dtype, name=f"project_{node_type}")(x.astype(dtype)))
+            if mode == "profile":
+                num_molecules = dict(self.num_nodes)[schema.MOLECULE]
+                incoming = schema.reverse_key(schema.CONTAINS)
+                profile = sample_profile(graph, (edge_masks or {}).get(incoming), incoming=True)
+                kernel = self.param(f"profile_{node_type}", nn.initializers.lecun_normal(),
+                                    (num_molecules, cfg.embedding_dim), jnp.float32)
+                if node_index is not None and schema.MOLECULE in node_index:  # a sampled subgraph's molecules
+                    kernel = kernel[jnp.asarray(node_index[schema.MOLECULE])]
+                elif profile.num_molecules != num_molecules:
+                    raise GraphError(f"graph has {profile.num_molecules} '{schema.MOLECULE}' nodes but the encoder's "
+                                     f"profile input reads {num_molecules}; pass node_index for subgraphs")
+                parts.append(profile.linear(kernel))
             if mode == "shared":
                 shared = self.param(f"shared_{node_type}", nn.initializers.normal(1.0), (1, cfg.embedding_dim),
                                     jnp.float32)
@@ -201,7 +226,7 @@ class HeteroGATEncoder(nn.Module):
         missing = [k for k in self.relations if k not in graph.edges]
         if missing:
             raise GraphError(f"graph: relation '{missing[0]}' is missing (the encoder was built with it)")
-        x = self._input_embeddings(graph, node_index)
+        x = self._input_embeddings(graph, node_index, edge_masks)
         channels = cfg.hidden_dim // cfg.num_heads
         attention = []
         for i in range(cfg.num_layers):
@@ -212,7 +237,8 @@ class HeteroGATEncoder(nn.Module):
                         raise GraphError(f"layer {i}: node type '{t}' of relation '{key}' was not updated by "
                                          f"layer {i - 1} (no relation ends in it)")
             conv = HeteroGATConv(self.relations, cfg.num_heads, channels, concat=True, dropout_rate=cfg.dropout,
-                                 aggr=cfg.aggr, dtype=dtype, edge_block=self.edge_block, name=f"layer_{i}")
+                                 aggr=cfg.aggr, dtype=dtype, edge_block=self.edge_block, residual=cfg.residual,
+                                 name=f"layer_{i}")
             result = conv(x, graph.edges, edge_masks, deterministic=deterministic, return_attention=return_attention)
             if return_attention:
                 result, layer_attention = result
@@ -237,8 +263,3 @@ def make_encoder(graph, cfg: EncoderConfig) -> HeteroGATEncoder:
         num_nodes=tuple((t, int(graph.meta.num_nodes[t])) for t in graph.node_types),
         feature_dims=tuple((t, int(x.shape[1])) for t, x in graph.node_features.items()),
     )
-
-
-def count_parameters(params) -> int:
-    """Number of scalars in a parameter tree."""
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

@@ -12,6 +12,7 @@ attributes ``a`` [E, F]::
     alpha_ij = softmax_j(e_ij)           over the (unmasked) incoming edges j of i
     alpha_ij = dropout(alpha_ij)         training only
     out_i = concat_h (sum_j alpha_ij h_s[j]) + bias      (or the mean over heads)
+          (+ x_d[i] W_res with ``residual``: PyG ``GATConv(residual=True)``, a root weight)
 
 No self loops. A destination without (unmasked) incoming edges gets the bias only, as in PyG.
 The outputs of every relation that ends in a node type are combined by ``aggr`` (``sum`` default,
@@ -27,6 +28,7 @@ Parameters of one relation (under the relation key ``"Src|rel|Dst"``)::
     lin_edge {"kernel": [F, H*C]}         PyG lin_edge.weight.T    only where F > 0
     att_edge [H, C]                        PyG att_edge[0]          only where F > 0
     bias     [H*C] (concat) or [C]         PyG bias
+    res      {"kernel": [d_dst, H*C or C]} PyG res.weight.T          only with ``residual``
 
 How it is computed (the numbers are PyG's up to float rounding; ``benchmarks/bench_step.py``
 measures the speed, ``docs/benchmarks.md`` has the figures):
@@ -203,6 +205,7 @@ class RelationParams(nn.Module):
     channels: int
     concat: bool = True
     param_dtype: Any = jnp.float32
+    residual: bool = False
 
     @nn.compact
     def __call__(self, src_dim: int, dst_dim: int, edge_dim: int) -> dict[str, Array]:
@@ -220,6 +223,8 @@ class RelationParams(nn.Module):
             p["lin_edge"] = _Kernel(hc, self.param_dtype, name="lin_edge")(edge_dim)
             p["att_edge"] = self.param("att_edge", att_init, (self.heads, self.channels), self.param_dtype)
         out_dim = hc if self.concat else self.channels
+        if self.residual:
+            p["res"] = _Kernel(out_dim, self.param_dtype, name="res")(dst_dim)
         p["bias"] = self.param("bias", nn.initializers.zeros, (out_dim,), self.param_dtype)
         return p
 
@@ -265,6 +270,8 @@ class HeteroGATConv(nn.Module):
       param_dtype: dtype of the parameters.
       edge_block: edges per block of the neighbour sum; ``None`` picks by backend
         (:func:`default_edge_block`), 0 means one block. Only speed and memory depend on it.
+      residual: every relation adds ``x_dst W_res`` (PyG ``GATConv(residual=True)``): a node's own
+        features reach its output, which messages alone (no self loops) never carry.
     """
 
     relations: tuple[str, ...]
@@ -277,6 +284,7 @@ class HeteroGATConv(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     edge_block: int | None = None
+    residual: bool = False
 
     @nn.compact
     def __call__(self, node_features: Mapping[str, Array], edges: Mapping[str, Any],
@@ -310,7 +318,7 @@ class HeteroGATConv(nn.Module):
             x_dst = jnp.asarray(node_features[dst]).astype(dtype)
             senders, receivers = jnp.asarray(edge_set.senders), jnp.asarray(edge_set.receivers)
             attributes = jnp.asarray(edge_set.attributes)
-            p = RelationParams(self.heads, self.channels, self.concat, self.param_dtype, name=key)(
+            p = RelationParams(self.heads, self.channels, self.concat, self.param_dtype, self.residual, name=key)(
                 x_src.shape[-1], x_dst.shape[-1], attributes.shape[-1])
             num_dst = x_dst.shape[0]
             logits = relation_attention_logits(p, x_src, x_dst, senders, receivers, attributes,
@@ -325,6 +333,8 @@ class HeteroGATConv(nn.Module):
                 out = out.reshape(num_dst, self.heads * self.channels)
             else:
                 out = out.mean(axis=1)
+            if self.residual:
+                out = out + (x_dst @ p["res"].astype(dtype)).astype(out.dtype)
             per_dst.setdefault(dst, []).append((out + p["bias"]).astype(dtype))
             if return_attention:
                 attention[key] = alpha

@@ -31,8 +31,6 @@ import jax.numpy as jnp
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 
-HEAD_NAMES: tuple[str, ...] = ("classifier", "nutrient_head", "food_projection", "salient_pool")
-
 
 # ---- segment helpers ---------------------------------------------------------------------------
 def segment_softmax(logits, segment_ids, num_segments: int, mask=None):

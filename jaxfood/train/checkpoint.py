@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +57,67 @@ def _shown(directory) -> Path | epath.Path:
     return epath.Path(os.fspath(directory)) if _is_remote(directory) else Path(os.fspath(directory))
 
 
-def _manager(directory: Path | epath.Path, max_to_keep: int | None = None,
-             create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    return ocp.CheckpointManager(directory, options=options)
+class Checkpointer:
+    """The orbax ``CheckpointManager`` of one checkpoint directory (local path or URL).
+
+    Every process of a multi-host job calls :meth:`save` and :meth:`restore` with host (numpy)
+    state; orbax writes the replicated arrays from process 0 and synchronises the others, so the
+    directory must be shared storage (a ``gs://`` bucket on TPU pods). Saves are asynchronous
+    (:meth:`wait`); a save cut short (SIGKILL) leaves only a temporary directory that restore ignores.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, create: bool = True):
+        self.shown = _shown(directory)  # as the caller gave it: for messages
+        self.directory = checkpoint_path(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Starts saving ``state`` (pytree of arrays) and ``meta`` (JSON; ``step`` added) as ``step``."""
+        state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+        self._manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=int(step)))), force=True)
+
+    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+        """``(state, meta)`` of ``step`` (default: latest); ``target`` fixes structure and shapes."""
+        self._manager.wait_until_finished()
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.shown}: no checkpoint steps found (expected an orbax checkpoint directory)")
+        if target is not None:
+            target = jax.tree_util.tree_map(np.asarray, target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax raises many types for shape/structure mismatches
+            _quiet_aborted_reads()
+            raise _restore_error(f"{self.shown}/{step}", err) from None
+        return jax.tree_util.tree_map(np.asarray, restored["state"]), dict(restored["meta"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, state: Any, meta: dict[str, Any],
                     max_to_keep: int | None = 3) -> Path | epath.Path:
     """Saves ``state`` (pytree of arrays) and ``meta`` (JSON) as step ``step`` of ``directory``
-    (a local path or a URL such as ``gs://bucket/run/checkpoints``, see :func:`checkpoint_path`)."""
-    path = checkpoint_path(directory)
-    state = jax.device_get(state)
-    with _manager(path, max_to_keep) as mngr:
-        mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
-                  force=True)
-        mngr.wait_until_finished()
+    (a local path or a URL such as ``gs://bucket/run/checkpoints``, see :func:`checkpoint_path`)
+    and waits until it is written."""
+    with Checkpointer(directory, max_to_keep) as ckpt:
+        ckpt.save(step, state, meta)
     return _shown(directory) / str(int(step))
 
 
@@ -81,8 +126,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     path = checkpoint_path(directory)
     if not _is_remote(path) and not path.is_dir():
         return None
-    with _manager(path, create=False) as mngr:
-        return mngr.latest_step()
+    with Checkpointer(directory, create=False) as ckpt:
+        return ckpt.latest_step()
 
 
 def restore_checkpoint(directory: str | os.PathLike, step: int | None = None,
@@ -91,21 +136,42 @@ def restore_checkpoint(directory: str | os.PathLike, step: int | None = None,
 
     ``directory``: a local path or a URL (``gs://...``, see :func:`checkpoint_path`)."""
     path = checkpoint_path(directory)
-    directory = _shown(directory)
     if not _is_remote(path) and not path.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory not found")
-    with _manager(path, create=False) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory}: no checkpoint steps found (expected an orbax checkpoint directory)")
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        except Exception as err:  # orbax raises many types for shape/structure mismatches
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"{directory}/{step}: cannot restore ({msg})") from None
-    state = jax.tree_util.tree_map(np.asarray, restored["state"])
-    return state, dict(restored["meta"])
+        raise CheckpointError(f"{_shown(directory)}: checkpoint directory not found")
+    with Checkpointer(directory, create=False) as ckpt:
+        return ckpt.restore(step, target)
+
+
+def _restore_error(where: str, err: Exception) -> CheckpointError:
+    """One short line: damaged files are named as such, without tensorstore's spec dump."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    damaged = re.search(r"DATA_LOSS|FAILED_PRECONDITION|Error (?:reading|decoding|opening)|ZSTD|Expecting value|"
+                        r"Unterminated string|Invalid control character|Extra data", first)
+    if damaged:
+        item = re.search(r'Error reading "([^"/]+)', first)
+        what = f" (reading {item.group(1)})" if item else ""
+        return CheckpointError(f"{where}: the checkpoint files are damaged or incomplete{what}; copy or save the "
+                               "checkpoint again")
+    first = re.sub(r"\s*\[tensorstore_spec=.*", "", first)
+    return CheckpointError(f"{where}: cannot restore ({first[:300]})")
+
+
+def _quiet_aborted_reads() -> None:
+    """After a failed restore, orbax closes its event loop while tensorstore still finishes the other
+    reads; their callbacks then raise 'Event loop is closed' as unraisable exceptions (tracebacks on
+    stderr after the one-line error). Those, and only those, are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxfood_quiet", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    hook._jaxfood_quiet = True
+    sys.unraisablehook = hook
 
 
 def load_encoder(directory: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], Any, dict]:

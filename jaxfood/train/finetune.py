@@ -1,30 +1,27 @@
-"""Multi-task fine-tuning: configuration, the training loop, evaluation and checkpoints.
+"""Multi-task fine-tuning: configuration, the run (the one training loop) and checkpoints.
 
 :func:`finetune` loads a pretrained encoder (GraphCL, or converted from PyTorch) or starts from
-scratch, trains food classification, nutrition alignment and salient molecule discovery together
-with the jitted step of :mod:`jaxfood.train.multitask`, validates every ``eval_every`` steps on
-all tasks, stops early on a combined validation score, keeps the best checkpoint and evaluates it
-on the test split. Everything lands under ``workdir``::
+scratch and trains food classification, nutrition alignment and salient molecule discovery
+together with the step of :mod:`jaxfood.train.multitask` in the loop of :mod:`jaxfood.train.loop`
+(1..N devices, 1..N hosts, full graph or sampled subgraphs). Validation is a hook passed in
+(:func:`jaxfood.workflows.finetune` passes the evaluation of all three tasks); its combined
+score picks the kept checkpoint and stops early. It writes under ``workdir``::
 
     config.yaml          the resolved configuration
     checkpoints/         orbax: params (encoder + heads + task weighting), optimizer state,
                          weighting state, step; meta: config, encoder config, graph id maps
+    resume/              training-state snapshots while running (removed at the end)
     tb/                  TensorBoard event files (every task loss, weights, lrs, grad norms, val)
-    history.json         per-step training metrics and per-evaluation validation metrics
-    metrics.json         the final test metrics (also returned)
-    figures/             losses.png, task_weights.png, gradient_conflict.png
 
-:func:`evaluate_checkpoint` rebuilds the model from a checkpoint and reproduces those metrics
-exactly (same graph, same reference biomarkers -- the checkpoint keeps the ones it was scored with).
+:func:`load_finetuned` rebuilds the model of a checkpoint for a graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,25 +30,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfood.config import config_from_dict, config_to_dict, dump_config
-from jaxfood.errors import CheckpointError, ConfigError
+from jaxfood.errors import CheckpointError, ConfigError, GraphError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, absent_parts
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, absent_parts, align_reverse_edges, summary
+from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
+from jaxfood.graph.splits import check_split_matches, split_fingerprint
+from jaxfood.io_utils import write_text
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_model
 from jaxfood.train import multitask as mt
 from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
-from jaxfood.train.optimizer import OptimizerConfig, learning_rates, make_optimizer
+from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
+from jaxfood.train.data_parallel import ShardLayout, data_parallel
+from jaxfood.train.finetune_step import multitask_step_fn, padding_aware_model, train_state_to_dict
+from jaxfood.train.graphcl import default_encoder_config as graphcl_encoder_config
+from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
+from jaxfood.train.monitoring import TensorBoard, flatten_metrics
+from jaxfood.train.optimizer import GROUPS, OptimizerConfig, learning_rates, make_optimizer
+from jaxfood.train.parallel_options import DataParallelOptions
+from jaxfood.train.preemption import Preempted
+from jaxfood.train.pretrain import sampled_edges
+from jaxfood.train.processes import is_primary
 
 CHECKPOINT_KIND = "finetune"
+#: The evaluation hook of :func:`finetune`: ``(model, params) -> nested validation metrics``.
+ValidateFn = Callable[[MultiTaskModel, Any], Mapping[str, Any]]
 
 
 def default_encoder_config() -> EncoderConfig:
-    """The GraphCL default (:func:`jaxfood.train.pretrain.default_encoder_config`): training from
+    """The GraphCL default (:func:`jaxfood.train.graphcl.default_encoder_config`): training from
     scratch and from a pretrained checkpoint then compare the same architecture."""
-    from jaxfood.train.pretrain import default_encoder_config as pretrain_default
-
-    return pretrain_default()
+    return graphcl_encoder_config()
 
 
 def default_selection() -> dict[str, float]:
@@ -118,7 +128,7 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
                           f"{cfg.stability_noise_sd}, {cfg.stability_drop_fraction})")
     if cfg.patience < 0 or cfg.optimizer.freeze_encoder_steps < 0:
         raise ConfigError("finetune config: keys 'patience' and 'optimizer.freeze_encoder_steps' must be >= 0")
-    sections = {"food_classification", "nutrition", "salient_molecules"}
+    sections = set(tw.TASKS)  # metric sections are named after the tasks
     for key in cfg.selection:
         if key.split(".")[0] not in sections or "." not in key:
             raise ConfigError(f"finetune config: key 'selection.{key}': expected '<section>.<metric>' with a "
@@ -130,6 +140,15 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if unknown:
         raise ConfigError(f"finetune config: key 'weighting.static_weights': unknown task(s) {sorted(unknown)} "
                           f"(expected {list(tw.TASKS)})")
+    for group in GROUPS:
+        g = getattr(cfg.optimizer, group)
+        # A negative rate climbs the loss (and AdamW then decays towards it): never what a user meant.
+        for name, value in (("learning_rate", g.learning_rate), ("weight_decay", g.weight_decay),
+                            ("end_factor", g.end_factor), ("warmup_steps", g.warmup_steps), ("clip_norm", g.clip_norm)):
+            if value < 0:
+                raise ConfigError(f"finetune config: key 'optimizer.{group}.{name}' = {value}: expected a number >= 0")
+        if g.eps <= 0:
+            raise ConfigError(f"finetune config: key 'optimizer.{group}.eps' = {g.eps}: expected a positive number")
     cfg.encoder.validate("finetune config: encoder")
     return cfg
 
@@ -138,47 +157,14 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
 def prepare_graph(graph: HeteroGraph) -> HeteroGraph:
     """The graph fine-tuning and evaluation run on: reverse ``contains_molecule`` edges aligned with
     the forward ones, arrays on the device. Held-out samples never have label edges (checked)."""
-    sal_graph = sal.align_reverse_edges(graph)
+    aligned = align_reverse_edges(graph, (schema.CONTAINS,))
     split = np.asarray(graph.sample_split)
     fwd = graph.edges[schema.IS_INSTANCE_OF]
     held_out = split[np.asarray(fwd.senders)] != SPLIT_CODES["train"]
     if held_out.any():
-        from jaxfood.errors import GraphError
-
         raise GraphError(f"graph: {int(held_out.sum())} held-out sample(s) have a label edge "
                          "('Sample|is_instance_of|Food'); rebuild the graph with 'jaxfood build-graph'")
-    return jax.device_put(sal_graph)
-
-
-def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
-    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
-    source = graph.meta.extra.get("sources", {}).get("embedded_default") if isinstance(
-        graph.meta.extra.get("sources"), Mapping) else None
-    if not source:
-        return None
-    from jaxfood.data.simulate import simulate
-    from jaxfood.eval.metrics import biomarkers_from_pairs
-
-    ds = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
-    return _as_reference(biomarkers_from_pairs(ds.biomarkers))
-
-
-def _as_reference(biomarkers) -> dict[str, set[str]] | None:
-    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
-    the same order wherever the reference comes from keeps the metrics bit-identical)."""
-    if biomarkers is None:
-        return None
-    if isinstance(biomarkers, (str, Path)):
-        from jaxfood.eval.metrics import read_biomarkers
-
-        reference = read_biomarkers(biomarkers)
-    elif isinstance(biomarkers, Mapping):
-        reference = biomarkers
-    else:
-        from jaxfood.eval.metrics import biomarkers_from_pairs
-
-        reference = biomarkers_from_pairs(biomarkers)
-    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
+    return jax.device_put(aligned)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -365,11 +351,12 @@ class FinetuneResult:
     config: FinetuneConfig
     encoder_config: EncoderConfig
     figures: dict[str, Path]
+    start_step: int = 0
+    edges_per_second: float = 0.0
+    spread: dict = dataclasses.field(default_factory=dict)
 
 
 def _load_pretrained(pretrained, cfg: FinetuneConfig) -> tuple[EncoderConfig, Any, dict]:
-    from jaxfood.train.checkpoint import load_encoder
-
     config_dict, params, meta = load_encoder(pretrained)
     try:
         enc_cfg = config_from_dict(EncoderConfig(), config_dict, source=f"{pretrained}: meta 'encoder_config'")
@@ -395,10 +382,9 @@ def _check_encoder_params(pretrained_params, init_params, source) -> None:
         raise CheckpointError(f"{source}: unexpected encoder parameter {extra[0]} (encoder configuration mismatch)")
 
 
-def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGraph, reference, pretrained,
+def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGraph, pretrained,
                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    from jaxfood.graph.hetero_graph import summary
-
+    """What a fine-tuning checkpoint records besides its state: kind, configs, the graph's id maps."""
     return {
         "kind": CHECKPOINT_KIND,
         "encoder_config": config_to_dict(enc_cfg),
@@ -407,128 +393,118 @@ def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGr
         "id_maps": {t: list(ids) for t, ids in graph.meta.node_ids.items()},
         "graph_summary": summary(graph),
         "graph_sources": graph.meta.extra.get("sources"),
+        "split_fingerprint": split_fingerprint(graph),
         "nutrient_names": list(graph.meta.nutrient_names),
         "normalisation": graph.meta.normalisation,
         "pretrained": None if pretrained is None else str(pretrained),
-        "biomarkers": None if reference is None else {f: sorted(m) for f, m in sorted(reference.items())},
         **(extra or {}),
     }
 
 
-def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str | Path = "runs/finetune",
-             pretrained: str | Path | None = None, biomarkers=None, progress: bool = True,
-             log=None) -> FinetuneResult:
-    """Fine-tunes the three tasks on ``graph``; see the module docstring for what is written.
+def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str | Path = "runs/finetune", *,
+             pretrained: str | Path | None = None, validate: ValidateFn | None = None,
+             options: DataParallelOptions = DataParallelOptions(), meta_extra: Mapping[str, Any] | None = None,
+             progress: bool = True, log=None) -> FinetuneResult:
+    """Fine-tunes the three tasks on ``graph`` with the loop of :mod:`jaxfood.train.loop`; every
+    process of a job calls it with the same arguments.
 
     Args:
       graph: a built graph (train/val/test split, label edges for training samples only).
       cfg: the run's configuration (default :class:`FinetuneConfig`).
-      workdir: output directory.
+      workdir: output directory: ``config.yaml`` (process 0), ``checkpoints/`` (the kept state),
+        ``resume/`` (snapshots while running), ``tb/`` (process 0).
       pretrained: checkpoint directory of a pretrained encoder (GraphCL / converted); None: scratch.
-      biomarkers: reference biomarkers for precision@k (``{food: ids}``, ``(id, food)`` pairs or a
-        ``feature,category`` CSV path); default: the simulator's for the embedded default graph.
-    """
-    from jaxfood.io_utils import write_json, write_text
-    from jaxfood.train.checkpoint import restore_checkpoint, save_checkpoint
-    from jaxfood.train.finetune_monitoring import FinetuneMonitor
+      validate: the evaluation hook, ``(model, params) -> nested validation metrics``; every
+        ``eval_every`` steps (and after the last) their :func:`selection_score` decides the kept
+        checkpoint and early stopping. None: the last step is kept.
+      options: devices, hosts, full graph or sampled subgraphs, resume snapshots.
+      meta_extra: more JSON for the checkpoint's meta (e.g. the reference biomarkers).
 
+    Raises :class:`~jaxfood.train.preemption.Preempted` when stopped by SIGTERM (rerun to resume).
+    """
     start = time.perf_counter()
     cfg = check_config(cfg or FinetuneConfig())
     log = log or (lambda _msg: None)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    reference = _as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
-
+    primary = is_primary()
     if pretrained is not None:
         enc_cfg, enc_params, _ = _load_pretrained(pretrained, cfg)
         log(f"encoder from {pretrained}")
     else:
         enc_cfg, enc_params = cfg.encoder, None
     cfg = dataclasses.replace(cfg, encoder=enc_cfg)
-    write_text(workdir / "config.yaml", dump_config(cfg))
+    if primary:
+        write_text(workdir / "config.yaml", dump_config(cfg))
 
-    dgraph = prepare_graph(graph)
-    model = make_multitask_model(dgraph, enc_cfg, cfg.heads)
-    steps = int(cfg.steps)
-    optimizer_steps = math.ceil(steps / cfg.optimizer.accumulation_steps)
-    tx, schedules = make_optimizer(cfg.optimizer, optimizer_steps)
-    root = jax.random.key(cfg.seed, impl=cfg.prng_impl)
-    k_init, k_train = jax.random.split(root)
-    state = mt.init_train_state(model, cfg.weighting, tx, jax.random.key(cfg.seed), dgraph)
+    full = prepare_graph(graph).to_numpy()
+    model = make_multitask_model(full, enc_cfg, cfg.heads)
+    layout = ShardLayout.current(options.per_device, options.local_devices)
+    if options.sampled:
+        sampler = NeighbourSampler(full, SamplerConfig(batch_size=options.batch_size, num_hops=enc_cfg.num_layers,
+                                                       seed=cfg.seed))
+        make_shard, example, count_edges = sampler.batch, sampler.batch(0).graph, sampled_edges
+    else:
+        full_edges = sum(e.num_edges for e in full.edges.values()) * layout.local_shards
+
+        def make_shard(step, shard):
+            return full
+
+        def count_edges(batch):
+            return full_edges
+        example = full
+    accumulation = cfg.optimizer.accumulation_steps
+    tx, schedules = make_optimizer(cfg.optimizer, math.ceil(cfg.steps / accumulation))
+    state = mt.init_train_state(padding_aware_model(model), cfg.weighting, tx, jax.random.key(cfg.seed), example)
     if enc_params is not None:
         _check_encoder_params(enc_params, state.params["encoder"], pretrained)
-        params = dict(state.params)
-        params["encoder"] = jax.tree_util.tree_map(jnp.asarray, enc_params)
+        params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
         state = state.replace(params=params, opt_state=tx.init(params))
-    del k_init
+    state = jax.device_get(train_state_to_dict(state))
+    step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx,
+                                           task_gradient_scope=cfg.task_gradient_scope),
+                         layout, seed=cfg.seed, prng_impl=cfg.prng_impl)
+    spread = dict(layout.describe(), sampled=options.sampled,
+                  batch_size=options.batch_size if options.sampled else None)
+    meta = checkpoint_meta(cfg, enc_cfg, graph, pretrained, dict(meta_extra or {}, data_parallel=spread))
 
-    traces: list[int] = []
-    raw_step = mt.make_train_step(model, cfg.loss, cfg.weighting, tx, task_gradient_scope=cfg.task_gradient_scope)
+    loop = LoopConfig(num_steps=cfg.steps, checkpoint_dir=workdir / "checkpoints", resume_dir=workdir / "resume",
+                      checkpoint_every=options.checkpoint_every, eval_every=cfg.eval_every, patience=cfg.patience)
+    tb_dir = workdir / "tb"
+    prepare_run(loop, stale=[tb_dir])
+    tensorboard = TensorBoard(tb_dir if cfg.tensorboard and primary else None)
 
-    def counted_step(state, graph, batch):
-        traces.append(1)  # runs at trace time only: counts compilations
-        return raw_step(state, graph, batch)
+    def on_train(done: int, metrics: dict[str, float]) -> dict[str, float]:
+        if not math.isfinite(metrics.get("loss/total", 0.0)):
+            raise FloatingPointError(f"fine-tuning diverged at step {done} (total loss {metrics['loss/total']})")
+        rates = learning_rates(schedules, (done - 1) // accumulation)
+        row = dict(metrics, **{f"learning_rate/{g}": float(v) for g, v in rates.items()})
+        tensorboard.write(done, row)
+        return row
 
-    step_fn = jax.jit(counted_step, donate_argnums=(0,))
-    evaluator = Evaluator(model, dgraph, cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
-                          stability_settings(cfg))
-    seed_mask = jnp.asarray(np.asarray(graph.sample_split) == SPLIT_CODES["train"])
-    accumulation = cfg.optimizer.accumulation_steps
+    def evaluate(state, done: int) -> tuple[float, dict[str, float]]:
+        val = validate(model, jax.tree_util.tree_map(jnp.asarray, state["params"]))
+        score = selection_score(val, cfg.selection)
+        row = flatten_metrics(val)
+        tensorboard.write(done, dict(row, selection_score=score), "val/")
+        log(f"step {done}: validation score {score:.4f} "
+            f"(accuracy {row.get('food_classification/accuracy', math.nan):.3f})")
+        return score, row
 
-    def lr_at(step: int) -> dict[str, float]:
-        return {g: float(v) for g, v in learning_rates(schedules, (step - 1) // accumulation).items()}
-
-    # A new run replaces an earlier one in the same workdir: its checkpoints would otherwise clash
-    # with (or, at a later step, win over) this run's best, and its event files mix into the curves.
-    ckpt_dir = workdir / "checkpoints"
-    for stale_dir in (ckpt_dir, workdir / "tb"):
-        if stale_dir.is_dir():
-            shutil.rmtree(stale_dir)
-    monitor = FinetuneMonitor(workdir / "tb" if cfg.tensorboard else None, lr_at, steps, progress)
-    best_score, best_step, stale = -math.inf, 0, 0
     try:
-        for i in range(steps):
-            batch = mt.Batch(seed_mask=seed_mask, rng=jax.random.fold_in(k_train, i))
-            state, metrics = step_fn(state, dgraph, batch)
-            row = monitor.train(i + 1, jax.device_get(metrics))
-            if not math.isfinite(row["loss/total"]):
-                raise FloatingPointError(f"fine-tuning diverged at step {i + 1} (total loss {row['loss/total']})")
-            if (i + 1) % cfg.eval_every == 0 or i + 1 == steps:
-                # All three tasks are validated; the salient task by its headline scorer only
-                # (precision/recall@k, fidelity), without the stability perturbations.
-                val = evaluator.evaluate(state.params, "val", reference, scorers=(cfg.salient_scorer,), stability=False)
-                score = selection_score(val, cfg.selection)
-                monitor.validation(i + 1, val, score)
-                if score > best_score:
-                    best_score, best_step, stale = score, i + 1, 0
-                    meta = checkpoint_meta(cfg, enc_cfg, graph, reference, pretrained,
-                                           {"best_step": i + 1, "selection_score": score})
-                    save_checkpoint(ckpt_dir, i + 1, {"params": state.params, "opt_state": state.opt_state,
-                                                      "weighting_state": state.weighting_state,
-                                                      "step": state.step}, meta, max_to_keep=1)
-                else:
-                    stale += 1
-                    if cfg.patience and stale >= cfg.patience:
-                        log(f"early stop at step {i + 1}: no improvement for {cfg.patience} evaluations")
-                        break
+        result = train_loop(step, state, make_shard, loop, fixed_batch=not options.sampled,
+                            evaluate=evaluate if validate is not None else None, meta=meta,
+                            on_train=on_train, count_edges=count_edges, progress=progress, log=log)
     finally:
-        monitor.close()
-
-    # The final metrics are computed from the checkpoint as stored: evaluate_checkpoint reproduces them.
-    restored, _ = restore_checkpoint(ckpt_dir)
-    best_params = jax.tree_util.tree_map(jnp.asarray, restored["params"])
-    metrics = evaluator.evaluate(best_params, "test", reference)
-    metrics["task_weights"] = task_weight_summary(cfg.weighting, best_params)
-    metrics["best_step"] = best_step
-    write_json(workdir / "metrics.json", metrics)
-    write_json(workdir / "history.json", monitor.history)
-    figures = {}
-    if cfg.figures:
-        for path in monitor.figures(workdir / "figures"):
-            figures[path.stem] = path
-    return FinetuneResult(params=jax.device_get(best_params), history=monitor.history, metrics=metrics,
-                          best_step=best_step, checkpoint_dir=ckpt_dir, runtime_s=time.perf_counter() - start,
-                          num_step_compilations=len(traces), config=cfg, encoder_config=enc_cfg, figures=figures)
+        tensorboard.close()
+    if result.preempted:
+        raise Preempted(result.end_step, loop.resume_dir)
+    # The kept state as stored: evaluating the checkpoint later reproduces what is scored now.
+    kept, _ = restore_checkpoint(loop.checkpoint_dir)
+    return FinetuneResult(params=kept["params"], history=result.history, metrics={}, best_step=result.best_step,
+                          checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
+                          num_step_compilations=step.compile_count(), config=cfg, encoder_config=enc_cfg,
+                          figures={}, start_step=result.start_step, edges_per_second=result.edges_per_second,
+                          spread=spread)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -552,12 +528,11 @@ def check_graph_matches(meta: Mapping[str, Any], graph: HeteroGraph, source: str
             bad = next(i for i, (a, b) in enumerate(zip(have, ids)) if a != b)
             raise CheckpointError(f"{source}: '{node_type}' node {bad} is '{have[bad]}' in the graph but "
                                   f"'{ids[bad]}' in the checkpoint (a different graph)")
+    check_split_matches(meta.get("split_fingerprint"), graph, source)
 
 
 def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = None) -> LoadedFinetune:
     """Model (built for ``graph``) and params of a fine-tuning checkpoint."""
-    from jaxfood.train.checkpoint import restore_checkpoint
-
     state, meta = restore_checkpoint(ckpt_dir, step)
     source = str(ckpt_dir)
     if meta.get("kind") != CHECKPOINT_KIND:
@@ -575,26 +550,3 @@ def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = 
     model = make_multitask_model(dgraph, enc_cfg, cfg.heads)
     params = jax.tree_util.tree_map(jnp.asarray, dict(state["params"]))
     return LoadedFinetune(model=model, params=params, config=cfg, meta=meta)
-
-
-def evaluate_checkpoint(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: str = "test",
-                        step: int | None = None) -> dict[str, Any]:
-    """Test metrics of a fine-tuning checkpoint on ``graph`` -- those :func:`finetune` reported.
-
-    ``biomarkers`` (a ``feature,category`` CSV path, ``{food: ids}`` or pairs) replaces the reference
-    the checkpoint was scored with (kept in its meta).
-    """
-    loaded = load_finetuned(ckpt_dir, graph, step)
-    cfg = loaded.config
-    if biomarkers is not None:
-        reference = _as_reference(biomarkers)
-    elif loaded.meta.get("biomarkers") is not None:
-        reference = _as_reference(loaded.meta["biomarkers"])
-    else:
-        reference = None
-    evaluator = Evaluator(loaded.model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
-                          stability_settings(cfg))
-    metrics = evaluator.evaluate(loaded.params, split, reference)
-    metrics["task_weights"] = task_weight_summary(cfg.weighting, loaded.params)
-    metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
-    return metrics

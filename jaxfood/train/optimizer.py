@@ -120,3 +120,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
 def learning_rates(schedules: dict, optimizer_step) -> dict[str, Any]:
     """Each group's learning rate at ``optimizer_step``."""
     return {name: fn(optimizer_step) for name, fn in schedules.items()}
+
+
+def make_graphcl_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """GraphCL's optimizer: AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine decay,
+    after global-norm clipping. ``cfg``: a :class:`~jaxfood.train.graphcl.PretrainConfig`."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
+    optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm),
+                            optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    return optimizer, schedule

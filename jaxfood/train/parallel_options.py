@@ -1,7 +1,7 @@
 """Command-line options of multi-host, data-parallel training, without importing JAX.
 
 ``jaxfood`` builds every command's parser on each call, so the options live here, apart from
-:mod:`jaxfood.train.distributed` (which re-exports them): ``--help`` stays fast.
+:mod:`jaxfood.train.processes` and the loop: ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
 
     Defaults come from ``JAXFOOD_COORDINATOR``, ``JAXFOOD_NUM_PROCESSES`` and
     ``JAXFOOD_PROCESS_ID``; with none of them a job runs as one process (or, on a TPU pod slice,
-    discovers its peers itself). Pass the parsed args to :func:`init_from_args`.
+    discovers its peers itself). Pass the parsed args to :func:`jaxfood.train.processes.init_from_args`.
     """
     group = parser.add_argument_group(
         "multi-host", "Run one process per host; all processes get the same coordinator address. "
@@ -44,32 +44,22 @@ def _env_int(name: str) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class DataParallelOptions:
-    """How ``jaxfood finetune`` / ``jaxfood pretrain`` / ``run_mtl.py`` spread a run over devices and hosts.
+    """How ``jaxfood finetune`` / ``jaxfood pretrain`` / ``run_mtl.py`` / ``pod/train.py`` spread a
+    run over devices and hosts (every run takes the same loop; one device is the smallest mesh).
 
     Command-line options, not configuration keys: they change how the work is split, not the model.
     ``sampled``: every shard trains on a neighbour-sampled subgraph of ``batch_size`` seed samples
-    (False: every shard holds the full graph, with its own random stream). ``per_device``:
-    subgraphs per device per step. ``checkpoint_every``: also checkpoint every N steps (0: at the
-    end and when preempted). ``force``: take this path even on one process with one device.
+    (False: every shard holds the full graph, with its own random stream). ``per_device``: shards
+    per device per step. ``checkpoint_every``: also snapshot the training state every N steps for
+    resuming (0: only when preempted). ``local_devices``: use only the first N local devices
+    (default all; one process only).
     """
 
     sampled: bool = False
     batch_size: int = 32
     per_device: int = 1
     checkpoint_every: int = 0
-    force: bool = False
     local_devices: int | None = None
-
-    def wanted(self, info=None) -> bool:
-        """Whether a run takes the data-parallel path: several processes or devices, or asked for.
-
-        ``info``: a :class:`~jaxfood.train.distributed.DistributedInfo` (default: this process's).
-        """
-        if info is None:
-            from jaxfood.train.distributed import distributed_info
-
-            info = distributed_info()
-        return self.force or self.sampled or info.process_count > 1 or info.local_device_count > 1
 
 
 def add_data_parallel_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,10 +67,11 @@ def add_data_parallel_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     --checkpoint-every``; read them back with :func:`options_from_args` after :func:`init_from_args`."""
     add_distributed_arguments(parser)
     group = parser.add_argument_group(
-        "data parallel", "Used automatically with several processes or local devices (GPUs, TPU cores); "
-                         "one process on one device trains on the full graph as usual unless asked.")
+        "data parallel", "Every run uses all local devices (GPUs, TPU cores) of every process: one shard per "
+                         "device per step, the full graph unless --sampled.")
     group.add_argument("--data-parallel", action="store_true",
-                       help="train with the data-parallel step even on one device")
+                       help="accepted for compatibility: every run takes the same data-parallel loop "
+                            "(on one device, a mesh of one)")
     group.add_argument("--sampled", action="store_true",
                        help="train on neighbour-sampled subgraphs (one per device per step) instead of "
                             "full-graph replicas: graphs that do not fit one device")
@@ -101,5 +92,4 @@ def options_from_args(args: argparse.Namespace) -> DataParallelOptions:
         raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: expected a non-negative integer")
     return DataParallelOptions(sampled=bool(getattr(args, "sampled", False)), batch_size=getattr(args, "batch_size", 32),
                                per_device=getattr(args, "per_device", 1),
-                               checkpoint_every=getattr(args, "checkpoint_every", 0),
-                               force=bool(getattr(args, "data_parallel", False)))
+                               checkpoint_every=getattr(args, "checkpoint_every", 0))

@@ -1,18 +1,8 @@
-"""GraphCL self-supervised pretraining of the heterogeneous GAT encoder.
-
-Stage one of two-stage training (You et al., "Graph Contrastive Learning with Augmentations",
-NeurIPS 2020), at node level on the heterogeneous graph: two random views of the graph
-(:mod:`jaxfood.train.augment`) are encoded, a projection head maps the embeddings of a random batch
-of nodes of each selected node type to a unit sphere, and NT-Xent (Chen et al., "A Simple
-Framework for Contrastive Learning of Visual Representations", ICML 2020) pulls the two views of the
-same node together against the other nodes of the batch (in-batch negatives, both views), with
-optional hard-negative weighting (Robinson et al., "Contrastive Learning with Hard Negative
-Samples", ICLR 2021). The projection head exists only for this loss; fine-tuning starts from the
-encoder (:func:`load_pretrained_encoder`).
-
-Pure parts: :func:`nt_xent_loss`, :func:`make_pretrain_step` (a pure function of ``(params,
-opt_state, graph, rng)``, with an optional ``axis_name`` for ``pmap``), :func:`make_optimizer`.
-Side effects (checkpoints, TensorBoard, figures, JSON) live in :func:`pretrain`, at the edge.
+"""GraphCL pretraining, the run: :func:`pretrain` trains the encoder with the loop of
+:mod:`jaxfood.train.loop` (1..N devices, 1..N hosts, full graph or sampled subgraphs) and keeps
+the epoch with the lowest held-out view loss. The pure parts (configuration, model, loss, step)
+are in :mod:`jaxfood.train.graphcl`; read-outs of the embeddings are evaluation
+(:func:`jaxfood.workflows.pretrain` composes both).
 """
 
 from __future__ import annotations
@@ -20,558 +10,150 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxfood.config import config_from_dict, config_to_dict
 from jaxfood.errors import CheckpointError, ConfigError
-from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
-from jaxfood.graph.sampling import NeighbourSampler, SampledSubgraph, SamplerConfig, padding_edge_masks
-from jaxfood.models.encoder import EncoderConfig, HeteroGATEncoder, make_encoder
-from jaxfood.train.augment import (
-    CANDIDATES_KEY,
-    AugmentConfig,
-    add_candidate_edges,
-    augment,
-    base_edge_masks,
-    check_config,
-    prepare_pretrain_graph,
-    subgraph_candidate_counts,
+from jaxfood.graph.sampling import SamplerConfig
+from jaxfood.models.encoder import EncoderConfig
+from jaxfood.train.augment import prepare_pretrain_graph
+from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
+from jaxfood.train.data_parallel import ShardLayout, data_parallel
+from jaxfood.train.graphcl import (  # noqa: F401  (PretrainConfig, PretrainSampler: the names callers know)
+    PretrainConfig,
+    PretrainSampler,
+    check_pretrain_config,
+    make_eval_fn,
+    make_model,
+    make_pretrain_step,
 )
+from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
+from jaxfood.train.monitoring import TensorBoard
+from jaxfood.train.optimizer import make_graphcl_optimizer
+from jaxfood.train.parallel_options import DataParallelOptions
+from jaxfood.train.preemption import Preempted
+from jaxfood.train.processes import is_primary
 
-Array = Any
-
-# Large finite stand-in for -inf in masked logits: keeps gradients finite where a row has no entry.
-_NEG = -1e9
-
-
-def default_encoder_config() -> EncoderConfig:
-    """One GAT layer, inductive for samples (one shared input vector: new samples embed like old ones).
-
-    Why one layer: GATConv without self loops passes a node only its neighbours' messages, and
-    every sample starts from the same shared vector. After layer 1 a sample is an attention-weighted
-    mix of its molecules (informative) but every molecule is the same mix of identical sample
-    vectors; layer 2 would hand every sample that constant back. With ``shared`` samples, an odd
-    number of layers keeps sample embeddings informative, and one is the cheapest.
-    """
-    return EncoderConfig(
-        hidden_dim=64, num_heads=4, num_layers=1, embedding_dim=64, dropout=0.1, aggr="sum",
-        input_modes={schema.SAMPLE: "shared", schema.MOLECULE: "both", schema.FOOD: "both",
-                     schema.NUTRIENT: "embedding"},
-    )
+CHECKPOINT_KIND = "graphcl"
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-    """Everything a GraphCL run depends on (``jaxfood pretrain --set key=value`` addresses it)."""
-
-    encoder: EncoderConfig = dataclasses.field(default_factory=default_encoder_config)
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
-    #: Node types whose two views are contrasted, with the weight of each type's loss. (Molecule
-    #: is off by default: with one layer and shared sample inputs all molecules embed alike.)
-    loss_weights: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {schema.SAMPLE: 1.0, schema.FOOD: 1.0})
-    #: Nodes per type drawn for the loss each step (all nodes where a type has fewer).
-    batch_size: int = 256
-    #: Softmax temperature of NT-Xent.
-    temperature: float = 0.2
-    #: Robinson et al. (2021) concentration beta; 0 = plain NT-Xent.
-    hard_negative_beta: float = 0.0
-    projection_hidden: int = 64
-    projection_dim: int = 32
-    learning_rate: float = 1e-2
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    #: Final learning rate of the cosine schedule, as a fraction of ``learning_rate``.
-    final_lr_fraction: float = 0.05
-    grad_clip_norm: float = 1.0
-    #: Apply the encoder's dropout in the pretraining step. Off by default: the augmentations are
-    #: the noise GraphCL learns invariance to (the config's dropout still applies in fine-tuning).
-    encoder_dropout: bool = False
-    epochs: int = 15
-    steps_per_epoch: int = 10
-    #: Epochs without improvement of the held-out view loss before stopping (0 = never stop early).
-    patience: int = 5
-    #: Fixed view pairs over which the held-out view loss is averaged.
-    val_views: int = 2
-    #: k of the k-NN purity read-out.
-    knn_k: int = 5
-    seed: int = 0
-
-
-def check_pretrain_config(cfg: PretrainConfig, graph: HeteroGraph) -> None:
-    """Raises :class:`ConfigError` naming the first bad key."""
-    cfg.encoder.validate("pretrain config 'encoder'")
-    check_config(cfg.augment, graph)
-    if not any(w > 0 for w in cfg.loss_weights.values()):
-        raise ConfigError("loss_weights: expected at least one node type with a positive weight")
-    for t, w in cfg.loss_weights.items():
-        if t not in schema.NODE_TYPES:
-            raise ConfigError(f"loss_weights.{t}: unknown node type (expected one of {list(schema.NODE_TYPES)})")
-        if w < 0:
-            raise ConfigError(f"loss_weights.{t} = {w}: expected a non-negative weight")
-    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
-                "val_views": cfg.val_views, "knn_k": cfg.knn_k, "projection_hidden": cfg.projection_hidden,
-                "projection_dim": cfg.projection_dim}
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name} = {value}: expected a positive integer")
-    for name in ("temperature", "learning_rate", "grad_clip_norm"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} = {getattr(cfg, name)}: expected a positive number")
-    if cfg.hard_negative_beta < 0:
-        raise ConfigError(f"hard_negative_beta = {cfg.hard_negative_beta}: expected >= 0")
-    if cfg.warmup_steps < 0 or cfg.patience < 0:
-        raise ConfigError("warmup_steps and patience: expected non-negative integers")
-    if not 0.0 <= cfg.final_lr_fraction <= 1.0:
-        raise ConfigError(f"final_lr_fraction = {cfg.final_lr_fraction}: expected a number in [0, 1]")
-
-
-# ---- model pieces ---------------------------------------------------------------------------------
-class ProjectionHead(nn.Module):
-    """Per node type MLP ``[n, hidden] -> [n, projection_dim]`` (Dense, ReLU, Dense), loss only."""
-
-    node_types: tuple[str, ...]
-    hidden: int
-    out: int
-
-    @nn.compact
-    def __call__(self, embeddings: Mapping[str, Array]) -> dict[str, Array]:
-        out = {}
-        for t in self.node_types:
-            h = nn.relu(nn.Dense(self.hidden, name=f"{t}_hidden")(embeddings[t].astype(jnp.float32)))
-            out[t] = nn.Dense(self.out, name=f"{t}_out")(h)
-        return out
-
-
-def nt_xent_loss(z1: Array, z2: Array, valid: Array | None = None, temperature: float = 0.5,
-                 hard_negative_beta: float = 0.0) -> Array:
-    """NT-Xent between two views of a batch, SimCLR style, with optional hard-negative weighting.
-
-    Args:
-      z1, z2: [B, d] projections of the same B nodes in view 1 and view 2 (normalised here).
-      valid: [B] bool; invalid nodes (dropped in a view, padding) are neither anchors nor negatives.
-      temperature: tau of ``sim / tau`` (cosine similarity).
-      hard_negative_beta: Robinson et al. (2021) beta. Each anchor's negatives ``j`` (the other
-        2B - 2 projections) are reweighted by ``w_j = exp(beta s_j) / mean_k exp(beta s_k)``
-        (mean weight 1; ``s`` = logits), i.e. ``log sum_j w_j e^{s_j} = log n + LSE((1+beta) s) -
-        LSE(beta s)``. beta = 0 is plain NT-Xent.
-
-    Returns:
-      scalar: mean over the 2 x valid anchors of ``-log(e^{s_pos} / (e^{s_pos} + sum_j w_j e^{s_j}))``.
-    """
-    b = z1.shape[0]
-    if valid is None:
-        valid = jnp.ones((b,), bool)
-    z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
-    # rsqrt(|z|^2 + eps), not z / |z|: the norm's gradient is NaN at an all-zero projection
-    # (a node whose every edge a view masked embeds to the bias alone, often exactly 0).
-    z = z * jax.lax.rsqrt(jnp.sum(z * z, axis=1, keepdims=True) + 1e-12)
-    v = jnp.concatenate([valid, valid])
-    logits = (z @ z.T) / temperature  # [2B, 2B]
-    rows = jnp.arange(2 * b)
-    positive_col = (rows + b) % (2 * b)
-    positive = logits[rows, positive_col]
-    is_negative = v[None, :] & (rows[None, :] != rows[:, None]) & (rows[None, :] != positive_col[:, None])
-    neg_logits = jnp.where(is_negative, logits, _NEG)
-    if hard_negative_beta > 0:
-        beta = hard_negative_beta
-        n_neg = jnp.maximum(is_negative.sum(axis=1), 1).astype(jnp.float32)
-        log_neg = (jnp.log(n_neg) + jax.nn.logsumexp(jnp.where(is_negative, (1 + beta) * logits, _NEG), axis=1)
-                   - jax.nn.logsumexp(jnp.where(is_negative, beta * logits, _NEG), axis=1))
-    else:
-        log_neg = jax.nn.logsumexp(neg_logits, axis=1)
-    per_anchor = jnp.logaddexp(positive, log_neg) - positive
-    anchor = v & (is_negative.sum(axis=1) > 0)
-    return jnp.sum(jnp.where(anchor, per_anchor, 0.0)) / jnp.maximum(anchor.sum(), 1)
-
-
-def contrast_node_types(cfg: PretrainConfig, graph: HeteroGraph) -> tuple[str, ...]:
-    """Node types with a positive loss weight that the graph has, in schema order."""
-    return tuple(t for t in graph.node_types if cfg.loss_weights.get(t, 0.0) > 0)
-
-
-def make_optimizer(cfg: PretrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine decay, after global-norm clipping."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
-    optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm),
-                            optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    return optimizer, schedule
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainModel:
-    """The static pieces a step closes over (modules and config); no arrays, no state."""
-
-    encoder: HeteroGATEncoder
-    projection: ProjectionHead
-    cfg: PretrainConfig
-    node_types: tuple[str, ...]
-
-    def init(self, rng: Array, graph: HeteroGraph, node_index: Mapping[str, Array] | None = None) -> dict[str, Any]:
-        """``{"encoder", "projection"}`` parameters; ``node_index`` where ``graph`` is a sampled subgraph."""
-        k_enc, k_proj = jax.random.split(rng)
-        enc = self.encoder.init(k_enc, graph, node_index=node_index)["params"]
-        dummy = {t: jnp.zeros((1, self.cfg.encoder.hidden_dim)) for t in self.node_types}
-        proj = self.projection.init(k_proj, dummy)["params"]
-        return {"encoder": enc, "projection": proj}
-
-    def encode_views(self, params, graph: HeteroGraph, rng: Array, deterministic: bool,
-                     node_index: Mapping[str, Array] | None = None):
-        """Two augmented views, encoded: ``({type: [2, N, hidden]}, {type: [2, N] bool kept})``.
-
-        The views are ``vmap``-ed over their rng, so the encoder is traced (and compiled) once for
-        both; each view draws its own augmentation and dropout. On a sampled subgraph
-        (:class:`PretrainSampler`), ``node_index`` [N] maps its nodes to rows of the per-id
-        embedding tables and its padding edges stay off in both views.
-        """
-        padding = padding_edge_masks(graph)
-
-        def one_view(key):
-            k_aug, k_drop = jax.random.split(key)
-            view, masks, nodes = augment(graph, k_aug, self.cfg.augment, return_node_masks=True)
-            masks = {k: (m & padding[k] if k in padding else m) for k, m in masks.items()}
-            emb = self.encoder.apply({"params": params["encoder"]}, view, edge_masks=masks, node_index=node_index,
-                                     deterministic=deterministic, rngs={"dropout": k_drop})
-            return emb, nodes
-
-        return jax.vmap(one_view)(jax.random.split(rng, 2))
-
-    def view_losses(self, params, graph: HeteroGraph, rng: Array, deterministic: bool,
-                    node_index: Mapping[str, Array] | None = None,
-                    node_mask: Mapping[str, Array] | None = None) -> dict[str, Array]:
-        """Per node type NT-Xent between two augmented views of ``graph`` (rng decides everything).
-
-        ``node_index``, ``node_mask`` ({type: [N] bool}, False for padding): those of a sampled
-        subgraph; padding nodes are never contrasted.
-        """
-        cfg = self.cfg
-        k_views, k_batch = jax.random.split(rng)
-        emb, nodes = self.encode_views(params, graph, k_views, deterministic, node_index)
-        batch_keys = jax.random.split(k_batch, len(self.node_types))
-        batch, valid = {}, {}
-        for t, key in zip(self.node_types, batch_keys):
-            n = graph.num_nodes[t]
-            if n > cfg.batch_size:
-                idx = jax.random.choice(key, n, (cfg.batch_size,), replace=False)
-            else:
-                idx = jnp.arange(n)
-            batch[t] = emb[t][:, idx]  # [2, B, hidden]
-            # A node dropped from either view has no neighbourhood there: it is not contrasted.
-            valid[t] = nodes[t][0, idx] & nodes[t][1, idx]
-            if node_mask is not None and t in node_mask:
-                valid[t] = valid[t] & jnp.asarray(node_mask[t])[idx]
-        z = self.projection.apply({"params": params["projection"]}, batch)  # [2, B, proj]
-        return {t: nt_xent_loss(z[t][0], z[t][1], valid[t], cfg.temperature, cfg.hard_negative_beta)
-                for t in self.node_types}
-
-    def total_loss(self, losses: Mapping[str, Array]) -> Array:
-        return sum(self.cfg.loss_weights[t] * losses[t] for t in self.node_types)
-
-
-def make_model(graph: HeteroGraph, cfg: PretrainConfig) -> PretrainModel:
-    node_types = contrast_node_types(cfg, graph)
-    if not node_types:
-        raise ConfigError(f"loss_weights: none of {sorted(cfg.loss_weights)} is a node type of the graph")
-    return PretrainModel(encoder=make_encoder(graph, cfg.encoder),
-                         projection=ProjectionHead(node_types, cfg.projection_hidden, cfg.projection_dim),
-                         cfg=cfg, node_types=node_types)
-
-
-class PretrainSampler:
-    """Neighbour-sampled subgraphs for GraphCL, each with its own candidate pool for edge adding.
-
-    Subgraphs come from a :class:`~jaxfood.graph.sampling.NeighbourSampler` over the pretraining
-    graph without a global candidate pool (candidate edges must not shape neighbourhoods); every
-    sample may be a seed (no labels are used). Each subgraph then gets ``K`` candidate edges per
-    ``edge_add`` relation among its own nodes (:func:`~jaxfood.train.augment.add_candidate_edges`),
-    ``K`` fixed by the edge budget, so shapes never change. :meth:`batch` is deterministic in
-    ``(seed, step, shard)``: the ``make_shard`` of :func:`jaxfood.train.distributed.fit`.
-    """
-
-    def __init__(self, graph: HeteroGraph, cfg: PretrainConfig, sampler_cfg: SamplerConfig = SamplerConfig()):
-        base = prepare_pretrain_graph(graph, dataclasses.replace(cfg.augment, edge_add={}), seed=cfg.seed)
-        sampler_cfg = dataclasses.replace(sampler_cfg, num_hops=cfg.encoder.num_layers)
-        self.sampler = NeighbourSampler(base, sampler_cfg, seed_pool=np.arange(base.num_nodes[schema.SAMPLE]))
-        self.counts = subgraph_candidate_counts(cfg.augment, self.sampler)
-        self.seed = int(sampler_cfg.seed)
-        meta = self.sampler.meta
-        # One static meta object for every subgraph: one compilation.
-        self.meta = dataclasses.replace(meta, extra={**meta.extra, CANDIDATES_KEY: dict(self.counts)})
-
-    def batch(self, step: int, shard: int = 0) -> SampledSubgraph:
-        sub = self.sampler.batch(step, shard)
-        rng = np.random.default_rng([self.seed, 0xADD, int(step), int(shard)])
-        return add_candidate_edges(sub, self.counts, rng, self.meta)
-
-
-def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransformation,
-                       axis_name: str | None = None, on_trace: Callable[[], None] | None = None):
-    """``step(params, opt_state, graph, rng, node_index=None, node_mask=None) -> (params, opt_state,
-    metrics)``, pure (jit/pmap it).
-
-    ``graph`` is the full pretraining graph (:func:`prepare_pretrain_graph`) or a sampled subgraph
-    of :class:`PretrainSampler` with its ``node_index`` and ``node_mask`` (one code path for both).
-    ``metrics``: ``loss`` (weighted total), ``loss/<Type>``, ``grad_norm`` (before clipping).
-    With ``axis_name`` (under ``pmap``), gradients and metrics are averaged over that axis with
-    ``lax.pmean``, so every device applies the same update. ``on_trace`` is called each time the
-    function is traced (compilation counting in tests).
-    """
-
-    def loss_fn(params, graph, rng, node_index, node_mask):
-        losses = model.view_losses(params, graph, rng, deterministic=not model.cfg.encoder_dropout,
-                                   node_index=node_index, node_mask=node_mask)
-        return model.total_loss(losses), losses
-
-    def step(params, opt_state, graph, rng, node_index=None, node_mask=None):
-        if on_trace is not None:
-            on_trace()
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graph, rng, node_index, node_mask)
-        if axis_name is not None:
-            grads = jax.lax.pmean(grads, axis_name)
-            loss, losses = jax.lax.pmean((loss, losses), axis_name)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        metrics.update({f"loss/{t}": v for t, v in losses.items()})
-        return params, opt_state, metrics
-
-    return step
-
-
-def make_eval_fn(model: PretrainModel, val_keys: Array,
-                 readout_types: tuple[str, ...] = (schema.SAMPLE, schema.FOOD)):
-    """``evaluate(params, graph) -> (val_metrics, embeddings)``: one compiled function for both.
-
-    ``val_metrics`` = ``{"loss", "loss/<Type>"}``, the held-out view loss: the contrastive loss of
-    fixed view pairs (``val_keys`` [V] keys, fixed for the run, so epochs are comparable), without
-    dropout. ``embeddings`` = ``{type: [N, hidden]}`` of ``readout_types`` in the un-augmented
-    graph (label and candidate edges off), for the read-outs.
-    """
-    def evaluate(params, graph):
-        def one(key):
-            losses = model.view_losses(params, graph, key, deterministic=True)
-            return model.total_loss(losses), losses
-
-        totals, losses = jax.vmap(one)(val_keys)
-        val = {"loss": totals.mean()}
-        val.update({f"loss/{t}": v.mean() for t, v in losses.items()})
-        embeddings = model.encoder.apply({"params": params["encoder"]}, graph, edge_masks=base_edge_masks(graph),
-                                         deterministic=True)
-        return val, {t: embeddings[t] for t in readout_types if t in embeddings}
-
-    return evaluate
-
-
-# ---- read-outs ------------------------------------------------------------------------------------
-def embedding_readouts(embeddings: Mapping[str, np.ndarray], graph: HeteroGraph, knn_k: int = 5,
-                       seed: int = 0) -> dict[str, float]:
-    """Quality of frozen embeddings, without any fine-tuning.
-
-    * ``knn_purity``: k-NN purity of Food embeddings [F, hidden] by USDA food category
-      (:func:`jaxfood.eval.metrics.knn_purity`, cosine); foods without a category are left out.
-    * ``linear_probe_accuracy``: a logistic regression (scikit-learn, standardised inputs) trained
-      on the Sample embeddings of training-split samples to predict their food, scored on the
-      test-split samples (NaN where either split has no labelled sample).
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    from jaxfood.eval.metrics import knn_purity
-
-    food = np.asarray(embeddings[schema.FOOD], np.float64)
-    category = np.asarray(graph.food_category)
-    known = category >= 0
-    purity = knn_purity(food[known], category[known], k=knn_k) if known.sum() >= 2 else float("nan")
-
-    samples = np.asarray(embeddings[schema.SAMPLE], np.float64)
-    sample_food = np.asarray(graph.sample_food)
-    split = np.asarray(graph.sample_split)
-    train = (split == 0) & (sample_food >= 0)
-    test = (split == 2) & (sample_food >= 0)
-    if train.sum() == 0 or test.sum() == 0 or np.unique(sample_food[train]).size < 2:
-        accuracy = float("nan")
-    else:
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-        # One BLAS thread: on a [390, 64] problem, threads only spin against each other (15x slower).
-        with threadpool_limits(1):
-            probe.fit(samples[train], sample_food[train])
-        accuracy = float(np.mean(probe.predict(samples[test]) == sample_food[test]))
-    return {"knn_purity": float(purity), "linear_probe_accuracy": accuracy}
-
-
-def food_embedding_figure(food_embeddings: np.ndarray, graph: HeteroGraph, path: Path, title: str) -> Path:
-    """2-D PCA map of Food embeddings [F, hidden] coloured by USDA food category, written as PNG."""
-    from jaxfood.eval.figures import plot_embedding_categories
-
-    names = list(graph.meta.food_categories)
-    categories = [names[c] if 0 <= c < len(names) else "unknown" for c in np.asarray(graph.food_category).tolist()]
-    foods = graph.meta.node_ids.get(schema.FOOD)
-    return plot_embedding_categories(food_embeddings, categories, path, point_labels=foods, method="pca",
-                                     title=title)
-
-
-# ---- the run --------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class PretrainResult:
-    """What :func:`pretrain` returns (everything also written under ``workdir``)."""
+    """What :func:`pretrain` returns. ``embeddings``: ``{"pretrained" | "random": {type: [N, hidden]}}``
+    of Sample and Food nodes in the un-augmented graph, for the read-outs."""
 
     encoder_config: EncoderConfig
     params: dict[str, Any]            # {"encoder": ..., "projection": ...} of the best epoch
     history: dict[str, list[float]]   # {"loss": per epoch (train), "val_loss": per epoch}
-    metrics: dict[str, dict[str, float]]  # pretrain_metrics.json
     best_epoch: int
     checkpoint_dir: Path
     num_step_compilations: int
     runtime_s: float
-    figures: dict[str, Path]
+    embeddings: dict[str, dict[str, np.ndarray]]
+    start_step: int = 0
+    edges_per_second: float = 0.0
+    spread: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=dict)   # read-outs, filled by the workflow
+    figures: dict = dataclasses.field(default_factory=dict)
 
 
-def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, progress: bool = True,
+def sampled_edges(batch) -> int:
+    """Real (not padding) edges of a local batch of sampled subgraphs."""
+    return int(sum(np.asarray(m).sum() for m in batch.edge_masks.values()))
+
+
+def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
+             options: DataParallelOptions = DataParallelOptions(), progress: bool = True,
              log: Callable[[str], None] | None = None) -> PretrainResult:
-    """Runs GraphCL pretraining on ``graph`` and writes its outputs under ``workdir``.
+    """Runs GraphCL pretraining on ``graph``; every process of a job calls it with the same arguments.
 
-    Writes ``checkpoints/`` (orbax, the best epoch by held-out view loss: ``params`` {encoder,
-    projection}, ``opt_state``; meta kind ``graphcl``), ``tb/`` (TensorBoard: loss per node type,
-    learning rate, gradient norm, held-out view loss), ``pretrain_history.json`` (``loss`` and
-    ``val_loss`` per epoch), ``pretrain_metrics.json`` (read-outs of the pretrained and of the
-    randomly initialised encoder, see :func:`embedding_readouts`) and
-    ``figures/pretrain_food_embeddings.png`` (and the same map for the random encoder).
+    ``epochs x steps_per_epoch`` steps of ``num_shards`` shards (``options``: one pair of views of
+    the full graph per device, or with ``options.sampled`` of each shard's own neighbour-sampled
+    subgraph); after every epoch the held-out view loss (fixed view pairs of the full graph) is
+    computed, the best epoch kept, and ``patience`` epochs without improvement stop the run.
+    Writes ``checkpoints/`` (orbax, the best epoch: ``params`` {encoder, projection},
+    ``opt_state``; meta kind ``graphcl``), ``resume/`` while running (removed at the end) and, on
+    process 0, ``tb/`` (loss per node type, learning rate, gradient norm, held-out view loss).
+    Raises :class:`~jaxfood.train.preemption.Preempted` when stopped by SIGTERM (rerun to resume).
     """
-    from tensorboardX import SummaryWriter
-    from tqdm.auto import tqdm
-
-    from jaxfood.io_utils import atomic_dir
-    from jaxfood.train.checkpoint import save_checkpoint
-
     start = time.perf_counter()
     workdir = Path(workdir)
     check_pretrain_config(cfg, graph)
     log = log or (lambda _msg: None)
-
-    pre_graph = prepare_pretrain_graph(graph, cfg.augment, seed=cfg.seed)
-    pre_graph = jax.device_put(pre_graph)
+    pre_graph = prepare_pretrain_graph(graph, cfg.augment, seed=cfg.seed).to_numpy()
     model = make_model(pre_graph, cfg)
     total_steps = cfg.epochs * cfg.steps_per_epoch
-    optimizer, schedule = make_optimizer(cfg, total_steps)
+    optimizer, schedule = make_graphcl_optimizer(cfg, total_steps)
+    k_init, _, k_val = jax.random.split(jax.random.key(cfg.seed), 3)
+    initial_params = jax.device_get(jax.jit(model.init)(k_init, pre_graph))
+    state = {"params": initial_params, "opt_state": jax.device_get(jax.jit(optimizer.init)(initial_params))}
+    layout = ShardLayout.current(options.per_device, options.local_devices)
+    if options.sampled:
+        views = PretrainSampler(graph, cfg, SamplerConfig(batch_size=options.batch_size, seed=cfg.seed))
+        make_shard, count_edges = views.batch, sampled_edges
+    else:
+        full_edges = sum(e.num_edges for e in pre_graph.edges.values()) * layout.local_shards
 
-    root = jax.random.key(cfg.seed)
-    k_init, k_train, k_val = jax.random.split(root, 3)
-    params = jax.jit(model.init)(k_init, pre_graph)
-    initial_params = params  # the random encoder of the read-outs
-    # Under jit: one compilation, not one small one per eagerly created zeros array.
-    opt_state = jax.jit(optimizer.init)(params)
-    learning_rates = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total_steps)))
+        def make_shard(step, shard):
+            return pre_graph
 
-    traces = []
-    step_fn = jax.jit(make_pretrain_step(model, optimizer, on_trace=lambda: traces.append(1)))
+        def count_edges(batch):
+            return full_edges
+    step = data_parallel(make_pretrain_step(model, optimizer), layout, seed=cfg.seed)
     eval_fn = jax.jit(make_eval_fn(model, jax.random.split(k_val, cfg.val_views)))
+    device_graph = jax.device_put(pre_graph)
+    spread = dict(layout.describe(), sampled=options.sampled,
+                  batch_size=options.batch_size if options.sampled else None)
 
-    history: dict[str, list[float]] = {"loss": [], "val_loss": []}
-    best = (math.inf, -1, params)
-    stale = 0
-    tb_dir = workdir / "tb"
-    tb_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(tb_dir))
-    bar = tqdm(total=total_steps, desc="pretrain", unit="step", disable=not progress, leave=False)
-    step = 0
+    loop = LoopConfig(num_steps=total_steps, checkpoint_dir=workdir / "checkpoints", resume_dir=workdir / "resume",
+                      checkpoint_every=options.checkpoint_every, eval_every=cfg.steps_per_epoch,
+                      patience=cfg.patience)
+    prepare_run(loop, stale=[workdir / "tb"])
+    tensorboard = TensorBoard(workdir / "tb" if is_primary() else None)
+
+    def on_train(done: int, metrics: dict[str, float]) -> None:
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            raise FloatingPointError(f"pretraining diverged at step {done} (loss {metrics['loss']})")
+        tensorboard.write(done, metrics, "pretrain/")
+        tensorboard.write(done, {"learning_rate": float(schedule(done - 1))}, "pretrain/")
+
+    def evaluate(state, done: int) -> tuple[float, dict[str, float]]:
+        val, _ = jax.device_get(eval_fn(state["params"], device_graph))
+        val = {k: float(v) for k, v in val.items()}
+        tensorboard.write(done, val, "pretrain_val/")
+        log(f"epoch {done // cfg.steps_per_epoch}/{cfg.epochs}: held-out view loss {val['loss']:.4f}")
+        return -val["loss"], val
+
+    meta = {"kind": CHECKPOINT_KIND, "encoder_config": config_to_dict(cfg.encoder), "config": config_to_dict(cfg),
+            "data_parallel": spread}
     try:
-        for epoch in range(cfg.epochs):
-            epoch_metrics = []
-            for _ in range(cfg.steps_per_epoch):
-                # The rng of a step is a function of the step alone (resumable, order-independent).
-                params, opt_state, metrics = step_fn(params, opt_state, pre_graph, jax.random.fold_in(k_train, step))
-                epoch_metrics.append(metrics)
-                step += 1
-                bar.update(1)
-            epoch_metrics = jax.device_get(epoch_metrics)
-            val, _ = jax.device_get(eval_fn(params, pre_graph))
-            first_step = step - cfg.steps_per_epoch
-            for i, m in enumerate(epoch_metrics):
-                s = first_step + i + 1
-                for name, value in m.items():
-                    writer.add_scalar(f"pretrain/{name}", float(value), s)
-                writer.add_scalar("pretrain/learning_rate", float(learning_rates[s - 1]), s)
-            for name, value in val.items():
-                writer.add_scalar(f"pretrain_val/{name}", float(value), step)
-            train_loss = float(np.mean([m["loss"] for m in epoch_metrics]))
-            val_loss = float(val["loss"])
-            history["loss"].append(train_loss)
-            history["val_loss"].append(val_loss)
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, held-out view loss {val_loss:.4f}")
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"pretraining diverged at epoch {epoch + 1} (loss {train_loss})")
-            if val_loss < best[0]:
-                best = (val_loss, epoch, jax.device_get((params, opt_state)))
-                stale = 0
-            else:
-                stale += 1
-                if cfg.patience and stale >= cfg.patience:
-                    log(f"early stop after epoch {epoch + 1}: no improvement for {cfg.patience} epochs")
-                    break
+        result = train_loop(step, state, make_shard, loop, fixed_batch=not options.sampled, evaluate=evaluate,
+                            meta=meta, on_train=on_train, count_edges=count_edges, progress=progress, log=log)
     finally:
-        bar.close()
-        writer.flush()
-        writer.close()
+        tensorboard.close()
+    if result.preempted:
+        raise Preempted(result.end_step, loop.resume_dir)
 
-    best_val, best_epoch, (best_params, best_opt_state) = best
-    ckpt_dir = workdir / "checkpoints"
-    meta = {"kind": "graphcl", "encoder_config": config_to_dict(cfg.encoder), "config": config_to_dict(cfg),
-            "epoch": best_epoch + 1, "val_loss": best_val}
-    # Written aside, then moved into place: a rerun replaces the previous run's checkpoint whole.
-    with atomic_dir(workdir) as tmp:
-        save_checkpoint(tmp / "checkpoints", (best_epoch + 1) * cfg.steps_per_epoch,
-                        {"params": best_params, "opt_state": best_opt_state}, meta, max_to_keep=1)
-
-    metrics, figures = write_readouts(eval_fn, graph, pre_graph, cfg, workdir, best_params, initial_params, history)
-    return PretrainResult(encoder_config=cfg.encoder, params=best_params, history=history, metrics=metrics,
-                          best_epoch=best_epoch + 1, checkpoint_dir=ckpt_dir, num_step_compilations=len(traces),
-                          runtime_s=time.perf_counter() - start, figures=figures)
-
-
-def write_readouts(eval_fn, graph: HeteroGraph, pre_graph: HeteroGraph, cfg: PretrainConfig, workdir: Path,
-                   best_params, initial_params, history: Mapping[str, list[float]], write: bool = True):
-    """Writes ``pretrain_metrics.json``, ``pretrain_history.json`` and the embedding maps of a run;
-    returns ``(metrics, figures)``. ``eval_fn``: from :func:`make_eval_fn` (jitted). ``write``
-    False: only computes the metrics (processes other than 0 of a multi-host run)."""
-    from jaxfood.io_utils import write_json
-
-    workdir = Path(workdir)
-    # Read-outs: frozen embeddings of the un-augmented graph, pretrained vs. random initialisation.
-    pretrained_emb = jax.device_get(eval_fn(best_params, pre_graph)[1])
-    random_emb = jax.device_get(eval_fn(initial_params, pre_graph)[1])
-    metrics = {"pretrained": embedding_readouts(pretrained_emb, graph, cfg.knn_k, cfg.seed),
-               "random": embedding_readouts(random_emb, graph, cfg.knn_k, cfg.seed)}
-    if not write:
-        return metrics, {}
-    # NaN (a read-out the graph cannot support, e.g. no test split) is written as JSON null.
-    write_json(workdir / "pretrain_metrics.json",
-               {side: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-                for side, values in metrics.items()})
-    write_json(workdir / "pretrain_history.json", history)
-    figures = {
-        "food_embeddings": food_embedding_figure(
-            pretrained_emb[schema.FOOD], graph, workdir / "figures" / "pretrain_food_embeddings.png",
-            f"Food embeddings after GraphCL (k-NN purity {metrics['pretrained']['knn_purity']:.2f})"),
-        "food_embeddings_random": food_embedding_figure(
-            random_emb[schema.FOOD], graph, workdir / "figures" / "random_food_embeddings.png",
-            f"Food embeddings, random encoder (k-NN purity {metrics['random']['knn_purity']:.2f})"),
-    }
-    return metrics, figures
+    best, _ = restore_checkpoint(loop.checkpoint_dir)
+    per_step = {row["step"]: row["loss"] for row in result.history["train"]}
+    epochs = len(result.history["val"])
+    history = {"loss": [float(np.mean([per_step[s] for s in range(e * cfg.steps_per_epoch + 1,
+                                                                   (e + 1) * cfg.steps_per_epoch + 1)
+                                       if s in per_step])) for e in range(epochs)],
+               "val_loss": [float(row["loss"]) for row in result.history["val"]]}
+    embeddings = {"pretrained": jax.device_get(eval_fn(best["params"], device_graph)[1]),
+                  "random": jax.device_get(eval_fn(initial_params, device_graph)[1])}
+    return PretrainResult(encoder_config=cfg.encoder, params=best["params"], history=history,
+                          best_epoch=result.best_step // cfg.steps_per_epoch, checkpoint_dir=loop.checkpoint_dir,
+                          num_step_compilations=step.compile_count(), runtime_s=time.perf_counter() - start,
+                          embeddings=embeddings, start_step=result.start_step,
+                          edges_per_second=result.edges_per_second, spread=spread)
 
 
 def load_pretrained_encoder(ckpt_dir: str | Path, step: int | None = None) -> tuple[EncoderConfig, Any]:
@@ -579,8 +161,6 @@ def load_pretrained_encoder(ckpt_dir: str | Path, step: int | None = None) -> tu
 
     Build the encoder with ``make_encoder(graph, config)``; the parameter tree matches it.
     """
-    from jaxfood.train.checkpoint import load_encoder
-
     config_dict, params, _meta = load_encoder(ckpt_dir, step)
     try:
         config = config_from_dict(EncoderConfig(), config_dict, source=f"{ckpt_dir}: meta 'encoder_config'")

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from jaxfood.errors import ConfigError
+
 TASKS: tuple[str, ...] = ("food_classification", "nutrition", "salient_molecules")
 #: Which form of uncertainty weighting each task uses.
 TASK_KINDS: dict[str, str] = {"food_classification": "classification", "nutrition": "regression",
@@ -57,7 +59,6 @@ class WeightingConfig:
 def _static_vector(cfg: WeightingConfig, tasks: Sequence[str]):
     unknown = set(cfg.static_weights) - set(tasks)
     if unknown:
-        from jaxfood.errors import ConfigError
         raise ConfigError(f"weighting.static_weights: unknown task(s) {sorted(unknown)} (expected {list(tasks)})")
     return jnp.asarray([float(cfg.static_weights.get(t, 1.0)) for t in tasks], jnp.float32)
 

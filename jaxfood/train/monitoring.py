@@ -1,23 +1,28 @@
-"""Monitoring of multi-task fine-tuning: TensorBoard scalars, curves as PNG, a progress bar.
+"""Monitoring of training runs: the TensorBoard writer, curves as PNG, reading event files back.
 
-Everything the step reports is logged every step (every task loss and its components, the total,
-task weights and uncertainty log-variances, gradient norms per parameter group, each task's
+Fine-tuning logs everything its step reports every step (every task loss and its components, the
+total, task weights and uncertainty log-variances, gradient norms per parameter group, each task's
 gradient norm on the shared encoder and the pairwise cosine similarity of task gradients), plus
-each group's learning rate and the validation metrics. The run's history is kept in memory (and
-written as ``history.json`` by the loop) and drawn as ``losses.png``, ``task_weights.png`` and
-``gradient_conflict.png``.
+each group's learning rate and the validation metrics; its history (from the loop) is drawn as
+``losses.png``, ``task_weights.png`` and ``gradient_conflict.png``. GraphCL logs its losses,
+learning rate and held-out view loss.
 
-This is the side-effect edge of training: files and terminal only, no JAX.
+This is the side-effect edge of training: files only, no JAX.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
+
+from jaxfood.io_utils import atomic_path
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -34,84 +39,29 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
     return out
 
 
-class FinetuneMonitor:
-    """Logs a fine-tuning run to ``tb_dir`` (tensorboardX), keeps its history, shows a tqdm bar.
+class TensorBoard:
+    """The one TensorBoard writer of a run (tensorboardX): ``write(step, row, prefix)`` logs the
+    finite numbers of a flat or nested dict as ``prefix + name`` scalars. ``tb_dir`` None (no
+    events: TensorBoard off, or not the primary process) makes every call a no-op."""
 
-    Args:
-      tb_dir: TensorBoard event directory (None: no event files).
-      learning_rate_fn: ``step -> {group: lr}`` (the optimizer's schedules at that step).
-      total_steps: for the progress bar.
-      progress: show the progress bar.
-    """
-
-    def __init__(self, tb_dir: str | Path | None, learning_rate_fn: Callable[[int], Mapping[str, float]] | None = None,
-                 total_steps: int = 0, progress: bool = True):
-        self.history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
-        self._lr_fn = learning_rate_fn
+    def __init__(self, tb_dir: str | Path | None):
         self._writer = None
         if tb_dir is not None:
-            from tensorboardX import SummaryWriter
-
             Path(tb_dir).mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(tb_dir))
-        self._bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, desc="fine-tune", unit="step", dynamic_ncols=True)
-
-    # ---- logging ------------------------------------------------------------------------------
-    def train(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """Logs one step's metrics (flat dict ``"loss/total" -> scalar``) and the learning rates."""
-        row = {k: float(v) for k, v in flatten_metrics(metrics).items()}
-        if self._lr_fn is not None:
-            for group, lr in self._lr_fn(step).items():
-                row[f"learning_rate/{group}"] = float(lr)
-        row["step"] = int(step)
-        self.history["train"].append(row)
-        if self._writer is not None:
-            for name, value in row.items():
-                if name != "step" and math.isfinite(value):
-                    self._writer.add_scalar(name, value, step)
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix({
-                "total": f"{row.get('loss/total', float('nan')):.3f}",
-                "ce": f"{row.get('loss/food_classification', float('nan')):.3f}",
-                "nutr": f"{row.get('loss/nutrition', float('nan')):.3f}",
-                "sal": f"{row.get('loss/salient_molecules', float('nan')):.3f}",
-            }, refresh=False)
-        return row
-
-    def validation(self, step: int, metrics: Mapping[str, Any], score: float | None = None) -> dict[str, float]:
-        """Logs nested validation metrics as ``val/<section>/<name>`` scalars."""
-        row = flatten_metrics(metrics)
-        if score is not None:
-            row["selection_score"] = float(score)
-        row["step"] = int(step)
-        self.history["val"].append(row)
-        if self._writer is not None:
-            for name, value in row.items():
-                if name != "step" and math.isfinite(value):
-                    self._writer.add_scalar(f"val/{name}", value, step)
-        if self._bar is not None and score is not None:
-            self._bar.write(f"step {step}: validation score {score:.4f} "
-                            f"(accuracy {row.get('food_classification/accuracy', float('nan')):.3f})")
-        return row
+    def write(self, step: int, row: Mapping[str, Any], prefix: str = "") -> None:
+        if self._writer is None:
+            return
+        for name, value in flatten_metrics(row).items():
+            if name != "step" and math.isfinite(value):
+                self._writer.add_scalar(f"{prefix}{name}", value, int(step))
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
             self._writer = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    # ---- figures ------------------------------------------------------------------------------
-    def figures(self, out_dir: str | Path) -> list[Path]:
-        """Writes ``losses.png``, ``task_weights.png`` and ``gradient_conflict.png``; returns their paths."""
-        return write_curves(self.history, out_dir)
 
 
 def _series(rows: list[dict[str, float]], prefix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -127,12 +77,11 @@ def _series(rows: list[dict[str, float]], prefix: str) -> dict[str, tuple[np.nda
 
 def write_curves(history: Mapping[str, list[dict[str, float]]], out_dir: str | Path) -> list[Path]:
     """PNG curves of a run's history: task losses (+ validation score), task weights, gradient conflict."""
+    # matplotlib (heavy) is imported here: only runs that draw figures pay for it.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jaxfood.io_utils import atomic_path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,10 +155,6 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
     Reads the TFRecord framing directly (tensorboardX writes it; no TensorBoard install needed).
     """
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
     out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
         data = path.read_bytes()
@@ -223,6 +168,3 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
     return out
-
-
-__all__ = ["FinetuneMonitor", "conflict_summary", "flatten_metrics", "read_scalars", "write_curves"]

@@ -1,0 +1,183 @@
+"""Training and evaluation composed once: :func:`pretrain`, :func:`finetune`, :func:`evaluate`.
+
+``jaxfood pretrain|finetune|evaluate``, ``experiments/run_mtl.py`` and ``experiments/pod/train.py``
+call these; each runs on 1..N devices of 1..N processes (every process calls it with the same
+arguments; process 0 alone writes reports), on the full graph or on sampled subgraphs
+(:class:`~jaxfood.train.parallel_options.DataParallelOptions`). Training (``jaxfood.train``) gets
+evaluation as hooks; it never imports ``jaxfood.eval``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxfood.config import dump_config
+from jaxfood.data.simulate import simulate
+from jaxfood.eval.metrics import biomarkers_from_pairs, read_biomarkers
+from jaxfood.eval.readouts import embedding_readouts, food_embedding_figure
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.io_utils import write_json, write_text
+from jaxfood.models.heads import make_multitask_model
+from jaxfood.train import finetune as training
+from jaxfood.train import pretrain as pretraining
+from jaxfood.train.finetune import (
+    Evaluator,
+    FinetuneConfig,
+    FinetuneResult,
+    check_config,
+    load_finetuned,
+    prepare_graph,
+    stability_settings,
+    task_weight_summary,
+)
+from jaxfood.train.graphcl import PretrainConfig
+from jaxfood.train.monitoring import write_curves
+from jaxfood.train.parallel_options import DataParallelOptions
+from jaxfood.train.processes import is_primary
+
+Log = Callable[[str], None]
+
+
+def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
+    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
+    sources = graph.meta.extra.get("sources")
+    source = sources.get("embedded_default") if isinstance(sources, Mapping) else None
+    if not source:
+        return None
+    dataset = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
+    return _as_reference(biomarkers_from_pairs(dataset.biomarkers))
+
+
+def _as_reference(biomarkers) -> dict[str, set[str]] | None:
+    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
+    the same order wherever the reference comes from keeps the metrics bit-identical).
+    ``biomarkers``: a ``feature,category`` CSV path, ``{food: ids}`` or ``(id, food)`` pairs."""
+    if biomarkers is None:
+        return None
+    if isinstance(biomarkers, (str, Path)):
+        reference = read_biomarkers(biomarkers)
+    elif isinstance(biomarkers, Mapping):
+        reference = biomarkers
+    else:
+        reference = biomarkers_from_pairs(biomarkers)
+    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
+
+
+def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
+             options: DataParallelOptions = DataParallelOptions(), progress: bool = True,
+             log: Log | None = None) -> pretraining.PretrainResult:
+    """GraphCL pretraining (:func:`jaxfood.train.pretrain.pretrain`) and the read-outs of its encoder.
+
+    Writes under ``workdir`` (process 0): ``pretrain_config.yaml``, ``pretrain_history.json``
+    (``loss`` and ``val_loss`` per epoch), ``pretrain_metrics.json`` (k-NN purity and linear-probe
+    accuracy of the pretrained and of the randomly initialised encoder; NaN as null) and
+    ``figures/pretrain_food_embeddings.png``, ``figures/random_food_embeddings.png``; training
+    writes ``checkpoints/`` and ``tb/``. Raises ``Preempted`` when stopped by SIGTERM.
+    """
+    workdir = Path(workdir)
+    if is_primary():
+        write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
+    result = pretraining.pretrain(graph, cfg, workdir, options=options, progress=progress and is_primary(),
+                                  log=log if is_primary() else None)
+    result.metrics = {side: embedding_readouts(emb, graph, cfg.knn_k, cfg.seed)
+                      for side, emb in result.embeddings.items()}
+    if is_primary():
+        write_json(workdir / "pretrain_metrics.json",
+                   {side: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+                    for side, values in result.metrics.items()})
+        write_json(workdir / "pretrain_history.json", result.history)
+        titles = {"pretrained": "Food embeddings after GraphCL", "random": "Food embeddings, random encoder"}
+        names = {"pretrained": "food_embeddings", "random": "food_embeddings_random"}
+        files = {"pretrained": "pretrain_food_embeddings.png", "random": "random_food_embeddings.png"}
+        result.figures = {
+            names[side]: food_embedding_figure(
+                emb[schema.FOOD], graph, workdir / "figures" / files[side],
+                f"{titles[side]} (k-NN purity {result.metrics[side]['knn_purity']:.2f})")
+            for side, emb in result.embeddings.items()}
+    return result
+
+
+def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig) -> Evaluator:
+    return Evaluator(model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
+                     stability_settings(cfg))
+
+
+def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int) -> dict[str, Any]:
+    """The metrics.json of a kept state: test split, every scorer, stability, task weights."""
+    metrics = evaluator.evaluate(params, "test", reference)
+    metrics["task_weights"] = task_weight_summary(cfg.weighting, params)
+    metrics["best_step"] = int(best_step)
+    return metrics
+
+
+def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str | Path = "runs/finetune", *,
+             pretrained: str | Path | None = None, biomarkers=None,
+             options: DataParallelOptions = DataParallelOptions(), progress: bool = True,
+             log: Log | None = None) -> FinetuneResult:
+    """Multi-task fine-tuning (:func:`jaxfood.train.finetune.finetune`) validated on all three
+    tasks, then the kept checkpoint scored on the test split.
+
+    Validation every ``eval_every`` steps: food classification, nutrition and the headline
+    salient scorer (precision/recall@k, fidelity; no stability perturbations) on the val split;
+    the combined score picks the kept checkpoint and stops early. ``biomarkers``: reference for
+    precision@k (``{food: ids}``, ``(id, food)`` pairs or a ``feature,category`` CSV path); default:
+    the simulator's for the embedded default graph. Writes under ``workdir`` (process 0):
+    ``metrics.json`` (test metrics, also ``jaxfood evaluate``'s), ``history.json``, ``figures/``;
+    training writes ``config.yaml``, ``checkpoints/``, ``tb/``. Raises ``Preempted`` when stopped.
+    """
+    cfg = check_config(cfg or FinetuneConfig())
+    workdir = Path(workdir)
+    reference = _as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
+    evaluators: dict[int, Evaluator] = {}
+
+    def evaluator_for(model) -> Evaluator:
+        if id(model) not in evaluators:  # compiled once per model, reused at every evaluation
+            evaluators[id(model)] = _evaluator(model, graph, cfg)
+        return evaluators[id(model)]
+
+    def validate(model, params):
+        return evaluator_for(model).evaluate(params, "val", reference, scorers=(cfg.salient_scorer,),
+                                             stability=False)
+
+    stored = None if reference is None else {f: sorted(m) for f, m in sorted(reference.items())}
+    result = training.finetune(graph, cfg, workdir, pretrained=pretrained, validate=validate, options=options,
+                               meta_extra={"biomarkers": stored}, progress=progress and is_primary(),
+                               log=log if is_primary() else None)
+    model = make_multitask_model(prepare_graph(graph), result.encoder_config, cfg.heads)
+    params = jax.tree_util.tree_map(jnp.asarray, result.params)
+    evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)
+    result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step)
+    if is_primary():
+        write_json(workdir / "metrics.json", result.metrics)
+        write_json(workdir / "history.json", result.history)
+        if cfg.figures:
+            result.figures = {path.stem: path for path in write_curves(result.history, workdir / "figures")}
+    return result
+
+
+def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: str = "test",
+             step: int | None = None) -> dict[str, Any]:
+    """Metrics of a fine-tuning checkpoint on ``graph`` -- those :func:`finetune` reported for it
+    (any run: one device or many, full graph or sampled).
+
+    ``biomarkers`` (a ``feature,category`` CSV path, ``{food: ids}`` or pairs) replaces the reference
+    the checkpoint was scored with (kept in its meta).
+    """
+    loaded = load_finetuned(ckpt_dir, graph, step)
+    if biomarkers is not None:
+        reference = _as_reference(biomarkers)
+    elif loaded.meta.get("biomarkers") is not None:
+        reference = _as_reference(loaded.meta["biomarkers"])
+    else:
+        reference = None
+    metrics = _evaluator(loaded.model, graph, loaded.config).evaluate(loaded.params, split, reference)
+    metrics["task_weights"] = task_weight_summary(loaded.config.weighting, loaded.params)
+    metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
+    return metrics
