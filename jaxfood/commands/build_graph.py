@@ -26,6 +26,8 @@ Inputs, one of:
                                 FoodData Central CSV directory joined through the metadata's
                                 ndb_number). Without --nutrients the graph has no Nutrient nodes
                                 and the nutrition task is off; everything else works.
+    [--network F]               GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
+                                -> (Molecule, is_similar_to, Molecule) with the cosine as attribute
   --upstream-json F             the intermediate JSON of the PyTorch project (compatibility mode:
                                 the same graph it builds; also writes hetero_graph_mappings.json)
 
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     files.add_argument("--molecule-embeddings", metavar="F", help="spectral embeddings, .npy matrix [molecules, dim]")
     files.add_argument("--molecule-ids", metavar="F",
                        help="molecule ids of the embedding rows, one per line [default: molecule_ids.txt beside the .npy]")
+    files.add_argument("--network", metavar="F",
+                       help="GNPS molecular networking edge file (CLUSTERID1, CLUSTERID2, Cosine): "
+                            "Molecule-is_similar_to-Molecule edges")
     files.add_argument("--label-column", default=None, metavar="C",
                        help="metadata column holding the food label [default: sample_type_group5]")
     up = parser.add_argument_group("compatibility mode")
@@ -77,6 +82,7 @@ def _check_args(args) -> str:
     if args.upstream_json:
         given = [f"--{n}" for n, v in (("feature-table", args.feature_table), ("metadata", args.metadata),
                                        ("nutrients", args.nutrients), ("molecule-embeddings", args.molecule_embeddings),
+                                       ("network", args.network),
                                        ("label-column", args.label_column), ("split", args.split)) if v]
         if given:
             raise UserError(f"--upstream-json cannot be combined with {', '.join(given)} "
@@ -90,8 +96,8 @@ def _check_args(args) -> str:
             raise UserError(f"missing {', '.join(missing)} (--feature-table and --metadata go together; "
                             "--nutrients is optional)")
         return "files"
-    if args.molecule_embeddings or args.label_column:
-        raise UserError("--molecule-embeddings and --label-column need --feature-table and --metadata")
+    if args.molecule_embeddings or args.label_column or args.network:
+        raise UserError("--molecule-embeddings, --network and --label-column need --feature-table and --metadata")
     return "default"
 
 
@@ -135,7 +141,7 @@ def run(args) -> int:
             tables = read_tables(args.feature_table, args.metadata, args.nutrients,
                                  molecule_embeddings=args.molecule_embeddings,
                                  label_column=args.label_column or DEFAULT_LABEL_COLUMN,
-                                 molecule_ids=args.molecule_ids)
+                                 molecule_ids=args.molecule_ids, network=args.network)
             graph = build_graph(tables, seed=args.seed, split_fractions=fractions)
         else:
             from jaxfood.data.default import build_default_graph

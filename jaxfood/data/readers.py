@@ -16,6 +16,8 @@ Formats:
   column per nutrient, amounts per 100 g), or a directory in the USDA FoodData Central CSV layout
   (see :func:`read_nutrients`).
 * **Molecule embeddings** -- ``.npy`` matrix [K, d] + a text file of K molecule ids.
+* **Molecular network** -- the GNPS FBMN edge file (``CLUSTERID1``, ``CLUSTERID2``, ``Cosine``):
+  ``(Molecule, is_similar_to, Molecule)`` edges with the cosine as attribute.
 
 Bad input policy. Problems that make the data unusable or ambiguous raise
 :class:`~jaxfood.errors.UserError` with one line naming the file, the column/line and what was
@@ -54,6 +56,7 @@ import pandas as pd
 from jaxfood.data.tables import (
     FeatureTable,
     MoleculeEmbeddings,
+    MoleculeSimilarity,
     NutrientTable,
     RawTables,
     SampleMetadata,
@@ -600,6 +603,40 @@ def _match_samples(features: FeatureTable, metadata: SampleMetadata) -> list[int
     return out
 
 
+# ---- molecular network ---------------------------------------------------------------------------
+#: Columns of the GNPS feature-based molecular networking edge file (``networkedges_selfloop``, .pairsinfo).
+NETWORK_COLUMNS = ("CLUSTERID1", "CLUSTERID2", "Cosine")
+
+
+def read_molecular_network(path: str | Path) -> MoleculeSimilarity:
+    """Reads a GNPS FBMN edge file (TSV/CSV with ``CLUSTERID1``, ``CLUSTERID2``, ``Cosine``; the
+    cluster ids are the feature table's ``row ID``) into ``is_similar_to`` edges.
+
+    Self loops (GNPS lists singletons as ``i -> i``) are dropped; a pair listed twice (either
+    direction) keeps its highest cosine. Cosines must lie in [0, 1].
+    """
+    path = Path(path)
+    df, _ = _read_csv(path, "molecular network", dtype={c: str for c in NETWORK_COLUMNS[:2]})
+    _require_columns(df, path, NETWORK_COLUMNS, hint="expected a GNPS molecular networking edge file with "
+                                                     "'CLUSTERID1', 'CLUSTERID2' and 'Cosine'")
+    cosine = _numeric_column(df, "Cosine", path, allow_nan=False, allow_negative=False, what="a cosine")
+    if (cosine > 1 + 1e-6).any():
+        i = int(np.nonzero(cosine > 1 + 1e-6)[0][0])
+        raise UserError(f"{path}: column 'Cosine', line {i + 2}: value {cosine[i]:g} is above 1 (expected a cosine in [0, 1])")
+    a = _id_strings(df["CLUSTERID1"].tolist())
+    b = _id_strings(df["CLUSTERID2"].tolist())
+    best: dict[tuple[str, str], float] = {}
+    for x, y, c in zip(a, b, np.minimum(cosine, 1.0)):
+        if x == y:
+            continue
+        key = (x, y) if x < y else (y, x)
+        best[key] = max(best.get(key, 0.0), float(c))
+    if not best:
+        raise UserError(f"{path}: no edge between two different molecules (expected rows with CLUSTERID1 != CLUSTERID2)")
+    return MoleculeSimilarity(source_ids=[k[0] for k in best], target_ids=[k[1] for k in best],
+                              similarity=np.asarray(list(best.values()), np.float64), source=str(path))
+
+
 def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[FeatureTable, SampleMetadata]:
     """Restricts both tables to the samples they share, in feature-table order (counted warnings)."""
     match = _match_samples(features, metadata)
@@ -651,6 +688,7 @@ def read_tables(
     molecule_embeddings: str | Path | None = None,
     label_column: str = DEFAULT_LABEL_COLUMN,
     molecule_ids: str | Path | None = None,
+    network: str | Path | None = None,
 ) -> RawTables:
     """Reads and cross-checks all inputs; samples are aligned to the feature table's order.
 
@@ -686,4 +724,11 @@ def read_tables(
         if not set(embeddings.molecule_ids) & set(features.molecule_ids):
             raise UserError(f"{embeddings.source}: none of its molecule ids match {features.source} column "
                             f"'{ROW_ID}' (e.g. {_examples(embeddings.molecule_ids, 2)})")
-    return RawTables(features=features, metadata=meta, nutrients=nutrient_table, embeddings=embeddings)
+    similarity = None
+    if network is not None:
+        similarity = read_molecular_network(network)
+        if not set(similarity.source_ids + similarity.target_ids) & set(features.molecule_ids):
+            raise UserError(f"{similarity.source}: none of its cluster ids match {features.source} column "
+                            f"'{ROW_ID}' (e.g. {_examples(similarity.source_ids, 2)})")
+    return RawTables(features=features, metadata=meta, nutrients=nutrient_table, embeddings=embeddings,
+                     similarity=similarity)
