@@ -6,6 +6,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands enable a persistent compilation cache; tests keep it out of the user's cache directory.
+if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAXFOOD_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxfood-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
 
 import jax
 import numpy as np
@@ -74,7 +82,7 @@ TINY_FINETUNE = [
     "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
     "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
     "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
-    "loss.salient_top_k=3", "salient_k=3",
+    "loss.salient_top_k=3", "salient_k=3", "stability_perturbations=0",
 ]
 
 
