@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxfood.compile_cache import enable_compile_cache
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
@@ -93,8 +94,6 @@ def tiny_run(tmp_path_factory):
     fuzz tests need a valid checkpoint, not a good one; training would only cost time)."""
     import warnings
 
-    import jax
-
     from jaxfood.config import load_config
     from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import SimConfig, simulate
@@ -119,25 +118,16 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
+def compilation_cache():
     """Most of the suite's time is XLA compiling programs that other tests (and the subprocesses of
-    the multi-device, multi-process and resume tests) compile again: they are compiled once per
-    session and reused from this persistent cache."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    settings = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    saved = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
+    the multi-device, multi-process and resume tests) compile again: library calls in this process,
+    the commands (which enable the cache themselves) and subprocesses all share the session's
+    cache directory above, so each program is compiled once per session."""
+    cache = enable_compile_cache()
+    if cache is None:  # switched off (JAXFOOD_NO_COMPILE_CACHE)
+        yield None
+        return
     env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    saved_env = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
+    os.environ.update(env)  # subprocesses started by tests
     yield cache
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    for name, value in saved_env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
