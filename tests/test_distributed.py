@@ -242,7 +242,8 @@ def test_padding_changes_nothing_for_the_real_nodes():
     a, b = tight.batch(3), loose.batch(3)
     enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
-    model = padding_aware_model(make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8)))
+    # wide=False: the wide path reads whole-graph profiles and is off on sampled subgraphs (train.finetune).
+    model = padding_aware_model(make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, wide=False)))
     params = model.init(jax.random.key(1), a.graph)
     out_a = model.apply(params, a.graph, node_index=a.node_index)
     out_b = model.apply(params, b.graph, node_index=b.node_index)
