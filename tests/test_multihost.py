@@ -21,10 +21,11 @@ from jaxfood.train.checkpoint import restore_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny model (FinetuneConfig keys): what is tested is the job, not the model.
+# A tiny model (FinetuneConfig keys): what is tested is the job, not the model. Sample inputs are
+# inductive (shared) so that `jaxfood predict` can use the checkpoint.
 TINY_CONFIG = """
 encoder: {hidden_dim: 8, num_heads: 2, num_layers: 1, embedding_dim: 8, dropout: 0.1,
-          input_modes: {Sample: embedding, Molecule: both, Food: both}}
+          input_modes: {Sample: shared, Molecule: both, Food: both}}
 heads: {hidden_dim: 8, pool_dim: 8, attention_dim: 4, projection_dim: 4}
 loss: {salient_top_k: 3}
 steps: 6
