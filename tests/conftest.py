@@ -6,6 +6,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands enable a persistent compilation cache; tests keep it out of the user's cache directory.
+if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAXFOOD_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxfood-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
 
 import jax
 import numpy as np
