@@ -214,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
+    from jaxfood.eval.evaluator import default_biomarkers
     from jaxfood.eval.pipeline import (
         SECTIONS,
         food_rankings,
@@ -226,9 +227,9 @@ def run(args: argparse.Namespace) -> int:
     )
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
+    from jaxfood.graph.splits import resplit
     from jaxfood.io_utils import check_output_dir, write_json, write_text
     from jaxfood.train.adapt import adapt_and_report
-    from jaxfood.workflows import default_biomarkers
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
     cfg = check_run_config(load_config(RunConfig(), args.config, overrides))
@@ -257,11 +258,21 @@ def run(args: argparse.Namespace) -> int:
     for i in range(cfg.seeds):
         seed_cfg = _seeded(cfg, cfg.seed + i)
         seed_dir = workdir if i == 0 else workdir / "seeds" / str(seed_cfg.seed)
+        # Seeds vary the split too (seed_std then includes split variance); the baselines follow it.
+        seed_graph = graph if i == 0 else resplit(graph, seed_cfg.seed)
+        if i > 0 and is_primary():
+            save_graph(seed_graph, seed_dir / "graph")
         try:
-            runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log, options))
+            run = run_once(seed_graph, seed_cfg, seed_dir, reference, progress, log, options)
         except Preempted as err:
             print(err, flush=True)
             return PREEMPTED_EXIT
+        if cfg.evaluation.baselines and is_primary():
+            log(f"[seed {seed_cfg.seed}] baselines: logistic regression, random forest, ridge, fold change + PLS-DA "
+                "VIP, random")
+            run["metrics"]["baselines"] = run_baselines(seed_graph, reference, k=cfg.evaluation.top_k,
+                                                        seed=seed_cfg.seed, rf_estimators=cfg.evaluation.rf_estimators)
+        runs.append({**run, "graph": seed_graph})
     if not is_primary():
         return 0  # process 0 alone runs the baselines and writes metrics.json and report.md
     first = runs[0]
@@ -270,17 +281,13 @@ def run(args: argparse.Namespace) -> int:
         mean, std = mean_and_std([r["metrics"] for r in runs])
         metrics.update({k: v for k, v in mean.items() if k in ("food_classification", "nutrition",
                                                                  "salient_molecules", "pretrained_probe",
-                                                                 "from_scratch")})
+                                                                 "from_scratch", "baselines")})
         metrics["seed_std"] = std
         metrics["seeds"] = cfg.seeds
         k = cfg.evaluation.top_k
-        rankings = [food_rankings(r["outputs"]["finetune"], graph, k=k) for r in runs]
+        rankings = [food_rankings(r["outputs"]["finetune"], r["graph"], k=k) for r in runs]
         metrics["salient_molecules"] = {**metrics["salient_molecules"],
                                         "stability_jaccard_seeds": seed_stability(rankings, k)}
-    if cfg.evaluation.baselines:
-        log("baselines: logistic regression, random forest, ridge, fold change + PLS-DA VIP, random")
-        metrics["baselines"] = run_baselines(graph, reference, k=cfg.evaluation.top_k, seed=cfg.seed,
-                                             rf_estimators=cfg.evaluation.rf_estimators)
     log("report: confusion matrix, Food embedding maps, top molecules, model vs baselines, per-food table")
     assets = report_assets(first["outputs"]["finetune"], graph, workdir, metrics, reference, k=cfg.evaluation.top_k)
     metrics["runtime_s"] = time.perf_counter() - start

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +381,13 @@ def test_run_mtl_help_shows_no_none_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: [])" not in text and "(default: embedded)" in text
     assert "(default: runs/mtl)" in text
+
+
+def test_embedded_default_data_raises_no_warning():
+    from jaxfood.data.default import build_default_graph
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = build_default_graph(seed=0)
+    assert [str(w.message) for w in caught] == []
+    assert graph.num_nodes[schema.SAMPLE] > 0

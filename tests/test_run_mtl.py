@@ -63,6 +63,12 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     assert {"food_classification", "nutrition", "salient_molecules"} <= set(metrics["task_weights"])
     assert metrics["runtime_s"] > 0
     assert 0.0 <= metrics["food_classification"]["accuracy"] <= 1.0
+    # Model and baselines scored on the same test samples, and every section says on how many.
+    fc = metrics["food_classification"]
+    assert fc["num_samples"] > 0 and fc["samples_digest"] == metrics["baselines"]["samples_digest"]
+    assert fc["num_samples"] == metrics["baselines"]["num_samples"] == metrics["nutrition"]["num_samples"] \
+        == metrics["salient_molecules"]["num_samples"]
+    assert metrics["nutrition"]["num_foods_in_sample"] == 65 and "spearman" in metrics["nutrition"]["in_sample"]
     # Checkpoints, graph, TensorBoard events for every task, a report whose images exist.
     assert any((workdir / "checkpoints").iterdir())
     assert (workdir / "graph" / "graph.json").exists()

@@ -406,7 +406,8 @@ def baseline_metrics(
     ``random_precision_at_10`` (the required keys; ``_at_10`` means ``_at_{k}``), plus
     ``logreg_auroc_macro``, ``logreg_top3_accuracy``, ``logreg_ece``, ``rf_weighted_f1``,
     ``rf_auroc_macro``, ``rf_top3_accuracy``, ``rf_ece``, ``fold_change_recall_at_10``,
-    ``random_recall_at_10``.
+    ``random_recall_at_10``; ``num_samples`` / ``num_training_samples`` (ints): the samples scored
+    and fitted on (the model's ``food_classification.num_samples`` must equal the former).
     """
     X = np.asarray(X, dtype=np.float64)
     food = np.asarray(sample_food, dtype=np.int64)
@@ -415,7 +416,7 @@ def baseline_metrics(
     train = (split == 0) & (food >= 0)
     test = (split == test_split) & (food >= 0)
     n_classes = len(food_names)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"num_samples": int(test.sum()), "num_training_samples": int(train.sum())}
     logreg = logreg_baseline(X[train], food[train], X[test], food[test], n_classes=n_classes, seed=seed)
     forest = random_forest_baseline(
         X[train], food[train], X[test], food[test], n_classes=n_classes, n_estimators=rf_estimators, seed=seed

@@ -22,8 +22,8 @@ OBJECTIVE_ROWS: dict[str, list[tuple[str, str, str | None, bool]]] = {
         ("ece", "Expected calibration error", None, False),
     ],
     "nutrition": [
-        ("knn_purity", "k-NN purity of Food embeddings (USDA category)", None, True),
-        ("spearman", "Spearman: embedding vs nutrient distances", None, True),
+        ("knn_purity", "k-NN purity of Food embeddings (USDA category; in-sample: all foods)", None, True),
+        ("spearman", "Spearman: embedding vs nutrient distances (in-sample: all foods)", None, True),
         ("nutrient_r2", "R² of estimated nutrient profile", "ridge_nutrient_r2", True),
     ],
     "salient_molecules": [

@@ -288,6 +288,7 @@ def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
     sf = np.asarray(graph.sample_food)
     if sf.size and (sf.min() < -1 or sf.max() >= F):
         raise GraphError(f"{source}: sample_food has a food index outside [-1, {F})")
+    check_label_edges(graph, source)
     fn = np.asarray(graph.food_nutrients)
     if fn.ndim != 2 or fn.shape[0] != F:
         raise GraphError(f"{source}: food_nutrients has shape {fn.shape}, expected ({F}, num_nutrients)")
@@ -296,6 +297,19 @@ def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
     return graph
 
 
+def check_label_edges(graph: HeteroGraph, source: str = "graph") -> None:
+    """Raises :class:`GraphError` if a held-out (val/test) sample has a label edge in either
+    direction: ``Sample -> Food`` or a reverse-only ``Food -> Sample`` edge would each hand the
+    sample its food through message passing."""
+    split = np.asarray(graph.sample_split)
+    for key, sample_end in ((schema.IS_INSTANCE_OF, "senders"), (schema.reverse_key(schema.IS_INSTANCE_OF), "receivers")):
+        if key not in graph.edges:
+            continue
+        samples = np.asarray(getattr(graph.edges[key], sample_end))
+        held_out = split[samples] != SPLIT_CODES["train"] if samples.size else np.zeros(0, bool)
+        if held_out.any():
+            raise GraphError(f"{source}: {int(held_out.sum())} held-out sample(s) have a label edge ('{key}'); "
+                             "rebuild the graph with 'jaxfood build-graph'")
 # ---- what outputs say about a molecule --------------------------------------------------------------
 MOLECULE_DETAILS = ("mz", "rt", "annotation")
 
