@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
-from tensorboardX.proto import event_pb2
 
 from jaxfood.io_utils import atomic_path
 
@@ -48,6 +46,10 @@ class TensorBoard:
         self._writer = None
         if tb_dir is not None:
             Path(tb_dir).mkdir(parents=True, exist_ok=True)
+            # Imported here: tensorboardX imports torch when it is installed (seconds that predict,
+            # evaluate and embed, which write no events, should not pay).
+            from tensorboardX import SummaryWriter
+
             self._writer = SummaryWriter(str(tb_dir))
 
     def write(self, step: int, row: Mapping[str, Any], prefix: str = "") -> None:
@@ -155,6 +157,8 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
     Reads the TFRecord framing directly (tensorboardX writes it; no TensorBoard install needed).
     """
+    from tensorboardX.proto import event_pb2
+
     out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
         data = path.read_bytes()
