@@ -98,7 +98,10 @@ def write_curves(history: Mapping[str, list[dict[str, float]]], out_dir: str | P
         paths.append(path)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (s, v) in _series(train, "loss/").items():
+    losses = _series(train, "loss/")
+    # A run logs more loss terms than the default cycle has colours (10): curves would share one.
+    axes[0].set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(max(len(losses), 1))])
+    for name, (s, v) in losses.items():
         axes[0].plot(s, v, label=name, lw=1.2 if name in ("total",) else 0.9)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
