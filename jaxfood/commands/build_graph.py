@@ -26,10 +26,10 @@ Inputs, one of:
                                 FoodData Central CSV directory joined through the metadata's
                                 ndb_number). Without --nutrients the graph has no Nutrient nodes
                                 and the nutrition task is off; everything else works.
-  --mwtab F [--label-column FACTOR]
+  --mwtab F [--label-column FACTOR] [--nutrients F|DIR]
                                 a Metabolomics Workbench study (mwTab text or JSON, mwtab package)
                                 in place of the feature table and metadata
-    [--network F]               GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
+  with either, --network F      GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
                                 -> (Molecule, is_similar_to, Molecule) with the cosine as attribute
   --upstream-json F             the intermediate JSON of the PyTorch project (compatibility mode:
                                 the same graph it builds; also writes hetero_graph_mappings.json)
