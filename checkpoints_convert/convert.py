@@ -28,6 +28,7 @@ from checkpoints_convert.mapping import (
     EDGE_GAT_PARAMS,
     GAT_PARAMS,
     REQUIRED_GAT_PARAMS,
+    RESIDUAL_GAT_PARAMS,
     NameMap,
     ParsedKey,
     parse_key,
@@ -276,6 +277,9 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
     conv_keys = [p for p in parsed.values() if p.kind == "conv"]
     style = _mode([p.relation.style for p in conv_keys]) or "new"
     list_name = _mode([p.list_name for p in conv_keys]) or "layers"
+    # GATConv(residual=True) checkpoints: then every relation of every layer needs its root weight.
+    residual = any(param in RESIDUAL_GAT_PARAMS for _, _, param in conv)
+    required = REQUIRED_GAT_PARAMS + (RESIDUAL_GAT_PARAMS if residual else ())
     for layer in sorted(present_layers | set(range(L))):
         d_in = d if layer == 0 else HC
         for key in arch.relations:
@@ -284,6 +288,8 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
                                "att_dst": (1, H, C), "bias": (HC,)}
             if w > 0:
                 expected_shapes.update({"lin_edge.weight": (HC, w), "att_edge": (1, H, C)})
+            if residual:
+                expected_shapes["res.weight"] = (HC, d_in)
             for param in GAT_PARAMS:
                 loc = (layer, key, param)
                 present = loc in conv
@@ -329,7 +335,7 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
 
     # ---- params -------------------------------------------------------------------------------
     complete = [k for k in arch.relations
-                if all((layer, k, prm) in ok_conv for layer in range(L) for prm in REQUIRED_GAT_PARAMS)
+                if all((layer, k, prm) in ok_conv for layer in range(L) for prm in required)
                 and all((layer, k, prm) in ok_conv for layer in range(L) for prm in EDGE_GAT_PARAMS
                         if arch.edge_dims.get(k, 0) > 0)]
     params: dict[str, Any] = {}
@@ -367,7 +373,7 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
     encoder_config = EncoderConfig(hidden_dim=HC, num_heads=H, num_layers=L, embedding_dim=d,
                                    dropout=float(dropout) if isinstance(dropout, (int, float)) else EncoderConfig.dropout,
                                    aggr="sum", input_modes={t: "embedding" for t in node_types},
-                                   compute_dtype="float32")
+                                   compute_dtype="float32", residual=residual)
     initialised: list[str] = []
     if graph is not None:
         initialised = _fill_from_fresh_init(params, graph, encoder_config, seed)

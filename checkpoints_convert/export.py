@@ -118,8 +118,10 @@ def state_dict_arrays(params: Mapping, encoder_config: Mapping[str, Any],
             module_key = RelationName(s, r, d, style="new").module_key()
             base = f"{prefix}layers.{i}.convs.{module_key}."
             for path in ("lin_src/kernel", "lin_dst/kernel", "att_src", "att_dst", "lin_edge/kernel", "att_edge",
-                         "bias"):
+                         "bias", "res/kernel"):
                 param = _PARAM_BY_PATH[path]
+                if path == "res/kernel" and "res" not in p:
+                    continue  # GATConv(residual=False): no root weight
                 if path.split("/")[0] in p:
                     x = np.asarray(_get_path(p, path, source))
                     x = x.T if path.endswith("kernel") else x[None] if path.startswith("att_") else x

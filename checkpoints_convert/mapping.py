@@ -32,10 +32,13 @@ GAT_PARAMS: dict[str, tuple[str, ...]] = {
     "att_dst": ("att_dst",),
     "att_edge": ("att_edge",),
     "bias": ("bias",),
+    "res.weight": ("res", "kernel"),
 }
 #: Parameters every relation must have (``lin_edge``/``att_edge`` only where edge_dim > 0).
 REQUIRED_GAT_PARAMS: tuple[str, ...] = ("lin_src.weight", "lin_dst.weight", "att_src", "att_dst", "bias")
 EDGE_GAT_PARAMS: tuple[str, ...] = ("lin_edge.weight", "att_edge")
+#: The root weight of ``GATConv(residual=True)`` (PyG >= 2.5): in every relation of every layer, or in none.
+RESIDUAL_GAT_PARAMS: tuple[str, ...] = ("res.weight",)
 
 #: Whole-relation aliases of the original project (its ``Contains`` names two relations).
 UPSTREAM_RELATION_ALIASES: dict[str, str] = {

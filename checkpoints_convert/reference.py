@@ -13,11 +13,13 @@ from collections.abc import Mapping, Sequence
 
 def build_reference_encoder(num_nodes: Mapping[str, int], relations: Sequence[tuple[str, str, str]],
                             edge_dims: Mapping[tuple[str, str, str], int | None], embedding_dim: int,
-                            hidden_dim: int, num_heads: int, num_layers: int, dropout: float = 0.0):
+                            hidden_dim: int, num_heads: int, num_layers: int, dropout: float = 0.0,
+                            residual: bool = False):
     """A ``torch.nn.Module`` with ``embeddings.<Type>.weight`` and ``layers.<i>.convs.<...>`` keys.
 
     ``edge_dims[rel]`` is the width of the relation's edge attributes: ``0`` builds PyG's lazy
     ``lin_edge`` (as the original does for relations without attributes), ``None`` none at all.
+    ``residual``: ``GATConv(residual=True)`` (root weights ``res.weight``, PyG >= 2.5).
     ``forward(edge_index_dict, edge_attr_dict)`` returns ``{type: [N_type, hidden_dim]}``.
     """
     import torch
@@ -35,7 +37,8 @@ def build_reference_encoder(num_nodes: Mapping[str, int], relations: Sequence[tu
                 d = embedding_dim if i == 0 else hidden_dim
                 self.layers.append(HeteroConv({
                     rel: GATConv((d, d), hidden_dim // num_heads, heads=num_heads, dropout=dropout,
-                                 add_self_loops=False, concat=True, edge_dim=edge_dims.get(rel))
+                                 add_self_loops=False, concat=True, edge_dim=edge_dims.get(rel),
+                                 **({"residual": True} if residual else {}))
                     for rel in relations}, aggr="sum"))
 
         def forward(self, edge_index_dict, edge_attr_dict):

@@ -96,7 +96,8 @@ def reference_from_checkpoint(conversion: Conversion, ckpt: TorchCheckpoint):
         edge_dims[tuple(schema.split_key(k))] = w if w > 0 else (0 if has_inert.get(k) else None)
     module = build_reference_encoder(num_nodes, [tuple(schema.split_key(k)) for k in relations], edge_dims,
                                      arch.embedding_dim, arch.hidden_dim, arch.num_heads, arch.num_layers,
-                                     float(conversion.encoder_config.get("dropout", 0.0)))
+                                     float(conversion.encoder_config.get("dropout", 0.0)),
+                                     residual=bool(conversion.encoder_config.get("residual", False)))
     tensors = {k: numpy_to_tensor(v, "uninitialized" if v is UNINITIALIZED else "float32") for k, v in state.items()}
     try:
         module.load_state_dict(tensors, strict=True)

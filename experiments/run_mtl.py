@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="shortcut for --set seeds=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not keep compiled programs on disk")
     add_data_parallel_arguments(parser)  # --coordinator/--num-processes/--process-id, --sampled, ...
     return parser.parse_args(argv)
 
@@ -98,6 +99,7 @@ def check_run_config(cfg: RunConfig, graph=None) -> RunConfig:
 
     With ``graph`` also the keys that depend on it (pretraining augmentations of input features).
     """
+    from jaxfood.train.adapt import adapt_to_graph
     from jaxfood.train.finetune import check_config as check_finetune_config
     from jaxfood.train.graphcl import check_pretrain_config
 
@@ -107,7 +109,8 @@ def check_run_config(cfg: RunConfig, graph=None) -> RunConfig:
         value = getattr(cfg.evaluation, key)
         if value < 1:
             raise ConfigError(f"config: key 'evaluation.{key}' = {value}: expected a positive integer")
-    if cfg.finetune.encoder != FinetuneConfig().encoder:
+    default = FinetuneConfig() if graph is None else adapt_to_graph(FinetuneConfig(), graph)[0]  # as run() adapts it
+    if cfg.finetune.encoder != default.encoder:
         # Fine-tuning starts from the pretrained encoder and the from-scratch ablation copies
         # pretrain.encoder, so finetune.encoder would be silently ignored here.
         raise ConfigError("config: key 'finetune.encoder' has no effect in run_mtl.py (the fine-tuned model "
@@ -216,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         SECTIONS,
         food_rankings,
         mean_and_std,
+        rankings_with_details,
         report_assets,
         run_baselines,
         scorer_rankings,
@@ -225,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxfood.graph.hetero_graph import load_graph, save_graph
     from jaxfood.graph.splits import resplit
     from jaxfood.io_utils import check_output_dir, write_json, write_text
+    from jaxfood.train.adapt import adapt_and_report
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
     cfg = check_run_config(load_config(RunConfig(), args.config, overrides))
@@ -236,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Inputs are read and checked before anything is written: a bad graph leaves no workdir behind.
     graph = load_graph(args.graph) if args.graph else build_default_graph(seed=cfg.seed)
+    cfg = adapt_and_report(cfg, graph, log)  # defaults follow the graph (no nutrients, no Molecule features...)
     check_run_config(cfg, graph)
     workdir.mkdir(parents=True, exist_ok=True)
     if is_primary():
@@ -291,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(workdir / "metrics.json", ordered)
     rankings = scorer_rankings(first["outputs"]["finetune"], graph, k=cfg.evaluation.top_k,
                                scorers=first["outputs"]["finetune"].config.scorers)
-    write_json(workdir / "rankings.json", rankings)
+    write_json(workdir / "rankings.json", rankings_with_details(rankings, graph))  # ids with m/z, RT, annotation
     figures = dict(first["outputs"]["finetune"].figures)
     figures.update(assets.figures)
     figures.update({f"pretraining: {k}": v for k, v in first["outputs"]["pretrain"].figures.items()})

@@ -115,7 +115,7 @@ class OriginalEncoder(torch.nn.Module):
     """The original ``HeteroGATEncoder``; ``edge_dims[rel]`` None builds GATConv without edge_dim."""
 
     def __init__(self, num_nodes, edge_types, edge_dims, embedding_dim=8, hidden_dim=8, num_heads=2,
-                 num_layers=2, dropout=0.1):
+                 num_layers=2, dropout=0.1, residual=False):
         super().__init__()
         self.dropout = dropout
         self.embeddings = torch.nn.ModuleDict({t: torch.nn.Embedding(n, embedding_dim) for t, n in num_nodes.items()})
@@ -124,7 +124,7 @@ class OriginalEncoder(torch.nn.Module):
             d = embedding_dim if i == 0 else hidden_dim
             self.layers.append(HeteroConv({
                 et: GATConv((d, d), hidden_dim // num_heads, heads=num_heads, dropout=dropout,
-                            add_self_loops=False, concat=True, edge_dim=edge_dims[et])
+                            add_self_loops=False, concat=True, edge_dim=edge_dims[et], residual=residual)
                 for et in edge_types}, aggr="sum"))
 
     def forward(self, edge_index_dict, edge_attr_dict):
@@ -154,17 +154,19 @@ class LinkPredModel(torch.nn.Module):
 
 
 def make_original(json_path: Path, *, seed=0, zero_width="lazy", embedding_dim=8, hidden_dim=8, num_heads=2,
-                  num_layers=2, dropout=0.1):
+                  num_layers=2, dropout=0.1, residual=False):
     """Builds, runs once (train mode) and returns ``(encoder, eval_outputs, graph_parts)``.
 
     ``zero_width``: how relations without edge attributes are built -- ``"lazy"`` (edge_dim=0,
     no edge_attr passed: PyG leaves ``lin_edge`` uninitialised), ``"empty"`` (edge_dim=0 and an
     [E, 0] edge_attr: ``lin_edge.weight`` becomes [H*C, 0]) or ``"none"`` (edge_dim=None).
+    ``residual``: ``GATConv(residual=True)`` (a root weight ``res.weight`` per relation).
     """
     torch.manual_seed(seed)
     num_nodes, ei, ea, mappings = build_original_graph(json_path)
     dims = {et: (ea[et].shape[1] if et in ea else (None if zero_width == "none" else 0)) for et in ei}
-    enc = OriginalEncoder(num_nodes, list(ei), dims, embedding_dim, hidden_dim, num_heads, num_layers, dropout)
+    enc = OriginalEncoder(num_nodes, list(ei), dims, embedding_dim, hidden_dim, num_heads, num_layers, dropout,
+                          residual)
     ea_run = dict(ea)
     if zero_width == "empty":
         ea_run.update({et: torch.zeros(ei[et].shape[1], 0) for et in ei if et not in ea})

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_with_devices(tmp_path: Path, code: str, layouts=("4x1", "1x4"), devices: int = 4,
-                     timeout: int = 300) -> dict:
+                     timeout: int = 900) -> dict:
     """Runs ``code`` once per layout, concurrently, each in a fresh Python with ``devices`` CPU
     devices and ``LAYOUT`` set; returns {layout: the JSON it writes to OUT}."""
     script = tmp_path / "worker.py"

@@ -219,3 +219,39 @@ def test_blocked_and_vmapped_match_one_block_one_graph(graph, setup):
         np.testing.assert_allclose(values[i], value, rtol=1e-5)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grad)):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6)
+
+
+def test_profile_sample_inputs_are_inductive_and_follow_incoming_edge_masks():
+    """``profile`` Sample inputs: a function of the sample's own molecules (samples start distinct,
+    a new sample needs no per-sample parameter), switched off edges count as undetected, and only
+    Sample may use it."""
+    graph = make_toy_graph(seed=2)
+    cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=2, embedding_dim=8, dropout=0.0, residual=True,
+                        input_modes={schema.SAMPLE: "profile"})
+    encoder = make_encoder(graph, cfg)
+    params = encoder.init(jax.random.key(0), graph)["params"]
+    M = graph.num_nodes[schema.MOLECULE]
+    assert params["profile_Sample"].shape == (M, 8) and "embed_Sample" not in params
+
+    # One layer: a sample's output depends on its own input and its molecules' (fixed) inputs only.
+    one_layer = make_encoder(graph, dataclasses.replace(cfg, num_layers=1))
+    one_params = {k: v for k, v in params.items() if k != "layer_1"}
+
+    def inputs(masks=None):
+        return one_layer.apply({"params": one_params}, graph, masks)[schema.SAMPLE]
+
+    x = np.asarray(inputs())
+    assert np.min(np.std(x, axis=0)) > 0  # no two-sample collapse onto one shared vector
+    # Sample 3 with all its incoming molecule edges off: its input changes, nobody else's does.
+    incoming = schema.reverse_key(schema.CONTAINS)
+    receivers = np.asarray(graph.edges[incoming].receivers)
+    mask = {incoming: jnp.asarray(receivers != 3)}
+    x_masked = np.asarray(inputs(mask))
+    assert not np.allclose(x_masked[3], x[3])
+    np.testing.assert_allclose(np.delete(x_masked, 3, 0), np.delete(x, 3, 0), rtol=1e-5, atol=1e-5)
+    # Residual weights exist per relation and layer; every node type leaves the encoder distinct.
+    assert all("res" in p for p in params["layer_1"].values())
+    out = encoder.apply({"params": params}, graph)
+    assert np.min(np.std(np.asarray(out[schema.MOLECULE]), axis=0)) > 0
+    with pytest.raises(ConfigError, match="input_modes.Molecule"):
+        EncoderConfig(input_modes={schema.MOLECULE: "profile"}).validate()

@@ -96,7 +96,7 @@ def _same(a, b) -> bool:
 
 def test_zero_learning_rate_head_and_frozen_encoder_do_not_move():
     cfg = OptimizerConfig(classifier=GroupConfig(learning_rate=0.0, weight_decay=1e-2),
-                          freeze_encoder_steps=2)
+                          wide=GroupConfig(learning_rate=0.0), freeze_encoder_steps=2)
     snaps = _train(cfg, steps=3)
     first, frozen_end, after = snaps[0], snaps[2], snaps[3]
     # Learning rate 0 (even with weight decay): the classifier never moves.
@@ -117,6 +117,10 @@ def test_optimizer_groups_follow_parameter_paths():
                                     "task_weighting": {"log_vars": "task_weighting"}}
     with pytest.raises(ValueError, match="no optimizer group"):
         param_labels({"mystery": 1.0})
+    # The linear paths on the intensity profile are one group whichever head holds them.
+    wide = {"classifier": {"wide_kernel": 1.0, "mlp": {"b": 0.0}}, "nutrient_head": {"wide_kernel": 1.0}}
+    assert param_labels(wide) == {"classifier": {"wide_kernel": "wide", "mlp": {"b": "classifier"}},
+                                  "nutrient_head": {"wide_kernel": "wide"}}
 
 
 def test_model_params_have_the_documented_layout():
@@ -131,3 +135,61 @@ def test_model_params_have_the_documented_layout():
     assert out.food_projection.shape == (F, SMALL_HEADS.projection_dim)
     per_sample = jax.ops.segment_sum(out.molecule_weights, graph.edges[schema.CONTAINS].senders, S)
     np.testing.assert_allclose(np.asarray(per_sample), 1.0, rtol=1e-5)
+
+
+def test_wide_path_reads_the_baselines_features_and_follows_the_pooling_mask():
+    """The profile the wide paths map is exactly the logistic regression's input (baselines'
+    TIC + log1p features, standardised on the training rows), and a sample reduced to some of its
+    molecules is a sample in which only those were detected (its TIC recomputed)."""
+    from jaxfood.eval.baselines import preprocess_intensities
+    from jaxfood.eval.pipeline import raw_peak_areas
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
+    from jaxfood.models.profile import sample_profile
+
+    graph = make_toy_graph(num_samples=24, num_molecules=30, seed=4)
+    areas = raw_peak_areas(graph)
+    train = np.asarray(graph.sample_split) == SPLIT_CODES["train"]
+
+    def standardised(x):
+        mean, std = x[train].mean(0), x[train].std(0)
+        return (x - mean) / np.where(std > 1e-5, std, 1.0)
+
+    expected = standardised(preprocess_intensities(areas))
+    eye = jnp.eye(graph.num_nodes[schema.MOLECULE])
+    np.testing.assert_allclose(np.asarray(sample_profile(graph).linear(eye)), expected, atol=2e-4)
+
+    # Sample 0 keeps only its first two molecules: its row is that of a sample with only those
+    # two peaks, standardised with the statistics of the full training data.
+    contains = graph.edges[schema.CONTAINS]
+    senders = np.asarray(contains.senders)
+    mask = np.ones(senders.shape, bool)
+    mask[np.flatnonzero(senders == 0)[2:]] = False
+    reduced = areas.copy()
+    reduced[0, np.asarray(contains.receivers)[~mask]] = 0.0
+    x_full = preprocess_intensities(areas)
+    mean, std = x_full[train].mean(0), x_full[train].std(0)
+    std = np.where(std > 1e-5, std, 1.0)
+    expected_reduced = (preprocess_intensities(reduced) - mean) / std
+    got = np.asarray(sample_profile(graph, jnp.asarray(mask)).linear(eye))
+    np.testing.assert_allclose(got, expected_reduced, atol=2e-4)
+    assert not np.allclose(got[0], expected[0])
+
+
+def test_wide_outputs_are_the_linear_part_of_the_heads():
+    graph = prepare_graph(make_toy_graph())
+    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
+    params = model.init(jax.random.key(0), graph)
+    F = graph.num_nodes[schema.FOOD]
+    # Initial wide kernels are zero: the heads start as the deep path alone.
+    base = model.apply(params, graph)
+    np.testing.assert_allclose(np.asarray(base.wide_food_logits), 0.0)
+    kernel = jax.random.normal(jax.random.key(1), params["classifier"]["wide_kernel"].shape)
+    moved = {**params, "classifier": {**params["classifier"], "wide_kernel": kernel}}
+    out = model.apply(moved, graph)
+    assert out.wide_food_logits.shape == (graph.num_nodes[schema.SAMPLE], F)
+    np.testing.assert_allclose(np.asarray(out.food_logits - base.food_logits), np.asarray(out.wide_food_logits),
+                               rtol=1e-4, atol=1e-4)
+    assert float(jnp.std(out.wide_food_logits)) > 0.1
+    no_wide = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, wide=False))
+    plain = no_wide.init(jax.random.key(0), graph)
+    assert "wide_kernel" not in plain["classifier"] and no_wide.apply(plain, graph).wide_food_logits is None

@@ -129,8 +129,13 @@ def test_report_assets_figures_and_tables(tiny_run):
     rows = [line for line in listing.splitlines() if line.startswith("| ") and not line.startswith("| Food")]
     assert len(rows) == 3
     food = rows[0].split(" | ")[0][2:]
-    want = ", ".join(f"**{m}**" if m in reference.get(food, ()) else m for m in top[food])
-    assert f"| {food} | {want} |" in listing
+    from jaxfood.graph import schema
+    from jaxfood.graph.hetero_graph import molecule_label
+
+    pos = {m: i for i, m in enumerate(graph.meta.node_ids[schema.MOLECULE])}
+    shown = {m: molecule_label(graph, pos[m]) for m in top[food]}  # id (m/z ..., RT ...)
+    want = ", ".join(f"**{shown[m]}**" if m in reference.get(food, ()) else shown[m] for m in top[food])
+    assert f"| {food} | {want} |" in listing and "m/z" in want
 
     again = report_assets(result, graph, root / "again", None, reference, k=3, fold_change=False)
     assert "jaxfood vs ablations" not in " ".join(again.figures)  # no metrics: no comparison chart

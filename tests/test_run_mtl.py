@@ -90,6 +90,7 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     assert {"class_attention", "attention", "gat_attention", "gradient"} <= scorers
     rankings = json.loads((workdir / "rankings.json").read_text())
     assert set(rankings) == scorers
-    for per_food in rankings.values():
-        assert len(per_food) == 65 and all(len(set(ids)) == 10 for ids in per_food.values())
+    for per_food in rankings.values():  # each molecule with its m/z and RT (the embedded table has no annotation)
+        assert len(per_food) == 65 and all(len({e["molecule_id"] for e in top}) == 10 for top in per_food.values())
+        assert all(e["mz"] > 0 and e["rt"] >= 0 and e["annotation"] is None for top in per_food.values() for e in top)
     assert "food accuracy" in out and "runtime (s)" in out

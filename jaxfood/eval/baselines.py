@@ -424,8 +424,9 @@ def baseline_metrics(
     for prefix, result in (("logreg", logreg), ("rf", forest)):
         for key in ("accuracy", "weighted_f1", "auroc_macro", "top3_accuracy", "ece"):
             out[f"{prefix}_{key}"] = result[key]
-    ridge = ridge_nutrient_baseline(X[train], nutrients[food[train]], X[test], nutrients[food[test]])
-    out["ridge_nutrient_r2"] = ridge["r2"]
+    if nutrients.shape[1]:  # a graph without a nutrient table has nothing to regress
+        ridge = ridge_nutrient_baseline(X[train], nutrients[food[train]], X[test], nutrients[food[test]])
+        out["ridge_nutrient_r2"] = ridge["r2"]
     if reference is not None:
         for name, ranking in (
             ("fold_change", fold_change_ranking(X[train], food[train], molecule_ids, food_names)),

@@ -31,7 +31,7 @@ from jaxfood.eval.metrics import (
     samples_digest,
 )
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, absent_parts
 
 
 # ---- reference biomarkers -------------------------------------------------------------------------
@@ -156,21 +156,24 @@ class Evaluator:
             "samples_digest": samples_digest(sample_ids[i] for i in idx)}}
 
         food_nutrients = np.asarray(graph.food_nutrients)
-        r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
-                         list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
-        projection = np.asarray(out.food_projection)
-        category = np.asarray(graph.food_category)
-        known = category >= 0
-        metrics["nutrition"] = {
-            # In-sample: every food, and the triplet loss trains on all of their nutrient profiles.
-            "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
-            "spearman": distance_spearman(projection, food_nutrients),
-            "in_sample": ["knn_purity", "spearman"],
-            "num_foods_in_sample": int(food_nutrients.shape[0]),
-            "nutrient_r2": r2["overall"],
-            "nutrient_r2_per_nutrient": r2["per_nutrient"],
-            "num_samples": int(idx.size),
-        }
+        if food_nutrients.shape[1] == 0:  # no nutrient table: the section says why it is empty
+            metrics["nutrition"] = {"absent": absent_parts(graph)[schema.NUTRIENT]}
+        else:
+            r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
+                             list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
+            projection = np.asarray(out.food_projection)
+            category = np.asarray(graph.food_category)
+            known = category >= 0
+            metrics["nutrition"] = {
+                # In-sample: every food, and the triplet loss trains on all of their nutrient profiles.
+                "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
+                "spearman": distance_spearman(projection, food_nutrients),
+                "in_sample": ["knn_purity", "spearman"],
+                "num_foods_in_sample": int(food_nutrients.shape[0]),
+                "nutrient_r2": r2["overall"],
+                "nutrient_r2_per_nutrient": r2["per_nutrient"],
+                "num_samples": int(idx.size),
+            }
         if not salient:
             return metrics
 

@@ -140,6 +140,17 @@ def scorer_rankings(source: Any, graph: HeteroGraph, k: int = 10,
     return out
 
 
+def rankings_with_details(rankings: Mapping[str, Mapping[str, Sequence[str]]],
+                          graph: HeteroGraph) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``rankings.json``: :func:`scorer_rankings` with each molecule id replaced by its record
+    ``{"molecule_id", "mz", "rt", "annotation"}`` (:func:`~jaxfood.graph.hetero_graph.molecule_details`)."""
+    from jaxfood.graph.hetero_graph import molecule_details
+
+    pos = {m: i for i, m in enumerate(graph.meta.node_ids[schema.MOLECULE])}
+    return {scorer: {food: [molecule_details(graph, pos[m]) for m in ids] for food, ids in per_food.items()}
+            for scorer, per_food in rankings.items()}
+
+
 # ---- figures and extra sections of report.md --------------------------------------------------------
 class ReportAssets(NamedTuple):
     """What :func:`report_assets` adds to ``report.md``.
@@ -243,9 +254,12 @@ def per_class_markdown(y_true: np.ndarray, y_pred: np.ndarray, graph: HeteroGrap
 
 def biomarker_markdown(rankings: Mapping[str, Sequence[str]], foods: Sequence[str],
                        reference: Mapping[str, set[str]] | None, k: int,
-                       baseline: Mapping[str, Sequence[str]] | None = None) -> str:
+                       baseline: Mapping[str, Sequence[str]] | None = None,
+                       labels: Mapping[str, str] | None = None) -> str:
     """Table of the top-``k`` molecules of a few ``foods``; reference biomarkers in bold, hits counted,
-    beside the fold-change + PLS-DA VIP ranking's hits when ``baseline`` is given."""
+    beside the fold-change + PLS-DA VIP ranking's hits when ``baseline`` is given. ``labels``: id ->
+    the text shown (m/z, RT, annotation; :func:`~jaxfood.graph.hetero_graph.molecule_label`)."""
+    labels = labels or {}
     ref = reference or {}
     header = f"| Food | jaxfood top-{k} (**reference biomarker**) | hits |"
     sep = "|---|---|---|"
@@ -256,7 +270,7 @@ def biomarker_markdown(rankings: Mapping[str, Sequence[str]], foods: Sequence[st
     for food in foods:
         top = list(rankings.get(food, []))[:k]
         markers = set(ref.get(food, ()))
-        cells = ", ".join(f"**{m}**" if m in markers else m for m in top)
+        cells = ", ".join(f"**{labels.get(m, m)}**" if m in markers else labels.get(m, m) for m in top)
         hits = f"{sum(m in markers for m in top)}/{len(markers)}" if food in ref else "–"
         row = f"| {food} | {cells} | {hits} |"
         if baseline is not None:
@@ -343,7 +357,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     from jaxfood.eval import figures as figs
     from jaxfood.eval import molecules as mol
     from jaxfood.eval.metrics import confusion
-    from jaxfood.graph.hetero_graph import SPLIT_CODES
+    from jaxfood.graph.hetero_graph import SPLIT_CODES, molecule_label
     from jaxfood.graph.splits import prepare_graph
 
     out_dir = Path(workdir) / "figures"
@@ -370,12 +384,13 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     projection = np.asarray(outputs.food_projection)
     figures["Food embeddings by USDA category (PCA of the nutrition projection)"] = figs.plot_embedding_categories(
         projection, cats, out_dir / "food_embeddings_category.png", point_labels=foods)
-    n_index = choose_nutrient(graph, nutrient)
-    n_name = str(graph.meta.nutrient_names[n_index]) if graph.meta.nutrient_names else f"nutrient {n_index}"
-    slug = "".join(c if c.isalnum() else "_" for c in n_name.split(" (")[0].lower()).strip("_") or "nutrient"
-    figures[f"Food embeddings coloured by {n_name}"] = figs.plot_embedding_nutrient(
-        projection, nutrient_values(graph, n_index), out_dir / f"food_embeddings_{slug}.png", value_name=n_name,
-        point_labels=foods)
+    if np.shape(graph.food_nutrients)[1]:  # without a nutrient table there is nothing to colour by
+        n_index = choose_nutrient(graph, nutrient)
+        n_name = str(graph.meta.nutrient_names[n_index]) if graph.meta.nutrient_names else f"nutrient {n_index}"
+        slug = "".join(c if c.isalnum() else "_" for c in n_name.split(" (")[0].lower()).strip("_") or "nutrient"
+        figures[f"Food embeddings coloured by {n_name}"] = figs.plot_embedding_nutrient(
+            projection, nutrient_values(graph, n_index), out_dir / f"food_embeddings_{slug}.png", value_name=n_name,
+            point_labels=foods)
 
     score_fn = jax.jit(lambda p, g: mol.score_molecules(scorer, model, p, g))
     edge_scores = np.asarray(score_fn(params, dgraph))
@@ -396,7 +411,8 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     listed = representative_foods(graph, reference, biomarker_foods)
     sections.append((f"Salient molecules of a few foods ({scorer} scorer)",
                      biomarker_markdown({f: [m for m, _ in v] for f, v in scored.items()}, listed, reference, k,
-                                        baseline_rankings)))
+                                        baseline_rankings, labels={m: molecule_label(graph, i)
+                                                                   for i, m in enumerate(mol_ids)})))
 
     if metrics is not None:
         results, errors = model_vs_baselines(metrics)

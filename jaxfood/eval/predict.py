@@ -45,7 +45,7 @@ import numpy as np
 from jaxfood.data.tables import FeatureTable
 from jaxfood.errors import CheckpointError, UserError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph
+from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph, molecule_details
 
 #: Out-of-library scores: name -> description (the first is the default).
 OOL_SCORES = {
@@ -392,7 +392,6 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
     low, high = nutrient_training_range(graph, n_mean, n_std)
     weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
-    mol_ids = graph.meta.node_ids[schema.MOLECULE]
     k = max(1, min(int(top_k), len(foods)))
     samples = []
     for j, sid in enumerate(matched.sample_ids):
@@ -410,7 +409,7 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
             "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
             "nutrients_outside_training_range": [
                 name for name, v, lo, hi in zip(names, nutrients[j], low, high) if not lo - 1e-9 <= v <= hi + 1e-9],
-            "top_molecules": [{"molecule_id": mol_ids[matched.molecule_index[e]], "weight": float(weights[e]),
+            "top_molecules": [{**molecule_details(graph, int(matched.molecule_index[e])), "weight": float(weights[e]),
                                "intensity": float(matched.intensity[e])} for e in top],
             "out_of_library_score": score,
             "out_of_library": bool(score > threshold) if math.isfinite(threshold) else None,
@@ -431,9 +430,10 @@ def nutrient_training_range(graph: HeteroGraph, n_mean, n_std) -> tuple[np.ndarr
     have training samples; an estimate outside is an extrapolation the model was never shown."""
     labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
     foods = np.unique(labels[(split == SPLIT_CODES["train"]) & (labels >= 0)])
-    amounts = np.asarray(graph.food_nutrients, np.float64)[foods] * n_std + n_mean
-    if amounts.size == 0:
-        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)
+    profiles = np.asarray(graph.food_nutrients, np.float64)
+    if foods.size == 0 or profiles.ndim != 2 or profiles.shape[1] != len(n_mean) or not len(n_mean):
+        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)  # nothing to compare with
+    amounts = profiles[foods] * n_std + n_mean
     return np.maximum(amounts.min(0), 0.0), amounts.max(0)
 
 

@@ -147,6 +147,10 @@ def render_report(
     for section in OBJECTIVE_ROWS:
         if section not in metrics:
             continue
+        absent = _get(metrics, section, "absent")
+        if absent:  # e.g. no nutrient table: say why instead of a table of dashes
+            parts += [f"## {TITLES[section]}", "", f"Not measured: {absent}.", ""]
+            continue
         table, notes = objective_table(metrics, section)
         parts += [f"## {TITLES[section]}", "", table, ""]
         if notes:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.models.profile import sample_profile
 
 
 # ---- segment helpers ---------------------------------------------------------------------------
@@ -343,31 +344,45 @@ class _MLP(nn.Module):
         return nn.Dense(self.out_dim, name="out")(x)
 
 
-class FoodClassifier(nn.Module):
-    """[S, hidden] sample embeddings + [S, pool_dim] pooled molecules -> [S, num_foods] logits."""
+class _WideAndDeep(nn.Module):
+    """``MLP([sample embedding, pooled]) + profile @ W_wide`` -> [S, out_dim].
 
-    num_foods: int
+    The wide path (``num_molecules`` > 0) is a linear map of the sample's standardised intensity
+    profile (:class:`~jaxfood.models.profile.SampleProfile`), the features of the logistic
+    regression / ridge baselines, so those baselines are special cases of the head (deep path 0).
+    Its kernel ``wide_kernel`` [M, out_dim] starts at 0 (like the baselines' solvers) and is
+    L2-regularised by the loss (``LossConfig.wide_l2``): 5-10 training samples per food and
+    hundreds to thousands of molecules. Without a profile (``profile=None``) only the deep path
+    runs (the kernel must still be created at ``init``: pass one there).
+    """
+
+    out_dim: int
     hidden_dim: int = 64
     dropout: float = 0.0
+    num_molecules: int = 0
 
     @nn.compact
-    def __call__(self, sample_embeddings, pooled, deterministic: bool = True):
+    def __call__(self, sample_embeddings, pooled, profile=None, deterministic: bool = True):
         x = jnp.concatenate([sample_embeddings, pooled], -1)
-        return _MLP(self.hidden_dim, self.num_foods, self.dropout, name="mlp")(x, deterministic)
+        # A graph without nutrients asks for [S, 0]: one unused output keeps the parameter tree the
+        # same shape of tree (a Dense of width 0 cannot be initialised).
+        width = max(self.out_dim, 1)
+        out = _MLP(self.hidden_dim, width, self.dropout, name="mlp")(x, deterministic)
+        if self.num_molecules:
+            kernel = self.param("wide_kernel", nn.initializers.zeros, (self.num_molecules, width))
+            if profile is not None:
+                out = out + profile.linear(kernel)
+        return out[..., :self.out_dim]
 
 
-class NutrientHead(nn.Module):
-    """[S, hidden] sample embeddings + [S, pool_dim] pooled molecules -> [S, num_nutrients]
-    normalised nutrient profile."""
+class FoodClassifier(_WideAndDeep):
+    """[S, hidden] sample embeddings + [S, pool_dim] pooled molecules (+ the samples' intensity
+    profiles, wide path) -> [S, num_foods] logits."""
 
-    num_nutrients: int
-    hidden_dim: int = 64
-    dropout: float = 0.0
 
-    @nn.compact
-    def __call__(self, sample_embeddings, pooled, deterministic: bool = True):
-        x = jnp.concatenate([sample_embeddings, pooled], -1)
-        return _MLP(self.hidden_dim, self.num_nutrients, self.dropout, name="mlp")(x, deterministic)
+class NutrientHead(_WideAndDeep):
+    """[S, hidden] sample embeddings + [S, pool_dim] pooled molecules (+ the samples' intensity
+    profiles, wide path) -> [S, num_nutrients] normalised nutrient profile."""
 
 
 class FoodProjection(nn.Module):
@@ -408,6 +423,9 @@ class HeadsConfig:
     prediction rests on the class branches alone, and the gated pooling feeds the nutrient head).
     Without ``class_attention`` the MLP classifier alone predicts and the importances are the
     gated pooling's weights.
+
+    ``wide``: the classifier and the nutrient head add a linear map of the sample's standardised
+    intensity profile (the logistic-regression / ridge features; see :class:`_WideAndDeep`).
     """
 
     hidden_dim: int = 64
@@ -423,6 +441,7 @@ class HeadsConfig:
     class_attention: bool = True
     class_readout: str = "lse"
     classifier_mlp: bool = True
+    wide: bool = True
 
 
 @flax.struct.dataclass
@@ -434,7 +453,9 @@ class ModelOutputs:
     attention weight of every ``contains_molecule`` edge (sums to 1 over a sample's edges): in the
     class-attention branch of the sample's explained (default: predicted) food, or without class
     attention the gated pooling's; ``molecule_logits`` [E] their logits; ``attention``: list over layers of
-    relation key -> [E_rel, heads] (empty unless requested).
+    relation key -> [E_rel, heads] (empty unless requested); ``wide_food_logits`` [S, F] and
+    ``wide_nutrient_profile`` [S, N] the wide paths' own parts of ``food_logits`` /
+    ``nutrient_profile`` (None without ``heads_config.wide``).
     """
 
     embeddings: dict[str, Any]
@@ -445,6 +466,8 @@ class ModelOutputs:
     molecule_weights: Any
     molecule_logits: Any
     attention: Any = None
+    wide_food_logits: Any = None
+    wide_nutrient_profile: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -480,12 +503,13 @@ class MultiTaskModel:
             pool_params = {**pool_params, CLASS_ATTENTION: self.class_pool.init(
                 jax.random.fold_in(k_pool, 1), mol, jnp.asarray(contains.senders), jnp.asarray(contains.receivers),
                 jnp.asarray(contains.attributes), S)["params"]}
-        sample = jnp.zeros((1, hidden), jnp.float32)
-        pooled = jnp.zeros((1, self.heads_config.pool_dim), jnp.float32)
+        sample = jnp.zeros((S, hidden), jnp.float32)
+        pooled = jnp.zeros((S, self.heads_config.pool_dim), jnp.float32)
+        profile = sample_profile(graph) if self.heads_config.wide else None
         return {
             "encoder": enc_params,
-            "classifier": self.classifier.init(k_cls, sample, pooled)["params"],
-            "nutrient_head": self.nutrient_head.init(k_nut, sample, pooled)["params"],
+            "classifier": self.classifier.init(k_cls, sample, pooled, profile)["params"],
+            "nutrient_head": self.nutrient_head.init(k_nut, sample, pooled, profile)["params"],
             "food_projection": self.food_projection.init(k_proj, sample)["params"],
             "salient_pool": pool_params,
         }
@@ -562,10 +586,22 @@ class MultiTaskModel:
                                      contains.senders, contains.receivers, contains.attributes,
                                      graph.num_nodes[schema.SAMPLE], edge_mask, gate, stats_mask)
 
-    def classify(self, params, sample_embeddings, pooled, *, deterministic=True, rng=None):
-        """[S, hidden], [S, pool_dim] -> [S, F] food logits."""
+    def profile(self, graph: HeteroGraph, pool_mask=None, gate=None):
+        """The samples' :class:`~jaxfood.models.profile.SampleProfile` the wide paths read (None
+        without ``heads_config.wide``): the molecules the pooling sees (``pool_mask``, and those a
+        ``gate`` keeps) are the ones detected."""
+        if not self.heads_config.wide:
+            return None
+        mask = pool_mask
+        if gate is not None:
+            kept = jax.lax.stop_gradient(gate) > 0.5
+            mask = kept if mask is None else mask & kept
+        return sample_profile(graph, mask)
+
+    def classify(self, params, sample_embeddings, pooled, profile=None, *, deterministic=True, rng=None):
+        """[S, hidden], [S, pool_dim] (+ :meth:`profile`) -> [S, F] food logits."""
         rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
-        return self.classifier.apply({"params": params["classifier"]}, sample_embeddings, pooled,
+        return self.classifier.apply({"params": params["classifier"]}, sample_embeddings, pooled, profile,
                                      deterministic=deterministic, rngs=rngs)
 
     def apply(self, params, graph: HeteroGraph, *, edge_masks: Mapping[str, Any] | None = None,
@@ -607,8 +643,9 @@ class MultiTaskModel:
         features = self.pool_features(representation)
         pooled, weights, logits = self.pool(params, graph, features, pool_mask, gate=gate, stats_mask=stats_mask)
         samples = representation[schema.SAMPLE]
+        profile = self.profile(graph, pool_mask, gate)
         if self.class_pool is None or self.heads_config.classifier_mlp:
-            food_logits = self.classify(params, samples, pooled, deterministic=deterministic, rng=k_cls)
+            food_logits = self.classify(params, samples, pooled, profile, deterministic=deterministic, rng=k_cls)
         else:
             food_logits = 0.0
         if self.class_pool is not None:
@@ -619,13 +656,18 @@ class MultiTaskModel:
             contains = graph.edges[schema.CONTAINS]
             weights, logits = branch_weights(branches, contains.senders, contains.receivers, chosen)
         nut_rngs = {"dropout": k_nut} if k_nut is not None else {}
-        nutrient_profile = self.nutrient_head.apply({"params": params["nutrient_head"]}, samples, pooled,
+        nutrient_profile = self.nutrient_head.apply({"params": params["nutrient_head"]}, samples, pooled, profile,
                                                     deterministic=deterministic, rngs=nut_rngs)
         projection = self.food_projection.apply({"params": params["food_projection"]}, representation[schema.FOOD])
         embeddings = {t: v for t, v in representation.items() if t != MOLECULE_INPUT}
+        wide_food = wide_nutrients = None
+        if profile is not None:
+            wide_food = profile.linear(params["classifier"]["wide_kernel"])
+            wide_nutrients = profile.linear(params["nutrient_head"]["wide_kernel"])[..., :nutrient_profile.shape[-1]]
         return ModelOutputs(embeddings=embeddings, food_logits=food_logits, nutrient_profile=nutrient_profile,
                             food_projection=projection, pooled=pooled, molecule_weights=weights,
-                            molecule_logits=logits, attention=None)
+                            molecule_logits=logits, attention=None, wide_food_logits=wide_food,
+                            wide_nutrient_profile=wide_nutrients)
 
 
 def make_multitask_model(graph: HeteroGraph, encoder_config, heads_config: HeadsConfig | None = None) -> MultiTaskModel:
@@ -635,10 +677,11 @@ def make_multitask_model(graph: HeteroGraph, encoder_config, heads_config: Heads
     heads_config = heads_config or HeadsConfig()
     num_foods = graph.num_nodes[schema.FOOD]
     num_nutrients = int(graph.food_nutrients.shape[1])
+    wide = graph.num_nodes[schema.MOLECULE] if heads_config.wide else 0
     return MultiTaskModel(
         encoder=make_encoder(graph, encoder_config),
-        classifier=FoodClassifier(num_foods, heads_config.hidden_dim, heads_config.dropout),
-        nutrient_head=NutrientHead(num_nutrients, heads_config.hidden_dim, heads_config.dropout),
+        classifier=FoodClassifier(num_foods, heads_config.hidden_dim, heads_config.dropout, wide),
+        nutrient_head=NutrientHead(num_nutrients, heads_config.hidden_dim, heads_config.dropout, wide),
         food_projection=FoodProjection(heads_config.projection_dim, heads_config.hidden_dim),
         salient_pool=GatedAttentionPool(heads_config.pool_dim, heads_config.attention_dim,
                                         heads_config.standardise_pooled, heads_config.attention_logit_bound,

@@ -67,6 +67,13 @@ class LossConfig:
     sample's food with its top-k molecules removed (both edge directions and the pooling) is
     minimised, so the prediction must rest on the molecules the scores name (fidelity+); costs
     one more encoder pass (0: not computed).
+    ``wide_l2``: L2 penalty ``wide_l2 * ||W||^2`` on the wide (linear) paths of the classifier and
+    the nutrient head, added to their task's loss (the logistic regression's ``C = 1`` on ~400
+    samples is ~1e-3 per mean-loss unit; 1e-2 was as good or better on the embedded data with the
+    ``wide`` optimizer group, docs/experiments.md). ``wide_aux_weight``: the wide paths alone are
+    also trained on each task (cross-entropy / MSE of the linear prediction), so that they reach
+    what the baselines reach even where the deep path fits the training samples first and leaves
+    the sum no gradient (0: off).
     """
 
     label_smoothing: float = 0.1
@@ -84,6 +91,8 @@ class LossConfig:
     salient_warmup_steps: int = 0
     sufficiency_trains: Literal["scores", "heads"] = "heads"
     salient_comprehensiveness_weight: float = 0.0
+    wide_l2: float = 1e-2
+    wide_aux_weight: float = 1.0
 
 
 @flax.struct.dataclass
@@ -195,10 +204,21 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
     ce = cross_entropy_loss(out.food_logits, labels, supervised, cfg.label_smoothing,
                             _class_weights(graph, batch.seed_mask, cfg.class_weighting))
     # -- nutrition alignment
-    safe_labels = jnp.where(labels >= 0, labels, 0)
-    mse = nutrient_mse_loss(out.nutrient_profile, graph.food_nutrients[safe_labels], supervised)
-    positive, negative = _triplet_masks(graph.food_nutrients, cfg.num_positives)
-    triplet = semi_hard_triplet_loss(out.food_projection, positive, negative, cfg.triplet_margin)
+    if graph.food_nutrients.shape[1] == 0:  # no nutrient table: the task is off (a mean over 0 nutrients is NaN)
+        mse = triplet = jnp.zeros((), jnp.float32)
+    else:
+        safe_labels = jnp.where(labels >= 0, labels, 0)
+        mse = nutrient_mse_loss(out.nutrient_profile, graph.food_nutrients[safe_labels], supervised)
+        mse = mse + cfg.wide_l2 * wide_penalty(params["nutrient_head"])
+        if cfg.wide_aux_weight > 0 and out.wide_nutrient_profile is not None:
+            mse = mse + cfg.wide_aux_weight * nutrient_mse_loss(out.wide_nutrient_profile,
+                                                                graph.food_nutrients[safe_labels], supervised)
+        positive, negative = _triplet_masks(graph.food_nutrients, cfg.num_positives)
+        triplet = semi_hard_triplet_loss(out.food_projection, positive, negative, cfg.triplet_margin)
+    ce = ce + cfg.wide_l2 * wide_penalty(params["classifier"])
+    if cfg.wide_aux_weight > 0 and out.wide_food_logits is not None:
+        ce = ce + cfg.wide_aux_weight * cross_entropy_loss(out.wide_food_logits, labels, supervised,
+                                                           cfg.label_smoothing)
     nutrition = cfg.triplet_weight * triplet + cfg.nutrient_mse_weight * mse
     # -- salient molecules: the top-k molecules alone must reproduce the prediction
     senders = contains.senders
@@ -251,6 +271,12 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
         "train/supervised": jnp.sum(supervised).astype(jnp.float32),
     }
     return losses, aux
+
+
+def wide_penalty(head_params) -> Any:
+    """``||W_wide||^2`` of a head (0 without a wide path)."""
+    kernel = head_params.get("wide_kernel") if hasattr(head_params, "get") else None
+    return jnp.zeros((), jnp.float32) if kernel is None else jnp.sum(jnp.square(kernel.astype(jnp.float32)))
 
 
 def _attention_only(pool_params, fixed_pool_params):
