@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="shortcut for --set seeds=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not keep compiled programs on disk")
     add_data_parallel_arguments(parser)  # --coordinator/--num-processes/--process-id, --sampled, ...
     return parser.parse_args(argv)
 
@@ -98,6 +99,7 @@ def check_run_config(cfg: RunConfig, graph=None) -> RunConfig:
 
     With ``graph`` also the keys that depend on it (pretraining augmentations of input features).
     """
+    from jaxfood.train.adapt import adapt_to_graph
     from jaxfood.train.finetune import check_config as check_finetune_config
     from jaxfood.train.graphcl import check_pretrain_config
 
@@ -107,7 +109,8 @@ def check_run_config(cfg: RunConfig, graph=None) -> RunConfig:
         value = getattr(cfg.evaluation, key)
         if value < 1:
             raise ConfigError(f"config: key 'evaluation.{key}' = {value}: expected a positive integer")
-    if cfg.finetune.encoder != FinetuneConfig().encoder:
+    default = FinetuneConfig() if graph is None else adapt_to_graph(FinetuneConfig(), graph)[0]  # as run() adapts it
+    if cfg.finetune.encoder != default.encoder:
         # Fine-tuning starts from the pretrained encoder and the from-scratch ablation copies
         # pretrain.encoder, so finetune.encoder would be silently ignored here.
         raise ConfigError("config: key 'finetune.encoder' has no effect in run_mtl.py (the fine-tuned model "
@@ -211,10 +214,12 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     from jaxfood.config import dump_config, load_config
     from jaxfood.data.default import build_default_graph
+    from jaxfood.eval.evaluator import default_biomarkers
     from jaxfood.eval.pipeline import (
         SECTIONS,
         food_rankings,
         mean_and_std,
+        rankings_with_details,
         report_assets,
         run_baselines,
         scorer_rankings,
@@ -222,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
     )
     from jaxfood.eval.report import render_report
     from jaxfood.graph.hetero_graph import load_graph, save_graph
+    from jaxfood.graph.splits import resplit
     from jaxfood.io_utils import check_output_dir, write_json, write_text
-    from jaxfood.workflows import default_biomarkers
+    from jaxfood.train.adapt import adapt_and_report
 
     overrides = list(args.set) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
     cfg = check_run_config(load_config(RunConfig(), args.config, overrides))
@@ -235,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Inputs are read and checked before anything is written: a bad graph leaves no workdir behind.
     graph = load_graph(args.graph) if args.graph else build_default_graph(seed=cfg.seed)
+    cfg = adapt_and_report(cfg, graph, log)  # defaults follow the graph (no nutrients, no Molecule features...)
     check_run_config(cfg, graph)
     workdir.mkdir(parents=True, exist_ok=True)
     if is_primary():
@@ -251,11 +258,21 @@ def run(args: argparse.Namespace) -> int:
     for i in range(cfg.seeds):
         seed_cfg = _seeded(cfg, cfg.seed + i)
         seed_dir = workdir if i == 0 else workdir / "seeds" / str(seed_cfg.seed)
+        # Seeds vary the split too (seed_std then includes split variance); the baselines follow it.
+        seed_graph = graph if i == 0 else resplit(graph, seed_cfg.seed)
+        if i > 0 and is_primary():
+            save_graph(seed_graph, seed_dir / "graph")
         try:
-            runs.append(run_once(graph, seed_cfg, seed_dir, reference, progress, log, options))
+            run = run_once(seed_graph, seed_cfg, seed_dir, reference, progress, log, options)
         except Preempted as err:
             print(err, flush=True)
             return PREEMPTED_EXIT
+        if cfg.evaluation.baselines and is_primary():
+            log(f"[seed {seed_cfg.seed}] baselines: logistic regression, random forest, ridge, fold change + PLS-DA "
+                "VIP, random")
+            run["metrics"]["baselines"] = run_baselines(seed_graph, reference, k=cfg.evaluation.top_k,
+                                                        seed=seed_cfg.seed, rf_estimators=cfg.evaluation.rf_estimators)
+        runs.append({**run, "graph": seed_graph})
     if not is_primary():
         return 0  # process 0 alone runs the baselines and writes metrics.json and report.md
     first = runs[0]
@@ -264,17 +281,13 @@ def run(args: argparse.Namespace) -> int:
         mean, std = mean_and_std([r["metrics"] for r in runs])
         metrics.update({k: v for k, v in mean.items() if k in ("food_classification", "nutrition",
                                                                  "salient_molecules", "pretrained_probe",
-                                                                 "from_scratch")})
+                                                                 "from_scratch", "baselines")})
         metrics["seed_std"] = std
         metrics["seeds"] = cfg.seeds
         k = cfg.evaluation.top_k
-        rankings = [food_rankings(r["outputs"]["finetune"], graph, k=k) for r in runs]
+        rankings = [food_rankings(r["outputs"]["finetune"], r["graph"], k=k) for r in runs]
         metrics["salient_molecules"] = {**metrics["salient_molecules"],
                                         "stability_jaccard_seeds": seed_stability(rankings, k)}
-    if cfg.evaluation.baselines:
-        log("baselines: logistic regression, random forest, ridge, fold change + PLS-DA VIP, random")
-        metrics["baselines"] = run_baselines(graph, reference, k=cfg.evaluation.top_k, seed=cfg.seed,
-                                             rf_estimators=cfg.evaluation.rf_estimators)
     log("report: confusion matrix, Food embedding maps, top molecules, model vs baselines, per-food table")
     assets = report_assets(first["outputs"]["finetune"], graph, workdir, metrics, reference, k=cfg.evaluation.top_k)
     metrics["runtime_s"] = time.perf_counter() - start
@@ -284,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(workdir / "metrics.json", ordered)
     rankings = scorer_rankings(first["outputs"]["finetune"], graph, k=cfg.evaluation.top_k,
                                scorers=first["outputs"]["finetune"].config.scorers)
-    write_json(workdir / "rankings.json", rankings)
+    write_json(workdir / "rankings.json", rankings_with_details(rankings, graph))  # ids with m/z, RT, annotation
     figures = dict(first["outputs"]["finetune"].figures)
     figures.update(assets.figures)
     figures.update({f"pretraining: {k}": v for k, v in first["outputs"]["pretrain"].figures.items()})

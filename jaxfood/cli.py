@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not keep compiled programs in ~/.cache/jaxfood/xla (env JAXFOOD_NO_COMPILE_CACHE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
@@ -66,7 +68,12 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
 
 def run_command(run, args, debug: bool) -> int:
     """Runs ``run(args)``, mapping user errors to one line on stderr and exit status 2; warnings are
-    printed as ``warning: ...`` lines (with ``--debug`` in Python's format, file and line)."""
+    printed as ``warning: ...`` lines (with ``--debug`` in Python's format, file and line).
+    Compiled programs are kept on disk between commands (:mod:`jaxfood.compile_cache`) unless
+    ``args.no_compile_cache``."""
+    from jaxfood.compile_cache import enable_compile_cache
+
+    enable_compile_cache(disabled=getattr(args, "no_compile_cache", False))
     saved = warnings.formatwarning
     if not debug:
         warnings.formatwarning = format_warning

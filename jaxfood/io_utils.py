@@ -48,8 +48,7 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
         raise UserError(f"{flag} {path}: exists and is not a directory (expected a directory to write into)")
     base = _nearest_existing(path)
     if not base.is_dir():
-        raise UserError(f"{flag} {path}: {base} is a file, so the directory cannot be created "
-                        "(expected a directory path)")
+        raise UserError(f"{flag} {path}: {base} is a file, not a directory (expected a directory path)")
     if not _probe_writable(base):
         raise UserError(f"{flag} {path}: directory {base} is not writable (expected a directory you can write to)")
     return path
@@ -59,15 +58,14 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """Checks, before any work, that a file can be written at ``path`` (not a directory, writable parent)."""
     from jaxfood.errors import UserError
 
-    path = Path(path)
+    text, path = os.fspath(path), Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory (expected a file name to write)")
-    if str(path).endswith(os.sep):
-        raise UserError(f"{flag} {path}: ends with '{os.sep}' (expected a file name to write)")
+    if text.endswith(os.sep):
+        raise UserError(f"{flag} {text}: ends with '{os.sep}' (expected a file name to write)")
     base = _nearest_existing(path.parent)
     if not base.is_dir():
-        raise UserError(f"{flag} {path}: {base} is a file, so {path.parent} cannot be created "
-                        "(expected a file path in a directory)")
+        raise UserError(f"{flag} {path}: {base} is a file, not a directory (expected a file path in a directory)")
     if not _probe_writable(base):
         raise UserError(f"{flag} {path}: directory {base} is not writable (expected a location you can write to)")
     return path

@@ -10,7 +10,7 @@ evaluation as hooks; it never imports ``jaxfood.eval``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,21 @@ import jax
 import jax.numpy as jnp
 
 from jaxfood.config import dump_config
-from jaxfood.data.simulate import simulate
-from jaxfood.eval.metrics import biomarkers_from_pairs, read_biomarkers
+from jaxfood.eval import predict as prediction
+from jaxfood.eval.evaluator import Evaluator, as_reference, default_biomarkers, stability_settings
 from jaxfood.eval.readouts import embedding_readouts, food_embedding_figure
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.graph.splits import prepare_graph
 from jaxfood.io_utils import write_json, write_text
 from jaxfood.models.heads import make_multitask_model
 from jaxfood.train import finetune as training
 from jaxfood.train import pretrain as pretraining
 from jaxfood.train.finetune import (
-    Evaluator,
     FinetuneConfig,
     FinetuneResult,
     check_config,
     load_finetuned,
-    prepare_graph,
-    stability_settings,
     task_weight_summary,
 )
 from jaxfood.train.graphcl import PretrainConfig
@@ -43,31 +41,6 @@ from jaxfood.train.parallel_options import DataParallelOptions
 from jaxfood.train.processes import is_primary
 
 Log = Callable[[str], None]
-
-
-def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
-    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
-    sources = graph.meta.extra.get("sources")
-    source = sources.get("embedded_default") if isinstance(sources, Mapping) else None
-    if not source:
-        return None
-    dataset = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
-    return _as_reference(biomarkers_from_pairs(dataset.biomarkers))
-
-
-def _as_reference(biomarkers) -> dict[str, set[str]] | None:
-    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
-    the same order wherever the reference comes from keeps the metrics bit-identical).
-    ``biomarkers``: a ``feature,category`` CSV path, ``{food: ids}`` or ``(id, food)`` pairs."""
-    if biomarkers is None:
-        return None
-    if isinstance(biomarkers, (str, Path)):
-        reference = read_biomarkers(biomarkers)
-    elif isinstance(biomarkers, Mapping):
-        reference = biomarkers
-    else:
-        reference = biomarkers_from_pairs(biomarkers)
-    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
 
 
 def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
@@ -134,7 +107,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     """
     cfg = check_config(cfg or FinetuneConfig())
     workdir = Path(workdir)
-    reference = _as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
+    reference = as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
     evaluators: dict[int, Evaluator] = {}
 
     def evaluator_for(model) -> Evaluator:
@@ -172,12 +145,25 @@ def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: s
     """
     loaded = load_finetuned(ckpt_dir, graph, step)
     if biomarkers is not None:
-        reference = _as_reference(biomarkers)
+        reference = as_reference(biomarkers)
     elif loaded.meta.get("biomarkers") is not None:
-        reference = _as_reference(loaded.meta["biomarkers"])
+        reference = as_reference(loaded.meta["biomarkers"])
     else:
         reference = None
     metrics = _evaluator(loaded.model, graph, loaded.config).evaluate(loaded.params, split, reference)
     metrics["task_weights"] = task_weight_summary(loaded.config.weighting, loaded.params)
     metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
     return metrics
+
+
+def out_of_library_rates(tables, num_held_out: int = 5, cfg: FinetuneConfig | None = None,
+                         workdir: str | Path = "runs/ool", seed: int = 0,
+                         quantile: float = prediction.DEFAULT_QUANTILE, held_out=None) -> dict[str, Any]:
+    """:func:`jaxfood.eval.predict.out_of_library_rates` with a model fine-tuned by ``cfg`` in ``workdir``."""
+
+    def fit(graph: HeteroGraph):
+        result = finetune(graph, cfg, workdir, progress=False)
+        return load_finetuned(result.checkpoint_dir, graph)
+
+    return prediction.out_of_library_rates(tables, fit, num_held_out=num_held_out, seed=seed, quantile=quantile,
+                                           held_out=held_out)

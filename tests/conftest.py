@@ -6,11 +6,20 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands enable a persistent compilation cache; tests keep it out of the user's cache directory.
+if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAXFOOD_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxfood-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
 
 import jax
 import numpy as np
 import pytest
 
+from jaxfood.compile_cache import enable_compile_cache
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
@@ -74,7 +83,7 @@ TINY_FINETUNE = [
     "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
     "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
     "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
-    "loss.salient_top_k=3", "salient_k=3",
+    "loss.salient_top_k=3", "salient_k=3", "stability_perturbations=0",
 ]
 
 
@@ -84,8 +93,6 @@ def tiny_run(tmp_path_factory):
     beside a fine-tuning checkpoint of the tiny model at its initial parameters (the bad-input and
     fuzz tests need a valid checkpoint, not a good one; training would only cost time)."""
     import warnings
-
-    import jax
 
     from jaxfood.config import load_config
     from jaxfood.data.build import build_graph
@@ -111,25 +118,16 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
+def compilation_cache():
     """Most of the suite's time is XLA compiling programs that other tests (and the subprocesses of
-    the multi-device, multi-process and resume tests) compile again: they are compiled once per
-    session and reused from this persistent cache."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    settings = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    saved = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
+    the multi-device, multi-process and resume tests) compile again: library calls in this process,
+    the commands (which enable the cache themselves) and subprocesses all share the session's
+    cache directory above, so each program is compiled once per session."""
+    cache = enable_compile_cache()
+    if cache is None:  # switched off (JAXFOOD_NO_COMPILE_CACHE)
+        yield None
+        return
     env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    saved_env = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
+    os.environ.update(env)  # subprocesses started by tests
     yield cache
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    for name, value in saved_env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +381,36 @@ def test_run_mtl_help_shows_no_none_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: [])" not in text and "(default: embedded)" in text
     assert "(default: runs/mtl)" in text
+
+
+def test_embedded_default_data_raises_no_warning():
+    from jaxfood.data.default import build_default_graph
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = build_default_graph(seed=0)
+    assert [str(w.message) for w in caught] == []
+    assert graph.num_nodes[schema.SAMPLE] > 0
+
+
+def test_every_loss_curve_has_its_own_colour(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxfood.train.monitoring import write_curves
+
+    names = [f"loss/task_{i}" for i in range(12)]
+    history = {"train": [{"step": s, **{n: 1.0 + i + s for i, n in enumerate(names)}} for s in (1, 2, 3)], "val": []}
+    colours = []
+    close = plt.close
+
+    def record(fig=None):
+        if fig is not None and fig.axes and fig.axes[0].get_title() == "training losses":
+            colours.extend(matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[0].get_lines())
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", record)
+    write_curves(history, tmp_path)
+    assert len(colours) == 12 and len(set(colours)) == 12, colours

@@ -190,10 +190,35 @@ def test_baseline_metrics_keys_and_signal():
     required = {"logreg_accuracy", "logreg_weighted_f1", "rf_accuracy", "ridge_nutrient_r2",
                 "fold_change_precision_at_10", "random_precision_at_10"}
     assert required <= set(out)
+    assert out.pop("num_samples") == int(((split == 2) & (food >= 0)).sum())
+    assert out.pop("num_training_samples") == int(((split == 0) & (food >= 0)).sum())
     assert all(isinstance(v, float) for v in out.values())
     assert out["logreg_accuracy"] >= 0.9 and out["rf_accuracy"] >= 0.9
     assert out["ridge_nutrient_r2"] > 0.5  # nutrients are a function of the (recoverable) food
     assert out["fold_change_precision_at_10"] == pytest.approx(0.1)  # 1 marker in the top 10 of each food
     assert out["fold_change_recall_at_10"] == pytest.approx(1.0)
     assert out["random_recall_at_10"] < out["fold_change_recall_at_10"]
-    assert out == B.baseline_metrics(x, food, split, nutrients, molecule_ids, food_names, reference, rf_estimators=30)
+    again = B.baseline_metrics(x, food, split, nutrients, molecule_ids, food_names, reference, rf_estimators=30)
+    assert out == {k: v for k, v in again.items() if not k.startswith("num_")}
+
+
+def test_baselines_are_fitted_on_training_samples_only():
+    """Three quarters of the samples are test samples, and there foods 0 and 1 swap labels: a
+    baseline fitted on all samples would learn the swap (accuracy near 1); fitted on the training
+    quarter it predicts the true food, so the swapped half is wrong (accuracy near 0.5); the
+    rankings (training samples only) do not move at all."""
+    areas, food, molecule_ids, food_names = planted_dataset(samples_per_food=40, seed=3)
+    x = B.preprocess_intensities(areas)
+    split = np.where(np.arange(food.size) % 4 == 0, 0, 2)
+    swapped = food.copy()
+    test = split == 2
+    swapped[test & (food == 0)], swapped[test & (food == 1)] = 1, 0
+    nutrients = np.random.default_rng(0).normal(size=(NUM_FOODS, 3))
+    reference = {food_names[f]: {f"mol{m}"} for f, m in PLANTED.items()}
+    clean = B.baseline_metrics(x, food, split, nutrients, molecule_ids, food_names, reference, rf_estimators=30)
+    out = B.baseline_metrics(x, swapped, split, nutrients, molecule_ids, food_names, reference, rf_estimators=30)
+    assert clean["logreg_accuracy"] >= 0.8 and clean["rf_accuracy"] >= 0.8  # the signal is there
+    assert out["logreg_accuracy"] <= 0.6 and out["rf_accuracy"] <= 0.6, (out["logreg_accuracy"], out["rf_accuracy"])
+    for key in ("fold_change_precision_at_10", "fold_change_recall_at_10", "random_precision_at_10"):
+        assert out[key] == clean[key], key
+    assert out["num_training_samples"] == int((split == 0).sum())

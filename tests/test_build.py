@@ -199,7 +199,8 @@ def test_cli_files_end_to_end(tmp_path, capsys):
                                     "--seed", "3", "--split", "0.6,0.2,0.2"], capsys)
     assert code == 0, stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"nodes", "edges", "splits"}
+    assert set(summary) == {"nodes", "edges", "splits", "absent"}
+    assert summary["absent"] == {schema.IS_SIMILAR_TO: "no molecular network or spectra"}
     assert summary["nodes"] == {"Sample": 10, "Molecule": 6, "Food": 3, "Nutrient": 5}
     assert summary["edges"][schema.CONTAINS] == 20 and summary["edges"][schema.HAS_NUTRIENT] == 14
     assert set(summary["edges"]) == set(schema.KNOWN_RELATIONS) - {schema.IS_SIMILAR_TO, schema.reverse_key(schema.IS_SIMILAR_TO)}
@@ -222,7 +223,7 @@ def test_cli_prints_counted_warnings(tmp_path, capsys):
     assert load_graph(tmp_path / "o").meta.extra["warnings"][0].startswith(str(d / "nutrients.csv"))
 
 
-@pytest.mark.parametrize("case", ["bad_file", "missing_nutrients", "bad_split", "mixed_modes"])
+@pytest.mark.parametrize("case", ["bad_file", "missing_metadata", "bad_split", "mixed_modes"])
 def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
     d = tmp_path / "d"
     shutil.copytree(SMALL, d)
@@ -230,7 +231,7 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
     out = tmp_path / "nested" / "out"
     files = ["--feature-table", str(d / "feature_table.csv"), "--metadata", str(d / "metadata.csv")]
     args = {"bad_file": files + ["--nutrients", str(d / "nutrients.csv")],
-            "missing_nutrients": files,
+            "missing_metadata": files[:2],  # --nutrients is optional, --metadata is not
             "bad_split": ["--split", "0.5,0.5"],
             "mixed_modes": ["--upstream-json", "x.json", "--metadata", "m.csv"]}[case]
     code, stdout, stderr = run_cli(["--out", str(out), *args], capsys)
@@ -238,7 +239,7 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     expected = {"bad_file": ["feature_table.csv", "column 'S09.mzML Peak area'", "line 5", "negative"],
-                "missing_nutrients": ["--nutrients"], "bad_split": ["--split", "0.5,0.5"],
+                "missing_metadata": ["--metadata"], "bad_split": ["--split", "0.5,0.5"],
                 "mixed_modes": ["--upstream-json", "--metadata"]}[case]
     for part in expected:
         assert part in lines[0]

@@ -41,10 +41,33 @@ def upstream_json(workdir):
     return write_intermediate_json(workdir / "intermediate_samples.json")
 
 
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Non-trivial values for every initialised parameter, biases included (PyG initialises biases
+    to 0: a converter that dropped them would pass on the original's own init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not isinstance(p, torch.nn.parameter.UninitializedParameter):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def randomised_original(json_path, seed: int = 0, **kwargs):
+    """:func:`make_original` with every parameter randomised, and its eval outputs recomputed."""
+    encoder, _, parts = make_original(json_path, seed=seed, **kwargs)
+    randomise(encoder, 100 + seed)
+    _, ei, ea, _ = parts
+    with torch.no_grad():
+        out = {t: v.numpy() for t, v in encoder(ei, ea).items()}
+    return encoder, out, parts
+
+
 @pytest.fixture(scope="module")
 def original(upstream_json):
     """(encoder, PyG eval outputs, graph parts) with lazy edge_dim=0 convs, as the original saves."""
-    return make_original(upstream_json)
+    encoder, out, parts = randomised_original(upstream_json)
+    biases = [p for name, p in encoder.named_parameters() if name.endswith("bias")]
+    assert biases and all(float(b.abs().max()) > 0 for b in biases)
+    return encoder, out, parts
 
 
 def graphcl_file(path, encoder, prefix=""):
@@ -114,7 +137,7 @@ def test_graphcl_checkpoint_converts_embeds_like_pyg_and_round_trips(prefix, ori
 @pytest.mark.parametrize("zero_width", ["empty", "none"])
 def test_edge_dim_zero_variants_verify_on_random_graph(zero_width, upstream_json, workdir, capsys):
     """``lin_edge.weight`` [H*C, 0] (edge_dim=0 with an empty edge_attr) or no lin_edge at all."""
-    encoder, _, _ = make_original(upstream_json, zero_width=zero_width, seed=1)
+    encoder, _, _ = randomised_original(upstream_json, zero_width=zero_width, seed=1)
     key = "encoder.layers.0.convs.<Sample___Is_of_type___Food>.lin_edge.weight"
     state = GraphCLModel(encoder).state_dict()
     if zero_width == "empty":
@@ -156,15 +179,16 @@ def test_finetuned_old_style_keys_convert_and_list_heads(original, workdir, caps
     assert report["key_style"] == ["old"] and report["format"] == "state_dict"
     assert "not converted: decoders.food.weight" in stdout
     # same params as the GraphCL conversion of the same encoder
+    import jax
+
     from jaxfood.train.checkpoint import load_encoder
 
-    plain = workdir / "conv_plain"
-    if plain.exists():
-        _, a, _ = load_encoder(out)
-        _, b, _ = load_encoder(plain)
-        import jax
-
-        jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    plain = workdir / "linkpred_graphcl_conv"
+    rc, _, err = run_convert([graphcl_file(workdir / "linkpred_graphcl.pt", encoder), "--out", plain], capsys)
+    assert rc == 0, err
+    _, a, _ = load_encoder(out)
+    _, b, _ = load_encoder(plain)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
     # the export is the encoder in the file's own layout (old keys), heads not included
     exported = torch_load(back)
     assert_same_torch_object(exported, type(old)((k, v) for k, v in old.items() if not k.startswith("decoders.")))

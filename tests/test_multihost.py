@@ -52,7 +52,7 @@ def job_env(tmp_path: Path, devices: int) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def run_two_processes(make_cmd, env: dict, timeout: int = 400) -> list[str]:
+def run_two_processes(make_cmd, env: dict, timeout: int = 900) -> list[str]:
     """Starts ``make_cmd(process_id, port)`` for process ids 0 and 1 against one coordinator port,
     waits for both, asserts both exit 0 and returns their standard outputs."""
     port = free_port()

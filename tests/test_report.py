@@ -69,9 +69,10 @@ def tiny_run(tmp_path_factory):
     from jaxfood.data.build import build_graph
     from jaxfood.data.simulate import SimConfig, simulate
     from jaxfood.eval.metrics import biomarkers_from_pairs
+    from jaxfood.graph.splits import prepare_graph
     from jaxfood.models.heads import make_multitask_model
     from jaxfood.train.checkpoint import save_checkpoint
-    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph
+    from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta
 
     root = tmp_path_factory.mktemp("report")
     ds = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
@@ -94,11 +95,12 @@ def test_report_assets_figures_and_tables(tiny_run):
     from jaxfood.eval.pipeline import food_rankings, report_assets
     from jaxfood.graph import schema
     from jaxfood.graph.hetero_graph import SPLIT_CODES
-    from jaxfood.train.finetune import prepare_graph
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.train.finetune import load_finetuned
     from jaxfood.train.multitask import make_predict_fn
 
     root, graph, reference, result, model = tiny_run
-    assets = report_assets(root / "checkpoints", graph, root, METRICS, reference, k=3, max_foods=4,
+    assets = report_assets(load_finetuned(root / "checkpoints", graph), graph, root, METRICS, reference, k=3, max_foods=4,
                            biomarker_foods=3)
     names = {p.name for p in assets.figures.values()}
     assert names == {"confusion_matrix.png", "food_embeddings_category.png", "food_embeddings_protein.png",
@@ -122,13 +124,18 @@ def test_report_assets_figures_and_tables(tiny_run):
 
     # Biomarker list: the top-3 of the headline scorer, reference biomarkers in bold.
     top = food_rankings(result, graph, k=3)
-    assert top == food_rankings(root / "checkpoints", graph, k=3)  # FinetuneResult and checkpoint agree
+    assert top == food_rankings(load_finetuned(root / "checkpoints", graph), graph, k=3)  # FinetuneResult and checkpoint agree
     listing = next(v for t, v in assets.sections if t.startswith("Salient molecules"))
     rows = [line for line in listing.splitlines() if line.startswith("| ") and not line.startswith("| Food")]
     assert len(rows) == 3
     food = rows[0].split(" | ")[0][2:]
-    want = ", ".join(f"**{m}**" if m in reference.get(food, ()) else m for m in top[food])
-    assert f"| {food} | {want} |" in listing
+    from jaxfood.graph import schema
+    from jaxfood.graph.hetero_graph import molecule_label
+
+    pos = {m: i for i, m in enumerate(graph.meta.node_ids[schema.MOLECULE])}
+    shown = {m: molecule_label(graph, pos[m]) for m in top[food]}  # id (m/z ..., RT ...)
+    want = ", ".join(f"**{shown[m]}**" if m in reference.get(food, ()) else shown[m] for m in top[food])
+    assert f"| {food} | {want} |" in listing and "m/z" in want
 
     again = report_assets(result, graph, root / "again", None, reference, k=3, fold_change=False)
     assert "jaxfood vs ablations" not in " ".join(again.figures)  # no metrics: no comparison chart

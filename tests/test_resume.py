@@ -52,12 +52,12 @@ def job(tmp_path_factory):
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-        out, err = proc.communicate(timeout=400)
+        out, err = proc.communicate(timeout=900)
         assert proc.returncode == expect, err[-4000:]
         return out
 
     def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, step: int) -> None:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900
         while not (workdir / "resume" / str(step)).is_dir():
             assert proc.poll() is None, proc.communicate()[1][-4000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"

@@ -63,6 +63,12 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     assert {"food_classification", "nutrition", "salient_molecules"} <= set(metrics["task_weights"])
     assert metrics["runtime_s"] > 0
     assert 0.0 <= metrics["food_classification"]["accuracy"] <= 1.0
+    # Model and baselines scored on the same test samples, and every section says on how many.
+    fc = metrics["food_classification"]
+    assert fc["num_samples"] > 0 and fc["samples_digest"] == metrics["baselines"]["samples_digest"]
+    assert fc["num_samples"] == metrics["baselines"]["num_samples"] == metrics["nutrition"]["num_samples"] \
+        == metrics["salient_molecules"]["num_samples"]
+    assert metrics["nutrition"]["num_foods_in_sample"] == 65 and "spearman" in metrics["nutrition"]["in_sample"]
     # Checkpoints, graph, TensorBoard events for every task, a report whose images exist.
     assert any((workdir / "checkpoints").iterdir())
     assert (workdir / "graph" / "graph.json").exists()
@@ -84,6 +90,7 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     assert {"class_attention", "attention", "gat_attention", "gradient"} <= scorers
     rankings = json.loads((workdir / "rankings.json").read_text())
     assert set(rankings) == scorers
-    for per_food in rankings.values():
-        assert len(per_food) == 65 and all(len(set(ids)) == 10 for ids in per_food.values())
+    for per_food in rankings.values():  # each molecule with its m/z and RT (the embedded table has no annotation)
+        assert len(per_food) == 65 and all(len({e["molecule_id"] for e in top}) == 10 for top in per_food.values())
+        assert all(e["mz"] > 0 and e["rt"] >= 0 and e["annotation"] is None for top in per_food.values() for e in top)
     assert "food accuracy" in out and "runtime (s)" in out

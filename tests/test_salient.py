@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from conftest import make_toy_graph
 
+from jaxfood.eval import molecules
+from jaxfood.eval.evaluator import Evaluator
 from jaxfood.graph import schema
+from jaxfood.graph.splits import prepare_graph
 from jaxfood.models import heads as heads_mod
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import ClassAttentionPool, HeadsConfig, branch_weights, make_multitask_model
-from jaxfood.train import salient_molecules as sal
-from jaxfood.train.finetune import Evaluator, prepare_graph
 
 SENDERS = np.array([0, 0, 0, 1, 1, 2], np.int32)
 RECEIVERS = np.array([0, 2, 3, 1, 2, 3], np.int32)
@@ -92,7 +93,7 @@ def test_lse_readout_is_monotone_so_top_molecules_are_faithful():
     full, branches = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3)
     c = 1
     weights, _ = branch_weights(branches, SENDERS, RECEIVERS, jnp.full((3,), c))
-    top = np.asarray(sal.segment_topk_mask(weights, jnp.asarray(SENDERS), 3, 1))
+    top = np.asarray(molecules.segment_topk_mask(weights, jnp.asarray(SENDERS), 3, 1))
     kept, _ = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3, top)
     removed, _ = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3, ~top)
     full, kept, removed = (np.asarray(v) for v in (full, kept, removed))
@@ -126,12 +127,16 @@ def test_scorers_read_the_own_and_the_predicted_food_branch(toy_model):
     rep = model.represent(params, graph)
     _, branches = model.class_branches(params, graph, model.pool_features(rep))
     out = model.apply(params, graph)
-    own = sal.score_molecules("class_attention", model, params, graph)
-    want_own, _ = branch_weights(branches, contains.senders, contains.receivers, jnp.asarray(graph.sample_food))
-    np.testing.assert_allclose(np.asarray(own), np.asarray(want_own), rtol=1e-5, atol=1e-7)
+    own = molecules.score_molecules("class_attention", model, params, graph)
     predicted = jnp.argmax(out.food_logits, -1)
+    # A training sample's own food; every other sample's predicted food (no held-out label is read).
+    train = np.asarray(graph.sample_split) == 0
+    assert train.any() and (~train).any()
+    explain = jnp.where(jnp.asarray(train), jnp.asarray(graph.sample_food), predicted)
+    want_own, _ = branch_weights(branches, contains.senders, contains.receivers, explain)
+    np.testing.assert_allclose(np.asarray(own), np.asarray(want_own), rtol=1e-5, atol=1e-7)
     want_pred, _ = branch_weights(branches, contains.senders, contains.receivers, predicted)
-    np.testing.assert_allclose(np.asarray(sal.score_molecules("attention", model, params, graph)),
+    np.testing.assert_allclose(np.asarray(molecules.score_molecules("attention", model, params, graph)),
                                np.asarray(want_pred), rtol=1e-5, atol=1e-7)
     per_sample = jax.ops.segment_sum(own, contains.senders, S)
     np.testing.assert_allclose(np.asarray(per_sample), 1.0, rtol=1e-5)
@@ -153,38 +158,44 @@ def test_rankings_contrast_by_log_ratio_against_hand_values():
     tiny = graph.replace(edges=edges, sample_food=np.array([0, 0, 1] + [-1] * (graph.num_nodes["Sample"] - 3),
                                                             np.int32))
     scores = np.array([0.5, 0.5, 0.8, 0.2, 0.1, 0.9])
-    ranking, importance = sal.rank_molecules_per_food(scores, tiny, contrast="log_ratio")
-    c = sal.LOG_RATIO_PSEUDOCOUNT * scores.mean()
+    everyone = np.ones(graph.num_nodes["Sample"], bool)  # the default is the training samples only
+    ranking, importance = molecules.rank_molecules_per_food(scores, tiny, everyone, contrast="log_ratio")
+    c = molecules.LOG_RATIO_PSEUDOCOUNT * scores.mean()
     # food 0: mean importance of molecule 0 = (0.5 + 0.8) / 2, of molecule 1 = 0.25, of 2 = 0.1;
     # the other food (sample 2): 0, 0.1, 0.9.
     want0 = np.log(np.array([0.65, 0.25, 0.1]) + c) - np.log(np.array([0.0, 0.1, 0.9]) + c)
     np.testing.assert_allclose(importance[0, :3], want0, rtol=1e-9)
     assert list(ranking[0, :2]) == [0, 1] and ranking[0, -1] == 2  # absent molecules score 0, between
-    _, diff = sal.rank_molecules_per_food(scores, tiny, contrast=True)  # True = difference (as before)
+    _, diff = molecules.rank_molecules_per_food(scores, tiny, everyone, contrast=True)  # True = difference (as before)
     np.testing.assert_allclose(diff[0, :3], [0.65, 0.15, -0.8], rtol=1e-9)
     with pytest.raises(ValueError, match="contrast"):
-        sal.rank_molecules_per_food(scores, tiny, contrast="ratio")
+        molecules.rank_molecules_per_food(scores, tiny, everyone, contrast="ratio")
+    # By default only the training samples rank: sample 2 (food 1) held out, food 1 has no sample.
+    split = np.zeros(graph.num_nodes["Sample"], np.int32)
+    split[2] = 2
+    _, default = molecules.rank_molecules_per_food(scores, tiny.replace(sample_split=split), contrast=True)
+    np.testing.assert_allclose(default[1, :3], [-0.65, -0.25, -0.1], rtol=1e-9)
 
 
 def test_topk_jaccard_by_hand():
     a = {"apple": ["m1", "m2", "m3", "m4"], "pear": ["m5", "m6", "m7"], "only_a": ["m1"]}
     b = {"apple": ["m3", "m1", "m9", "m4"], "pear": ["m5", "m6", "m7"]}
     # apple top-3: {m1, m2, m3} vs {m3, m1, m9} -> 2 / 4; pear identical -> 1; only_a is not in b.
-    assert sal.topk_jaccard(a, b, 3) == pytest.approx((0.5 + 1.0) / 2)
-    assert sal.topk_jaccard(a, a, 3) == 1.0
-    assert math.isnan(sal.topk_jaccard({"x": ["m1"]}, {"y": ["m1"]}, 3))
+    assert molecules.topk_jaccard(a, b, 3) == pytest.approx((0.5 + 1.0) / 2)
+    assert molecules.topk_jaccard(a, a, 3) == 1.0
+    assert math.isnan(molecules.topk_jaccard({"x": ["m1"]}, {"y": ["m1"]}, 3))
 
 
 def test_perturbation_is_seeded_and_stability_of_identical_input_is_one(toy_model):
     graph, model, params = toy_model
     key = jax.random.key(3)
-    g1, m1 = sal.perturb_contains(graph, key, 0.1, 0.2)
-    g2, m2 = sal.perturb_contains(graph, key, 0.1, 0.2)
+    g1, m1 = molecules.perturb_contains(graph, key, 0.1, 0.2)
+    g2, m2 = molecules.perturb_contains(graph, key, 0.1, 0.2)
     a1 = np.asarray(g1.edges[schema.CONTAINS].attributes)
     np.testing.assert_array_equal(a1, np.asarray(g2.edges[schema.CONTAINS].attributes))
     np.testing.assert_array_equal(np.asarray(m1[schema.CONTAINS]), np.asarray(m2[schema.CONTAINS]))
-    np.testing.assert_array_equal(a1, np.asarray(g1.edges[sal.REV_CONTAINS].attributes))  # both directions
-    np.testing.assert_array_equal(np.asarray(m1[schema.CONTAINS]), np.asarray(m1[sal.REV_CONTAINS]))
+    np.testing.assert_array_equal(a1, np.asarray(g1.edges[molecules.REV_CONTAINS].attributes))  # both directions
+    np.testing.assert_array_equal(np.asarray(m1[schema.CONTAINS]), np.asarray(m1[molecules.REV_CONTAINS]))
     diff = a1 - np.asarray(graph.edges[schema.CONTAINS].attributes)
     assert 0.05 < diff.std() < 0.2
     dropped = 1.0 - np.asarray(m1[schema.CONTAINS]).mean()

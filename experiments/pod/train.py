@@ -97,6 +97,7 @@ def main(argv=None) -> int:
         info = init_from_args(args)
         from jaxfood import workflows
         from jaxfood.config import load_config
+        from jaxfood.train.adapt import adapt_and_report
         from jaxfood.train.finetune import FinetuneConfig
         from jaxfood.train.preemption import Preempted
 
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
                                                        checkpoint_every=args.checkpoint_every))
         cfg = load_config(FinetuneConfig(), args.config, args.set)
         graph = load_graph_from_args(args)
+        # Defaults follow the graph (no nutrient table: no nutrition task), as in `jaxfood finetune`.
+        cfg = adapt_and_report(cfg, graph, log=None if info.is_primary else (lambda _msg: None))
         try:
             result = workflows.finetune(graph, cfg, args.workdir, pretrained=args.pretrained, options=options,
                                         progress=not args.no_progress)

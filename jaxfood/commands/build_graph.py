@@ -18,12 +18,19 @@ normalisation statistics) and OUT/summary.json (node, edge and split counts).
 Inputs, one of:
   (none)                        the embedded default: simulated samples of real USDA foods,
                                 written to real file formats and read back like your files
-  --feature-table F --metadata F --nutrients F|DIR [--molecule-embeddings F [--molecule-ids F]]
+  --feature-table F --metadata F [--nutrients F|DIR] [--molecule-embeddings F [--molecule-ids F]]
                                 a GNPS/MZmine feature table (CSV: 'row ID', 'row m/z',
                                 'row retention time', '<filename> Peak area'; or jaxfood .npz),
-                                sample metadata (CSV: 'filename' + the label column), nutrients
-                                (wide CSV: 'food' + 'Name (unit)' columns, or a USDA FoodData
-                                Central CSV directory joined through the metadata's ndb_number)
+                                sample metadata (CSV: 'filename' + the label column), optional
+                                nutrients (wide CSV: 'food' + 'Name (unit)' columns, or a USDA
+                                FoodData Central CSV directory joined through the metadata's
+                                ndb_number). Without --nutrients the graph has no Nutrient nodes
+                                and the nutrition task is off; everything else works.
+  --mwtab F [--label-column FACTOR] [--nutrients F|DIR]
+                                a Metabolomics Workbench study (mwTab text or JSON, mwtab package)
+                                in place of the feature table and metadata
+  with either, --network F      GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
+                                -> (Molecule, is_similar_to, Molecule) with the cosine as attribute
   --upstream-json F             the intermediate JSON of the PyTorch project (compatibility mode:
                                 the same graph it builds; also writes hetero_graph_mappings.json)
 
@@ -52,12 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     files = parser.add_argument_group("your files")
     files.add_argument("--feature-table", metavar="F", help="GNPS/MZmine feature table (.csv) or jaxfood sparse table (.npz)")
     files.add_argument("--metadata", metavar="F", help="sample metadata CSV/TSV with 'filename' and the label column")
-    files.add_argument("--nutrients", metavar="F|DIR", help="wide nutrient CSV or USDA FoodData Central CSV directory")
+    files.add_argument("--nutrients", metavar="F|DIR", help="wide nutrient CSV or USDA FoodData Central CSV directory (optional: without it, no Nutrient "
+                            "nodes and no nutrition task)")
     files.add_argument("--molecule-embeddings", metavar="F", help="spectral embeddings, .npy matrix [molecules, dim]")
     files.add_argument("--molecule-ids", metavar="F",
                        help="molecule ids of the embedding rows, one per line [default: molecule_ids.txt beside the .npy]")
+    files.add_argument("--network", metavar="F",
+                       help="GNPS molecular networking edge file (CLUSTERID1, CLUSTERID2, Cosine): "
+                            "Molecule-is_similar_to-Molecule edges")
     files.add_argument("--label-column", default=None, metavar="C",
                        help="metadata column holding the food label [default: sample_type_group5]")
+    files.add_argument("--mwtab", metavar="F",
+                       help="a Metabolomics Workbench study (mwTab text or JSON; needs the mwtab package) in place "
+                            "of --feature-table and --metadata; --label-column names the class factor")
     up = parser.add_argument_group("compatibility mode")
     up.add_argument("--upstream-json", metavar="F", help="intermediate JSON of the PyTorch project")
     up.add_argument("--per-unit", action="store_true",
@@ -74,6 +88,7 @@ def _check_args(args) -> str:
     if args.upstream_json:
         given = [f"--{n}" for n, v in (("feature-table", args.feature_table), ("metadata", args.metadata),
                                        ("nutrients", args.nutrients), ("molecule-embeddings", args.molecule_embeddings),
+                                       ("network", args.network), ("mwtab", args.mwtab),
                                        ("label-column", args.label_column), ("split", args.split)) if v]
         if given:
             raise UserError(f"--upstream-json cannot be combined with {', '.join(given)} "
@@ -81,13 +96,18 @@ def _check_args(args) -> str:
         return "upstream"
     if args.per_unit:
         raise UserError("--per-unit applies only with --upstream-json")
-    if any(native):
-        missing = [f"--{n}" for n, v in zip(("feature-table", "metadata", "nutrients"), native) if not v]
-        if missing:
-            raise UserError(f"missing {', '.join(missing)} (--feature-table, --metadata and --nutrients go together)")
+    if args.mwtab:
+        if args.feature_table or args.metadata:
+            raise UserError("--mwtab replaces --feature-table and --metadata (the study file has both)")
         return "files"
-    if args.molecule_embeddings or args.label_column:
-        raise UserError("--molecule-embeddings and --label-column need --feature-table, --metadata and --nutrients")
+    if any(native):
+        missing = [f"--{n}" for n, v in zip(("feature-table", "metadata"), native) if not v]
+        if missing:
+            raise UserError(f"missing {', '.join(missing)} (--feature-table and --metadata go together; "
+                            "--nutrients is optional)")
+        return "files"
+    if args.molecule_embeddings or args.label_column or args.network:
+        raise UserError("--molecule-embeddings, --network and --label-column need --feature-table and --metadata")
     return "default"
 
 
@@ -96,8 +116,9 @@ def format_summary(summary: dict) -> str:
     rows = [("node type", "count")] + [(t, str(n)) for t, n in summary["nodes"].items()]
     rows += [("", ""), ("relation", "edges")] + [(k, str(n)) for k, n in summary["edges"].items()]
     rows += [("", ""), ("split", "samples")] + [(k, str(n)) for k, n in summary["splits"].items()]
+    rows += [("", "")] + [(f"{what}: absent", why) for what, why in summary.get("absent", {}).items()]
     width = max(len(a) for a, _ in rows)
-    return "\n".join(f"{a:<{width}}  {b:>8}" if a else "" for a, b in rows)
+    return "\n".join(f"{a:<{width}}  {b:>8}" if a else "" for a, b in rows).rstrip()
 
 
 def run(args) -> int:
@@ -129,8 +150,8 @@ def run(args) -> int:
 
             tables = read_tables(args.feature_table, args.metadata, args.nutrients,
                                  molecule_embeddings=args.molecule_embeddings,
-                                 label_column=args.label_column or DEFAULT_LABEL_COLUMN,
-                                 molecule_ids=args.molecule_ids)
+                                 label_column=args.label_column or (None if args.mwtab else DEFAULT_LABEL_COLUMN),
+                                 molecule_ids=args.molecule_ids, network=args.network, mwtab=args.mwtab)
             graph = build_graph(tables, seed=args.seed, split_fractions=fractions)
         else:
             from jaxfood.data.default import build_default_graph

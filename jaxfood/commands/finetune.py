@@ -100,8 +100,8 @@ def print_summary(metrics: dict, out=None) -> None:
     rows = [
         ("food classification", "accuracy", fc["accuracy"]), ("", "weighted F1", fc["weighted_f1"]),
         ("", "AUROC (macro)", fc["auroc_macro"]), ("", "top-3 accuracy", fc["top3_accuracy"]),
-        ("nutrition", "k-NN purity (Food)", nu["knn_purity"]), ("", "distance Spearman", nu["spearman"]),
-        ("", "nutrient R²", nu["nutrient_r2"]),
+        ("nutrition", "k-NN purity (Food)", nu.get("knn_purity")), ("", "distance Spearman", nu.get("spearman")),
+        ("", "nutrient R²", nu.get("nutrient_r2")),
         ("salient molecules", f"precision@{k} ({sm.get('scorer')})", sm.get(f"precision_at_{k}")),
         ("", "fidelity+", sm["fidelity_plus"]), ("", "fidelity-", sm["fidelity_minus"]),
     ]
@@ -123,6 +123,7 @@ def run(args) -> int:
     from jaxfood import workflows
     from jaxfood.config import load_config
     from jaxfood.io_utils import check_output_dir
+    from jaxfood.train.adapt import adapt_and_report
     from jaxfood.train.finetune import FinetuneConfig, check_config
     from jaxfood.train.parallel_options import options_from_args
     from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
@@ -139,6 +140,7 @@ def run(args) -> int:
     check_biomarkers_arg(args.biomarkers, graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    cfg = adapt_and_report(cfg, graph, log or (lambda msg: None))  # defaults follow the graph
     try:
         result = workflows.finetune(graph, cfg, workdir, pretrained=args.pretrained, biomarkers=args.biomarkers,
                                     options=options, progress=progress, log=log)

@@ -68,6 +68,7 @@ def run(args) -> int:
     from jaxfood.commands.finetune import load_graph_arg
     from jaxfood.config import load_config
     from jaxfood.io_utils import check_output_dir
+    from jaxfood.train.adapt import adapt_and_report
     from jaxfood.train.graphcl import PretrainConfig
     from jaxfood.train.parallel_options import options_from_args
     from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
@@ -79,6 +80,7 @@ def run(args) -> int:
     graph = load_graph_arg(args.graph)
     progress = not args.quiet and sys.stderr.isatty()
     log = None if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    cfg = adapt_and_report(cfg, graph, log or (lambda msg: None))  # defaults follow the graph
     try:
         result = workflows.pretrain(graph, cfg, workdir, options=options, progress=progress, log=log)
     except Preempted as stopped:

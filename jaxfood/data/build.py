@@ -6,6 +6,8 @@ Node order (``meta.node_ids`` holds the user's identifiers in this order):
 * ``Sample``   -- feature-table column order, restricted to samples present in the metadata;
 * ``Food``     -- sorted food labels of those samples;
 * ``Nutrient`` -- nutrient-table column order (columns with no value for any food are dropped).
+  Without a nutrient table the graph has no ``Nutrient`` nodes, no ``has_nutrient`` relation, no
+  ``Food`` input features and ``food_nutrients`` is [F, 0]: the nutrition task is off.
 
 Normalisation (statistics are kept in ``meta.normalisation`` so that new samples can be put on
 the same scale later):
@@ -39,7 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxfood.data.tables import MoleculeSimilarity, RawTables
+from jaxfood.data.tables import FeatureTable, MoleculeSimilarity, RawTables
 from jaxfood.errors import UserError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import (
@@ -98,7 +100,7 @@ def _food_categories(tables: RawTables, foods: list[str]) -> tuple[np.ndarray, l
     nt = tables.nutrients
     per_food: dict[str, str] = {}
     source = ""
-    if nt.food_category is not None:
+    if nt is not None and nt.food_category is not None:
         per_food = {f: c for f, c in zip(nt.foods, nt.food_category) if c}
         source = f"{nt.source} column 'food_category'"
     else:
@@ -121,6 +123,17 @@ def _food_categories(tables: RawTables, foods: list[str]) -> tuple[np.ndarray, l
     return cat, names, source
 
 
+def _molecule_info(ft: FeatureTable) -> dict[str, list]:
+    """m/z, RT and annotation per molecule (None where unknown; a column the table lacks is absent)."""
+    info: dict[str, list] = {}
+    for key, values in (("mz", ft.molecule_mz), ("rt", ft.molecule_rt)):
+        if values is not None:
+            info[key] = [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64)]
+    if ft.molecule_annotation is not None:
+        info["annotation"] = [a or None for a in ft.molecule_annotation]
+    return info
+
+
 def _similarity_edges(sim: MoleculeSimilarity, molecule_ids: list[str]):
     pos = {m: i for i, m in enumerate(molecule_ids)}
     src = np.asarray([pos.get(s, -1) for s in sim.source_ids])
@@ -136,6 +149,41 @@ def _similarity_edges(sim: MoleculeSimilarity, molecule_ids: list[str]):
     return make_edge_set(src[ok], dst[ok], val[ok])
 
 
+def _nutrients(tables: RawTables, foods: list[str]):
+    """Nutrient names, unit vocabulary, ``has_nutrient`` edges, ``food_nutrients`` [F, N], mean [N], std [N]."""
+    nt, md, F = tables.nutrients, tables.metadata, len(foods)
+    nt_row = {f: i for i, f in enumerate(nt.foods)}
+    rows = np.asarray([nt_row.get(f, -1) for f in foods])
+    values = np.full((F, len(nt.nutrient_names)), np.nan)
+    values[rows >= 0] = np.asarray(nt.values, np.float64)[rows[rows >= 0]]
+    without = [f for f, r in zip(foods, rows) if r < 0]
+    if len(without) == F:
+        raise UserError(f"{nt.source}: none of the {F} foods has nutrients (e.g. '{foods[0]}'; expected it in column 'food')")
+    if without:
+        _warn(f"{nt.source}: {len(without)} food(s) of {md.source} column '{md.label_column}' have no nutrients "
+              f"({_examples(without)}); their profile is the mean (z = 0), no has_nutrient edges")
+    has_value = ~np.isnan(values)
+    cols = np.nonzero(has_value.any(0))[0]
+    if cols.size < len(nt.nutrient_names):
+        dropped = [nt.column_names[j] for j in range(len(nt.nutrient_names)) if j not in set(cols)]
+        _warn(f"{nt.source}: {len(dropped)} nutrient column(s) have no value for any food of the graph "
+              f"({_examples(dropped)}); dropped")
+    if cols.size == 0:
+        raise UserError(f"{nt.source}: no nutrient value for any food of the graph")
+    values, has_value = values[:, cols], has_value[:, cols]
+    nutrient_names = [nt.column_names[j] for j in cols]
+    units = [nt.units[j] for j in cols]
+    unit_vocab = list(dict.fromkeys(units))
+    N = len(nutrient_names)
+    f_idx, n_idx = np.nonzero(has_value)  # food-major order
+    z_nut, nut_mean, nut_std = grouped_zscore(values[f_idx, n_idx], n_idx, N)
+    unit_onehot = np.eye(len(unit_vocab))[[unit_vocab.index(units[n]) for n in n_idx]].reshape(-1, len(unit_vocab))
+    has_nutrient = make_edge_set(f_idx, n_idx, np.concatenate([z_nut[:, None], unit_onehot], 1))
+    food_nutrients = np.zeros((F, N), np.float64)
+    food_nutrients[f_idx, n_idx] = z_nut
+    return nutrient_names, unit_vocab, has_nutrient, food_nutrients.astype(np.float32), nut_mean, nut_std
+
+
 def build_graph(tables: RawTables, *, seed: int = 0,
                 split_fractions: Sequence[float] = (0.7, 0.15, 0.15)) -> HeteroGraph:
     """Builds the validated graph from ``tables`` (see the module docstring for order and scales).
@@ -148,8 +196,9 @@ def build_graph(tables: RawTables, *, seed: int = 0,
       split_fractions: train, val, test fractions.
 
     Returns:
-      A :class:`HeteroGraph` with all four node types, every relation and its reverse, splits
-      assigned and label edges for training samples only.
+      A :class:`HeteroGraph` with every node type the tables give (no ``Nutrient`` without a
+      nutrient table), every relation and its reverse, splits assigned and label edges for
+      training samples only.
     """
     ft, md, nt = tables.features, tables.metadata, tables.nutrients
     if not ft.molecule_ids or not ft.sample_ids:
@@ -209,41 +258,18 @@ def build_graph(tables: RawTables, *, seed: int = 0,
     z_int, mol_mean, mol_std = grouped_zscore(np.log1p(area), m_idx, M)
     contains = make_edge_set(s_idx, m_idx, z_int[:, None])
 
-    # ---- nutrients -------------------------------------------------------------------------------
-    nt_row = {f: i for i, f in enumerate(nt.foods)}
-    rows = np.asarray([nt_row.get(f, -1) for f in foods])
-    values = np.full((F, len(nt.nutrient_names)), np.nan)
-    values[rows >= 0] = np.asarray(nt.values, np.float64)[rows[rows >= 0]]
-    without = [f for f, r in zip(foods, rows) if r < 0]
-    if len(without) == F:
-        raise UserError(f"{nt.source}: none of the {F} foods has nutrients (e.g. '{foods[0]}'; expected it in column 'food')")
-    if without:
-        _warn(f"{nt.source}: {len(without)} food(s) of {md.source} column '{md.label_column}' have no nutrients "
-              f"({_examples(without)}); their profile is the mean (z = 0), no has_nutrient edges")
-    has_value = ~np.isnan(values)
-    cols = np.nonzero(has_value.any(0))[0]
-    if cols.size < len(nt.nutrient_names):
-        dropped = [nt.column_names[j] for j in range(len(nt.nutrient_names)) if j not in set(cols)]
-        _warn(f"{nt.source}: {len(dropped)} nutrient column(s) have no value for any food of the graph "
-              f"({_examples(dropped)}); dropped")
-    if cols.size == 0:
-        raise UserError(f"{nt.source}: no nutrient value for any food of the graph")
-    values, has_value = values[:, cols], has_value[:, cols]
-    nutrient_names = [nt.column_names[j] for j in cols]
-    units = [nt.units[j] for j in cols]
-    unit_vocab = list(dict.fromkeys(units))
-    N = len(nutrient_names)
-    f_idx, n_idx = np.nonzero(has_value)  # food-major order
-    z_nut, nut_mean, nut_std = grouped_zscore(values[f_idx, n_idx], n_idx, N)
-    unit_onehot = np.eye(len(unit_vocab))[[unit_vocab.index(units[n]) for n in n_idx]].reshape(-1, len(unit_vocab))
-    has_nutrient = make_edge_set(f_idx, n_idx, np.concatenate([z_nut[:, None], unit_onehot], 1))
-    food_nutrients = np.zeros((F, N), np.float64)
-    food_nutrients[f_idx, n_idx] = z_nut
-    food_nutrients = food_nutrients.astype(np.float32)
+    # ---- nutrients (optional: without a table there are no Nutrient nodes) ------------------------
+    nut = _nutrients(tables, foods) if nt is not None else None
+    if nut is None:
+        nutrient_names, unit_vocab, N = [], [], 0
+        food_nutrients = np.zeros((F, 0), np.float32)
+    else:
+        nutrient_names, unit_vocab, has_nutrient, food_nutrients, nut_mean, nut_std = nut
+        N = len(nutrient_names)
 
     # ---- features, categories, optional similarity -----------------------------------------------
     node_features = {}
-    feature_names: dict[str, list[str]] = {schema.FOOD: list(nutrient_names)}
+    feature_names: dict[str, list[str]] = {}
     emb = tables.embeddings
     if emb is not None:
         pos = {m: i for i, m in enumerate(emb.molecule_ids)}
@@ -257,42 +283,50 @@ def build_graph(tables: RawTables, *, seed: int = 0,
                   f"({_examples(lacking)}); they get a zero vector")
         node_features[schema.MOLECULE] = mol_x
         feature_names[schema.MOLECULE] = [f"embedding_{i}" for i in range(mol_x.shape[1])]
-    node_features[schema.FOOD] = food_nutrients
+    if N:
+        node_features[schema.FOOD] = food_nutrients
+        feature_names[schema.FOOD] = list(nutrient_names)
 
     edges = {schema.CONTAINS: contains,
-             schema.IS_INSTANCE_OF: make_edge_set(np.nonzero(sample_food >= 0)[0], sample_food[sample_food >= 0]),
-             schema.HAS_NUTRIENT: has_nutrient}
+             schema.IS_INSTANCE_OF: make_edge_set(np.nonzero(sample_food >= 0)[0], sample_food[sample_food >= 0])}
+    if N:
+        edges[schema.HAS_NUTRIENT] = has_nutrient
     if tables.similarity is not None:
         edges[schema.IS_SIMILAR_TO] = _similarity_edges(tables.similarity, ft.molecule_ids)
     edges = with_reverse_edges(edges)
     category, category_names, category_source = _food_categories(tables, foods)
 
-    attribute_names = {schema.CONTAINS: ["intensity"], schema.IS_INSTANCE_OF: [],
-                       schema.HAS_NUTRIENT: ["quantity"] + [f"unit={u}" for u in unit_vocab]}
+    attribute_names = {schema.CONTAINS: ["intensity"], schema.IS_INSTANCE_OF: []}
+    if N:
+        attribute_names[schema.HAS_NUTRIENT] = ["quantity"] + [f"unit={u}" for u in unit_vocab]
     if schema.IS_SIMILAR_TO in edges:
         attribute_names[schema.IS_SIMILAR_TO] = ["similarity"]
     for key in list(attribute_names):
         attribute_names[schema.reverse_key(key)] = attribute_names[key]
 
+    num_nodes = {schema.SAMPLE: S, schema.MOLECULE: M, schema.FOOD: F}
+    node_ids = {schema.SAMPLE: sample_ids, schema.MOLECULE: list(ft.molecule_ids), schema.FOOD: foods}
+    normalisation = {"contains_molecule": {"transform": INTENSITY_TRANSFORM, "mean": mol_mean.tolist(),
+                                           "std": mol_std.tolist(), "ddof": 0}}
+    if N:
+        num_nodes[schema.NUTRIENT], node_ids[schema.NUTRIENT] = N, nutrient_names
+        normalisation["has_nutrient"] = {"mean": nut_mean.tolist(), "std": nut_std.tolist(), "ddof": 0,
+                                         "missing": MISSING_NUTRIENT_POLICY}
     meta = GraphMeta(
-        num_nodes={schema.SAMPLE: S, schema.MOLECULE: M, schema.FOOD: F, schema.NUTRIENT: N},
-        node_ids={schema.SAMPLE: sample_ids, schema.MOLECULE: list(ft.molecule_ids), schema.FOOD: foods,
-                  schema.NUTRIENT: nutrient_names},
+        molecule_info=_molecule_info(ft),
+        num_nodes=num_nodes,
+        node_ids=node_ids,
         food_categories=category_names,
         nutrient_names=nutrient_names,
         nutrient_units=unit_vocab,
         attribute_names=attribute_names,
         feature_names=feature_names,
-        normalisation={
-            "contains_molecule": {"transform": INTENSITY_TRANSFORM, "mean": mol_mean.tolist(),
-                                  "std": mol_std.tolist(), "ddof": 0},
-            "has_nutrient": {"mean": nut_mean.tolist(), "std": nut_std.tolist(), "ddof": 0,
-                             "missing": MISSING_NUTRIENT_POLICY},
-        },
+        normalisation=normalisation,
         extra={
             "mode": "native",
-            "sources": {"feature_table": ft.source, "metadata": md.source, "nutrients": nt.source,
-                        "molecule_embeddings": emb.source if emb is not None else None},
+            "sources": {"feature_table": ft.source, "metadata": md.source, "nutrients": nt.source if nt is not None else None,
+                        "molecule_embeddings": emb.source if emb is not None else None,
+                        "molecular_network": tables.similarity.source if tables.similarity is not None else None},
             "label_column": md.label_column,
             "food_category_source": category_source,
             "seed": int(seed),

@@ -43,8 +43,7 @@ def build_default_graph(seed: int = 0, preset: str = "default",
     """Simulates ``preset`` with ``seed``, writes its files, reads them back and builds the graph.
 
     The same ``seed`` drives the simulation and the train/val/test split. Reader/builder warnings
-    propagate as Python warnings (the simulator leaves a few molecules without an embedding on
-    purpose, as real spectral libraries do).
+    propagate as Python warnings (the embedded data itself raises none).
     """
     from jaxfood.data.build import build_graph
     from jaxfood.data.readers import read_tables

@@ -3,8 +3,10 @@
 Formats:
 
 * **Feature table** -- GNPS / MZmine quantification CSV: ``row ID``, ``row m/z``, ``row retention
-  time``, then one ``<filename> Peak area`` column per sample (other columns, e.g. ``row ion
-  mobility`` or MZmine's trailing empty column, are ignored). Or the jaxfood sparse ``.npz``
+  time``, then one ``<filename> Peak area`` column per sample, optionally an annotation column
+  (:data:`ANNOTATION_COLUMNS`: GNPS ``Compound_Name``, ``compound name``, MZmine ``row identity``);
+  m/z, RT and annotation follow each molecule into every output that names it. Other columns
+  (``row ion mobility``, MZmine's trailing empty column) are ignored. Or the jaxfood sparse ``.npz``
   (keys ``sample_ids``, ``molecule_ids``, ``sample_index``, ``molecule_index``, ``intensity``,
   optional ``mz``, ``rt``) used for large data sets.
 * **Sample metadata** -- CSV (or TSV): ``filename``, the food label column (default
@@ -14,6 +16,8 @@ Formats:
   column per nutrient, amounts per 100 g), or a directory in the USDA FoodData Central CSV layout
   (see :func:`read_nutrients`).
 * **Molecule embeddings** -- ``.npy`` matrix [K, d] + a text file of K molecule ids.
+* **Molecular network** -- the GNPS FBMN edge file (``CLUSTERID1``, ``CLUSTERID2``, ``Cosine``):
+  ``(Molecule, is_similar_to, Molecule)`` edges with the cosine as attribute.
 
 Bad input policy. Problems that make the data unusable or ambiguous raise
 :class:`~jaxfood.errors.UserError` with one line naming the file, the column/line and what was
@@ -52,6 +56,7 @@ import pandas as pd
 from jaxfood.data.tables import (
     FeatureTable,
     MoleculeEmbeddings,
+    MoleculeSimilarity,
     NutrientTable,
     RawTables,
     SampleMetadata,
@@ -60,6 +65,8 @@ from jaxfood.errors import UserError
 
 PEAK_AREA_SUFFIX = " Peak area"
 ROW_ID, ROW_MZ, ROW_RT = "row ID", "row m/z", "row retention time"
+#: Columns naming a molecule (GNPS library hit, MZmine identity), first present wins (case-insensitive).
+ANNOTATION_COLUMNS = ("Compound_Name", "compound name", "row identity (main ID)", "row identity", "annotation")
 HIERARCHY_COLUMNS = tuple(f"sample_type_group{i}" for i in range(1, 7))
 DEFAULT_LABEL_COLUMN = "sample_type_group5"
 #: Non-nutrient columns a wide nutrient CSV may carry (provenance of each food's values).
@@ -242,6 +249,7 @@ def read_feature_table(path: str | Path) -> FeatureTable:
     mz = _numeric_column(df, ROW_MZ, path, allow_nan=True, allow_negative=False) if ROW_MZ in df else None
     rt = _numeric_column(df, ROW_RT, path, allow_nan=True, allow_negative=False) if ROW_RT in df else None
 
+    annotation = _annotation_column(df)
     areas = np.empty((len(df), len(area_cols)), np.float64)
     for j, col in enumerate(area_cols):
         areas[:, j] = _numeric_column(df, col, path, allow_nan=True, allow_negative=False,
@@ -261,8 +269,19 @@ def read_feature_table(path: str | Path) -> FeatureTable:
         intensity=areas[mol_idx, samp_idx],
         molecule_mz=mz,
         molecule_rt=rt,
+        molecule_annotation=annotation,
         source=str(path),
     )
+
+
+def _annotation_column(df: pd.DataFrame) -> list[str] | None:
+    """The first of :data:`ANNOTATION_COLUMNS` the table has, '' where a row has no annotation."""
+    lower = {str(c).strip().lower(): c for c in df.columns}
+    for name in ANNOTATION_COLUMNS:
+        col = lower.get(name.lower())
+        if col is not None:
+            return ["" if pd.isna(v) else str(v).strip() for v in df[col].tolist()]
+    return None
 
 
 _NPZ_REQUIRED = ("sample_ids", "molecule_ids", "sample_index", "molecule_index", "intensity")
@@ -584,6 +603,40 @@ def _match_samples(features: FeatureTable, metadata: SampleMetadata) -> list[int
     return out
 
 
+# ---- molecular network ---------------------------------------------------------------------------
+#: Columns of the GNPS feature-based molecular networking edge file (``networkedges_selfloop``, .pairsinfo).
+NETWORK_COLUMNS = ("CLUSTERID1", "CLUSTERID2", "Cosine")
+
+
+def read_molecular_network(path: str | Path) -> MoleculeSimilarity:
+    """Reads a GNPS FBMN edge file (TSV/CSV with ``CLUSTERID1``, ``CLUSTERID2``, ``Cosine``; the
+    cluster ids are the feature table's ``row ID``) into ``is_similar_to`` edges.
+
+    Self loops (GNPS lists singletons as ``i -> i``) are dropped; a pair listed twice (either
+    direction) keeps its highest cosine. Cosines must lie in [0, 1].
+    """
+    path = Path(path)
+    df, _ = _read_csv(path, "molecular network", dtype={c: str for c in NETWORK_COLUMNS[:2]})
+    _require_columns(df, path, NETWORK_COLUMNS, hint="expected a GNPS molecular networking edge file with "
+                                                     "'CLUSTERID1', 'CLUSTERID2' and 'Cosine'")
+    cosine = _numeric_column(df, "Cosine", path, allow_nan=False, allow_negative=False, what="a cosine")
+    if (cosine > 1 + 1e-6).any():
+        i = int(np.nonzero(cosine > 1 + 1e-6)[0][0])
+        raise UserError(f"{path}: column 'Cosine', line {i + 2}: value {cosine[i]:g} is above 1 (expected a cosine in [0, 1])")
+    a = _id_strings(df["CLUSTERID1"].tolist())
+    b = _id_strings(df["CLUSTERID2"].tolist())
+    best: dict[tuple[str, str], float] = {}
+    for x, y, c in zip(a, b, np.minimum(cosine, 1.0)):
+        if x == y:
+            continue
+        key = (x, y) if x < y else (y, x)
+        best[key] = max(best.get(key, 0.0), float(c))
+    if not best:
+        raise UserError(f"{path}: no edge between two different molecules (expected rows with CLUSTERID1 != CLUSTERID2)")
+    return MoleculeSimilarity(source_ids=[k[0] for k in best], target_ids=[k[1] for k in best],
+                              similarity=np.asarray(list(best.values()), np.float64), source=str(path))
+
+
 def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[FeatureTable, SampleMetadata]:
     """Restricts both tables to the samples they share, in feature-table order (counted warnings)."""
     match = _match_samples(features, metadata)
@@ -614,6 +667,7 @@ def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[Feat
         intensity=features.intensity[entry_keep],
         molecule_mz=features.molecule_mz,
         molecule_rt=features.molecule_rt,
+        molecule_annotation=features.molecule_annotation,
         source=features.source,
     )
     meta = SampleMetadata(
@@ -628,31 +682,42 @@ def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[Feat
 
 
 def read_tables(
-    feature_table: str | Path,
-    metadata: str | Path,
-    nutrients: str | Path,
+    feature_table: str | Path | None,
+    metadata: str | Path | None,
+    nutrients: str | Path | None = None,
     molecule_embeddings: str | Path | None = None,
     label_column: str = DEFAULT_LABEL_COLUMN,
     molecule_ids: str | Path | None = None,
+    network: str | Path | None = None,
+    mwtab: str | Path | None = None,
 ) -> RawTables:
     """Reads and cross-checks all inputs; samples are aligned to the feature table's order.
 
+    ``nutrients`` is optional: without it the graph has no Nutrient nodes (the nutrition task is off).
+    ``mwtab``: a Metabolomics Workbench study (:func:`jaxfood.data.workbench.read_mwtab`) in place of
+    ``feature_table`` and ``metadata``; ``label_column`` then names one of its factors (None: its only one).
     Cross-file checks: samples of the feature table against the metadata (see
     :func:`align_tables`), food labels against the nutrient table and embedding ids against
     feature-table ``row ID`` values (no overlap at all is an error; foods without nutrients and
     molecules without an embedding are counted warnings of :func:`jaxfood.data.build.build_graph`).
     """
-    features = read_feature_table(feature_table)
-    meta = read_metadata(metadata, label_column=label_column)
+    if mwtab is not None:
+        from jaxfood.data.workbench import read_mwtab
+
+        features, meta = read_mwtab(mwtab, label_column)
+        label_column = meta.label_column
+    else:
+        features = read_feature_table(feature_table)
+        meta = read_metadata(metadata, label_column=label_column)
     features, meta = align_tables(features, meta)
-    nutrient_table = read_nutrients(nutrients, metadata=meta)
+    nutrient_table = read_nutrients(nutrients, metadata=meta) if nutrients is not None else None
     labels = sorted({x for x in meta.food_labels if x})
     if not labels:
         raise UserError(f"{meta.source}: column '{label_column}' is empty for every matched sample "
                         "(expected a food label per sample)")
     # Foods without nutrients and molecules without an embedding are usable: the builder, which
     # decides what they get, warns about them (once, also for tables that come from elsewhere).
-    if not set(labels) & set(nutrient_table.foods):
+    if nutrient_table is not None and not set(labels) & set(nutrient_table.foods):
         raise UserError(f"{nutrient_table.source}: none of the {len(labels)} food labels of {meta.source} column "
                         f"'{label_column}' has nutrients (e.g. {_examples(labels, 2)}; expected them in column 'food')")
     embeddings = None
@@ -668,4 +733,11 @@ def read_tables(
         if not set(embeddings.molecule_ids) & set(features.molecule_ids):
             raise UserError(f"{embeddings.source}: none of its molecule ids match {features.source} column "
                             f"'{ROW_ID}' (e.g. {_examples(embeddings.molecule_ids, 2)})")
-    return RawTables(features=features, metadata=meta, nutrients=nutrient_table, embeddings=embeddings)
+    similarity = None
+    if network is not None:
+        similarity = read_molecular_network(network)
+        if not set(similarity.source_ids + similarity.target_ids) & set(features.molecule_ids):
+            raise UserError(f"{similarity.source}: none of its cluster ids match {features.source} column "
+                            f"'{ROW_ID}' (e.g. {_examples(similarity.source_ids, 2)})")
+    return RawTables(features=features, metadata=meta, nutrients=nutrient_table, embeddings=embeddings,
+                     similarity=similarity)

@@ -11,8 +11,9 @@ The simulated world (every draw from one seeded generator, so a seed gives ident
 * **Molecules** with a chemical class (lipid, peptide, sugar, polyphenol, alkaloid, terpenoid,
   steroid, fatty_acyl, amino_acid, organic_acid, nucleotide, contaminant), an m/z and retention
   time in the class's typical range, and a synthetic spectral embedding ``[d]`` clustered by class
-  (class centroid + molecule noise), standing in for dreaMS/spec2vec vectors. A few molecules have
-  no embedding, as in real data.
+  (class centroid + molecule noise), standing in for dreaMS/spec2vec vectors. Every molecule has
+  one by default (the embedded data should not warn on every run); ``missing_embedding_fraction``
+  leaves some without, as in real spectral libraries.
 * **Roles** (the ground truth), each a food x molecule detection probability and mean
   log-intensity:
 
@@ -149,7 +150,7 @@ class SimConfig:
     biomarker_boost: float = 1.5
     dilution_sd: float = 0.4
     peak_noise_sd: float = 0.6
-    missing_embedding_fraction: float = 0.005
+    missing_embedding_fraction: float = 0.0
 
 
 PRESETS = {
@@ -503,7 +504,8 @@ def _make_embeddings(config: SimConfig, world: _World, rng: np.random.Generator)
     centroids = rng.normal(0.0, 1.0, (len(CLASSES), d)).astype(np.float32)
     vectors = centroids[world.chem_class] + 0.6 * rng.normal(0.0, 1.0, (num_mol, d)).astype(np.float32)
     has = np.ones(num_mol, bool)
-    n_missing = max(3, int(round(config.missing_embedding_fraction * num_mol))) if num_mol > 10 else 0
+    fraction = config.missing_embedding_fraction
+    n_missing = max(3, int(round(fraction * num_mol))) if num_mol > 10 and fraction > 0 else 0
     has[rng.choice(num_mol, size=n_missing, replace=False)] = False
     return vectors.astype(np.float32), has
 

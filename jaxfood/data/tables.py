@@ -27,6 +27,7 @@ class FeatureTable:
     intensity: np.ndarray
     molecule_mz: np.ndarray | None = None  # [M]
     molecule_rt: np.ndarray | None = None  # [M]
+    molecule_annotation: list[str] | None = None  # [M] library hit / compound name ('' = none)
     source: str = "feature table"
 
 
@@ -80,8 +81,10 @@ class MoleculeSimilarity:
 
 @dataclasses.dataclass
 class RawTables:
+    """Everything the builder reads; only the feature table and the metadata are mandatory."""
+
     features: FeatureTable
     metadata: SampleMetadata
-    nutrients: NutrientTable
+    nutrients: NutrientTable | None = None  # None: no Nutrient nodes, the nutrition task is off
     embeddings: MoleculeEmbeddings | None = None
     similarity: MoleculeSimilarity | None = None

@@ -406,7 +406,8 @@ def baseline_metrics(
     ``random_precision_at_10`` (the required keys; ``_at_10`` means ``_at_{k}``), plus
     ``logreg_auroc_macro``, ``logreg_top3_accuracy``, ``logreg_ece``, ``rf_weighted_f1``,
     ``rf_auroc_macro``, ``rf_top3_accuracy``, ``rf_ece``, ``fold_change_recall_at_10``,
-    ``random_recall_at_10``.
+    ``random_recall_at_10``; ``num_samples`` / ``num_training_samples`` (ints): the samples scored
+    and fitted on (the model's ``food_classification.num_samples`` must equal the former).
     """
     X = np.asarray(X, dtype=np.float64)
     food = np.asarray(sample_food, dtype=np.int64)
@@ -415,7 +416,7 @@ def baseline_metrics(
     train = (split == 0) & (food >= 0)
     test = (split == test_split) & (food >= 0)
     n_classes = len(food_names)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"num_samples": int(test.sum()), "num_training_samples": int(train.sum())}
     logreg = logreg_baseline(X[train], food[train], X[test], food[test], n_classes=n_classes, seed=seed)
     forest = random_forest_baseline(
         X[train], food[train], X[test], food[test], n_classes=n_classes, n_estimators=rf_estimators, seed=seed
@@ -423,8 +424,9 @@ def baseline_metrics(
     for prefix, result in (("logreg", logreg), ("rf", forest)):
         for key in ("accuracy", "weighted_f1", "auroc_macro", "top3_accuracy", "ece"):
             out[f"{prefix}_{key}"] = result[key]
-    ridge = ridge_nutrient_baseline(X[train], nutrients[food[train]], X[test], nutrients[food[test]])
-    out["ridge_nutrient_r2"] = ridge["r2"]
+    if nutrients.shape[1]:  # a graph without a nutrient table has nothing to regress
+        ridge = ridge_nutrient_baseline(X[train], nutrients[food[train]], X[test], nutrients[food[test]])
+        out["ridge_nutrient_r2"] = ridge["r2"]
     if reference is not None:
         for name, ranking in (
             ("fold_change", fold_change_ranking(X[train], food[train], molecule_ids, food_names)),

@@ -202,6 +202,14 @@ def confusion(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def samples_digest(sample_ids: Iterable[Hashable]) -> str:
+    """Short SHA-1 of the sorted sample ids a metric was measured on: two sections with the same
+    digest were scored on the same samples (model vs baselines in ``metrics.json``)."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(sorted(map(str, sample_ids))).encode()).hexdigest()[:12]
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     # A zero vector has no direction; it stays zero (cosine similarity 0 to everything).

@@ -46,13 +46,19 @@ def run_baselines(graph: HeteroGraph, reference: Mapping[str, set[str]] | None, 
                   rf_estimators: int = 200) -> dict[str, float]:
     """``metrics.json["baselines"]`` for ``graph``'s test split."""
     from jaxfood.eval.baselines import baseline_metrics, preprocess_intensities
+    from jaxfood.eval.metrics import samples_digest
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
 
     features = preprocess_intensities(raw_peak_areas(graph))
-    return baseline_metrics(
-        features, np.asarray(graph.sample_food), np.asarray(graph.sample_split), np.asarray(graph.food_nutrients),
+    food, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    out = baseline_metrics(
+        features, food, split, np.asarray(graph.food_nutrients),
         graph.meta.node_ids[schema.MOLECULE], graph.meta.node_ids[schema.FOOD], reference,
-        k=k, seed=seed, rf_estimators=rf_estimators,
+        k=k, seed=seed, rf_estimators=rf_estimators, test_split=SPLIT_CODES["test"],
     )
+    tested = np.nonzero((split == SPLIT_CODES["test"]) & (food >= 0))[0]
+    out["samples_digest"] = samples_digest(graph.meta.node_ids[schema.SAMPLE][i] for i in tested)
+    return out
 
 
 def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,8 +115,8 @@ def seed_stability(rankings_per_seed: Sequence[Mapping[str, Sequence[str]]], k: 
 
 def food_rankings(source: Any, graph: HeteroGraph, k: int = 10, scorer: str | None = None) -> dict[str, list[str]]:
     """``{food id: [top-k molecule ids]}`` of a fine-tuned model (``FinetuneResult`` or checkpoint
-    directory) by ``scorer`` (default: its headline scorer), ranked as the metrics rank them
-    (:func:`jaxfood.train.salient_molecules.rank_molecules_per_food`). One per seed feeds
+    checkpoint loaded by ``load_finetuned``) by ``scorer`` (default: its headline scorer), ranked as the metrics rank them
+    (:func:`jaxfood.eval.molecules.rank_molecules_per_food`). One per seed feeds
     :func:`seed_stability`."""
     return next(iter(scorer_rankings(source, graph, k, None if scorer is None else (scorer,)).values()))
 
@@ -121,19 +127,28 @@ def scorer_rankings(source: Any, graph: HeteroGraph, k: int = 10,
     headline scorer), with the graph prepared and the model loaded once."""
     import jax
 
-    from jaxfood.train import salient_molecules as sal
-    from jaxfood.train.finetune import prepare_graph
-    from jaxfood.train.multitask import split_params
+    from jaxfood.eval import molecules as mol
+    from jaxfood.graph.splits import prepare_graph
 
     dgraph = prepare_graph(graph)
-    model, params, default_scorer = _fine_tuned_model(source, graph, dgraph)
-    model_params = split_params(params)[0]
+    model, params, default_scorer = _fine_tuned_model(source, dgraph)
     out = {}
     for name in scorers or (default_scorer,):
-        scores = jax.jit(lambda p, g, _n=name: sal.score_molecules(_n, model, p, g))(model_params, dgraph)
-        ranking, _ = sal.rank_molecules_per_food(np.asarray(scores), dgraph)
-        out[name] = sal.rankings_by_id(ranking, dgraph, k)
+        scores = jax.jit(lambda p, g, _n=name: mol.score_molecules(_n, model, p, g))(params, dgraph)
+        ranking, _ = mol.rank_molecules_per_food(np.asarray(scores), dgraph)
+        out[name] = mol.rankings_by_id(ranking, dgraph, k)
     return out
+
+
+def rankings_with_details(rankings: Mapping[str, Mapping[str, Sequence[str]]],
+                          graph: HeteroGraph) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``rankings.json``: :func:`scorer_rankings` with each molecule id replaced by its record
+    ``{"molecule_id", "mz", "rt", "annotation"}`` (:func:`~jaxfood.graph.hetero_graph.molecule_details`)."""
+    from jaxfood.graph.hetero_graph import molecule_details
+
+    pos = {m: i for i, m in enumerate(graph.meta.node_ids[schema.MOLECULE])}
+    return {scorer: {food: [molecule_details(graph, pos[m]) for m in ids] for food, ids in per_food.items()}
+            for scorer, per_food in rankings.items()}
 
 
 # ---- figures and extra sections of report.md --------------------------------------------------------
@@ -143,7 +158,7 @@ class ReportAssets(NamedTuple):
     ``figures``: caption -> PNG path (for :func:`jaxfood.eval.report.render_report`);
     ``sections``: ``(title, markdown)`` pairs (its ``extra_sections``). The stability of the
     rankings under input perturbations is a metric of the fine-tuning evaluation
-    (:meth:`jaxfood.train.finetune.Evaluator.stability_jaccard`), not computed here.
+    (:meth:`jaxfood.eval.evaluator.Evaluator.stability_jaccard`), not computed here.
     """
 
     figures: dict[str, Path]
@@ -239,9 +254,12 @@ def per_class_markdown(y_true: np.ndarray, y_pred: np.ndarray, graph: HeteroGrap
 
 def biomarker_markdown(rankings: Mapping[str, Sequence[str]], foods: Sequence[str],
                        reference: Mapping[str, set[str]] | None, k: int,
-                       baseline: Mapping[str, Sequence[str]] | None = None) -> str:
+                       baseline: Mapping[str, Sequence[str]] | None = None,
+                       labels: Mapping[str, str] | None = None) -> str:
     """Table of the top-``k`` molecules of a few ``foods``; reference biomarkers in bold, hits counted,
-    beside the fold-change + PLS-DA VIP ranking's hits when ``baseline`` is given."""
+    beside the fold-change + PLS-DA VIP ranking's hits when ``baseline`` is given. ``labels``: id ->
+    the text shown (m/z, RT, annotation; :func:`~jaxfood.graph.hetero_graph.molecule_label`)."""
+    labels = labels or {}
     ref = reference or {}
     header = f"| Food | jaxfood top-{k} (**reference biomarker**) | hits |"
     sep = "|---|---|---|"
@@ -252,7 +270,7 @@ def biomarker_markdown(rankings: Mapping[str, Sequence[str]], foods: Sequence[st
     for food in foods:
         top = list(rankings.get(food, []))[:k]
         markers = set(ref.get(food, ()))
-        cells = ", ".join(f"**{m}**" if m in markers else m for m in top)
+        cells = ", ".join(f"**{labels.get(m, m)}**" if m in markers else labels.get(m, m) for m in top)
         hits = f"{sum(m in markers for m in top)}/{len(markers)}" if food in ref else "–"
         row = f"| {food} | {cells} | {hits} |"
         if baseline is not None:
@@ -296,19 +314,19 @@ def model_vs_baselines(metrics: Mapping[str, Any]) -> tuple[dict[str, dict[str, 
     return results, errors
 
 
-def _fine_tuned_model(source: Any, graph: HeteroGraph, dgraph: HeteroGraph) -> tuple[Any, Any, str]:
+def _fine_tuned_model(source: Any, dgraph: HeteroGraph) -> tuple[Any, Any, str]:
     """``(model, params, headline scorer)`` of a ``FinetuneResult`` (no restore: its params are the
-    kept checkpoint's) or of a fine-tuning checkpoint directory."""
+    kept checkpoint's) or of a loaded checkpoint (``jaxfood.train.finetune.load_finetuned``)."""
     import jax
 
     from jaxfood.models.heads import make_multitask_model
-    from jaxfood.train.finetune import load_finetuned
 
+    if hasattr(source, "model"):
+        return source.model, source.params, source.config.salient_scorer
     if hasattr(source, "params") and hasattr(source, "encoder_config"):
         model = make_multitask_model(dgraph, source.encoder_config, source.config.heads)
         return model, jax.device_put(source.params), source.config.salient_scorer
-    loaded = load_finetuned(source, graph)
-    return loaded.model, loaded.params, loaded.config.salient_scorer
+    raise TypeError(f"expected a FinetuneResult or a loaded fine-tuning checkpoint, got {type(source).__name__}")
 
 
 def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
@@ -320,7 +338,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
 
     Args:
       source: what :func:`jaxfood.train.finetune.finetune` returned (``FinetuneResult``), or a
-        fine-tuning checkpoint directory, for ``graph``.
+        loaded fine-tuning checkpoint (``jaxfood.train.finetune.load_finetuned``), for ``graph``.
       graph: the graph it was fine-tuned on (test split = the samples scored).
       workdir: the run directory; PNGs go to ``workdir/figures/``.
       metrics: the run's metrics (model, ablations, ``baselines``) for the model-vs-baselines chart.
@@ -337,18 +355,17 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     import jax
 
     from jaxfood.eval import figures as figs
+    from jaxfood.eval import molecules as mol
     from jaxfood.eval.metrics import confusion
-    from jaxfood.graph.hetero_graph import SPLIT_CODES
-    from jaxfood.train import salient_molecules as sal
-    from jaxfood.train.finetune import prepare_graph
-    from jaxfood.train.multitask import make_predict_fn, split_params
+    from jaxfood.graph.hetero_graph import SPLIT_CODES, molecule_label
+    from jaxfood.graph.splits import prepare_graph
 
     out_dir = Path(workdir) / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     dgraph = prepare_graph(graph)
-    model, params, default_scorer = _fine_tuned_model(source, graph, dgraph)
+    model, params, default_scorer = _fine_tuned_model(source, dgraph)
     scorer = scorer or default_scorer
-    outputs = jax.device_get(make_predict_fn(model)(params, dgraph))
+    outputs = jax.device_get(jax.jit(model.apply)(params, dgraph))
     foods = list(graph.meta.node_ids[schema.FOOD])
     cats = food_category_names(graph)
     figures: dict[str, Path] = {}
@@ -367,17 +384,17 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     projection = np.asarray(outputs.food_projection)
     figures["Food embeddings by USDA category (PCA of the nutrition projection)"] = figs.plot_embedding_categories(
         projection, cats, out_dir / "food_embeddings_category.png", point_labels=foods)
-    n_index = choose_nutrient(graph, nutrient)
-    n_name = str(graph.meta.nutrient_names[n_index]) if graph.meta.nutrient_names else f"nutrient {n_index}"
-    slug = "".join(c if c.isalnum() else "_" for c in n_name.split(" (")[0].lower()).strip("_") or "nutrient"
-    figures[f"Food embeddings coloured by {n_name}"] = figs.plot_embedding_nutrient(
-        projection, nutrient_values(graph, n_index), out_dir / f"food_embeddings_{slug}.png", value_name=n_name,
-        point_labels=foods)
+    if np.shape(graph.food_nutrients)[1]:  # without a nutrient table there is nothing to colour by
+        n_index = choose_nutrient(graph, nutrient)
+        n_name = str(graph.meta.nutrient_names[n_index]) if graph.meta.nutrient_names else f"nutrient {n_index}"
+        slug = "".join(c if c.isalnum() else "_" for c in n_name.split(" (")[0].lower()).strip("_") or "nutrient"
+        figures[f"Food embeddings coloured by {n_name}"] = figs.plot_embedding_nutrient(
+            projection, nutrient_values(graph, n_index), out_dir / f"food_embeddings_{slug}.png", value_name=n_name,
+            point_labels=foods)
 
-    model_params = split_params(params)[0]
-    score_fn = jax.jit(lambda p, g: sal.score_molecules(scorer, model, p, g))
-    edge_scores = np.asarray(score_fn(model_params, dgraph))
-    ranking, importance = sal.rank_molecules_per_food(edge_scores, dgraph)
+    score_fn = jax.jit(lambda p, g: mol.score_molecules(scorer, model, p, g))
+    edge_scores = np.asarray(score_fn(params, dgraph))
+    ranking, importance = mol.rank_molecules_per_food(edge_scores, dgraph)
     mol_ids = list(graph.meta.node_ids[schema.MOLECULE])
     scored = {foods[f]: [(mol_ids[m], float(importance[f, m])) for m in ranking[f, :k]] for f in range(len(foods))}
     shown = representative_foods(graph, reference, max_foods)
@@ -394,7 +411,8 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     listed = representative_foods(graph, reference, biomarker_foods)
     sections.append((f"Salient molecules of a few foods ({scorer} scorer)",
                      biomarker_markdown({f: [m for m, _ in v] for f, v in scored.items()}, listed, reference, k,
-                                        baseline_rankings)))
+                                        baseline_rankings, labels={m: molecule_label(graph, i)
+                                                                   for i, m in enumerate(mol_ids)})))
 
     if metrics is not None:
         results, errors = model_vs_baselines(metrics)

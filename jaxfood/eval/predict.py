@@ -45,7 +45,7 @@ import numpy as np
 from jaxfood.data.tables import FeatureTable
 from jaxfood.errors import CheckpointError, UserError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph
+from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph, molecule_details
 
 #: Out-of-library scores: name -> description (the first is the default).
 OOL_SCORES = {
@@ -180,7 +180,7 @@ def normalise_intensity(intensity, molecule_index, normalisation: dict[str, Any]
 
 
 def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.ndarray):
-    """Appends the new samples to ``dgraph`` (a :func:`~jaxfood.train.finetune.prepare_graph` output).
+    """Appends the new samples to ``dgraph`` (a :func:`~jaxfood.graph.splits.prepare_graph` output).
 
     Returns ``(graph, edge_masks, stats_mask, new_edges)``: ``edge_masks`` switches off the
     Sample -> Molecule edges of the new samples in the encoder (see the module docstring), ``stats_mask`` [S + n] the old samples,
@@ -328,9 +328,8 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     import jax
     import jax.numpy as jnp
 
+    from jaxfood.graph.splits import prepare_graph
     from jaxfood.models.encoder import INDUCTIVE_MODES
-    from jaxfood.train.finetune import prepare_graph
-    from jaxfood.train.multitask import split_params
 
     if loaded.model.encoder_config.input_mode(schema.SAMPLE) not in INDUCTIVE_MODES:
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
@@ -341,7 +340,7 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     dgraph = prepare_graph(graph)
     ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
     forward = _forward_fn(loaded.model)
-    params = split_params(loaded.params)[0]
+    params = loaded.params  # the model ignores the task-weighting entries beside its own
     ext = jax.device_put(ext)
     label_key, rev_label_key = schema.IS_INSTANCE_OF, schema.reverse_key(schema.IS_INSTANCE_OF)
     # The same mask keys in both passes (all-on here): one compilation.
@@ -393,7 +392,6 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
     low, high = nutrient_training_range(graph, n_mean, n_std)
     weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
-    mol_ids = graph.meta.node_ids[schema.MOLECULE]
     k = max(1, min(int(top_k), len(foods)))
     samples = []
     for j, sid in enumerate(matched.sample_ids):
@@ -411,7 +409,7 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
             "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
             "nutrients_outside_training_range": [
                 name for name, v, lo, hi in zip(names, nutrients[j], low, high) if not lo - 1e-9 <= v <= hi + 1e-9],
-            "top_molecules": [{"molecule_id": mol_ids[matched.molecule_index[e]], "weight": float(weights[e]),
+            "top_molecules": [{**molecule_details(graph, int(matched.molecule_index[e])), "weight": float(weights[e]),
                                "intensity": float(matched.intensity[e])} for e in top],
             "out_of_library_score": score,
             "out_of_library": bool(score > threshold) if math.isfinite(threshold) else None,
@@ -432,9 +430,10 @@ def nutrient_training_range(graph: HeteroGraph, n_mean, n_std) -> tuple[np.ndarr
     have training samples; an estimate outside is an extrapolation the model was never shown."""
     labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
     foods = np.unique(labels[(split == SPLIT_CODES["train"]) & (labels >= 0)])
-    amounts = np.asarray(graph.food_nutrients, np.float64)[foods] * n_std + n_mean
-    if amounts.size == 0:
-        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)
+    profiles = np.asarray(graph.food_nutrients, np.float64)
+    if foods.size == 0 or profiles.ndim != 2 or profiles.shape[1] != len(n_mean) or not len(n_mean):
+        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)  # nothing to compare with
+    amounts = profiles[foods] * n_std + n_mean
     return np.maximum(amounts.min(0), 0.0), amounts.max(0)
 
 
@@ -454,13 +453,18 @@ def subset_samples(ft: FeatureTable, cols) -> FeatureTable:
 
 def split_tables_by_food(tables, held_out: Sequence[str]):
     """``(tables without the samples of held_out foods, FeatureTable of those samples)``."""
-    ft, md = tables.features, tables.metadata
-    label = dict(zip(md.sample_ids, md.food_labels))
     held = set(held_out)
-    out_cols = np.asarray([label.get(s) in held for s in ft.sample_ids])
+    md = tables.metadata
+    return split_tables(tables, [s for s, f in zip(md.sample_ids, md.food_labels) if f in held])
 
+
+def split_tables(tables, samples: Sequence[str]):
+    """``(tables without ``samples``, FeatureTable of those samples)``."""
+    ft, md = tables.features, tables.metadata
+    out = set(samples)
+    out_cols = np.asarray([s in out for s in ft.sample_ids], bool)
     kept = np.nonzero(~out_cols)[0]
-    keep_md = [i for i, f in enumerate(md.food_labels) if f not in held]
+    keep_md = [i for i, s in enumerate(md.sample_ids) if s not in out]
     meta = dataclasses.replace(md, sample_ids=[md.sample_ids[i] for i in keep_md],
                                food_labels=[md.food_labels[i] for i in keep_md],
                                hierarchy={k: [v[i] for i in keep_md] for k, v in md.hierarchy.items()},
@@ -469,41 +473,61 @@ def split_tables_by_food(tables, held_out: Sequence[str]):
             subset_samples(ft, np.nonzero(out_cols)[0]))
 
 
-def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str | Path = "runs/ool", seed: int = 0,
-                         quantile: float = DEFAULT_QUANTILE, held_out: Sequence[str] | None = None) -> dict[str, Any]:
+def known_food_holdout(tables, fraction: float = 0.15, seed: int = 0) -> list[str]:
+    """Sample ids to keep out of the graph: ``fraction`` of each food's samples (at least one,
+    random with ``seed``) where the food keeps at least two samples in the graph."""
+    md = tables.metadata
+    present = set(tables.features.sample_ids)
+    by_food: dict[str, list[str]] = {}
+    for s, f in zip(md.sample_ids, md.food_labels):
+        if f and s in present:
+            by_food.setdefault(f, []).append(s)
+    rng = np.random.default_rng([int(seed), 1])  # a stream apart from the choice of held-out foods
+    out: list[str] = []
+    for food in sorted(by_food):
+        ids = sorted(by_food[food])
+        n = max(1, int(round(fraction * len(ids))))
+        if len(ids) - n >= 2:
+            out += sorted(rng.choice(ids, size=n, replace=False).tolist())
+    return out
+
+
+def out_of_library_rates(tables, fit, num_held_out: int = 5, seed: int = 0,
+                         quantile: float = DEFAULT_QUANTILE, held_out: Sequence[str] | None = None,
+                         known_fraction: float = 0.15) -> dict[str, Any]:
     """Detection and false-alarm rates of the out-of-library flag.
 
-    ``num_held_out`` foods (random with ``seed``, or ``held_out``) lose all their samples; the graph
-    is built from the rest (:func:`jaxfood.data.build.build_graph`), fine-tuned with ``cfg``, and
-    both the held-out foods' samples (unknown foods) and the graph's test samples (known foods)
-    are predicted as new samples. Detection rate: fraction of unknown-food samples flagged;
-    false-alarm rate: fraction of known-food test samples flagged (threshold: ``quantile`` of the
-    validation scores). Also returns the AUROC of the score separating the two groups.
+    ``num_held_out`` foods (random with ``seed``, or ``held_out``) lose all their samples, and every
+    other food ``known_fraction`` of its samples (:func:`known_food_holdout`); the graph is built
+    from the rest (:func:`jaxfood.data.build.build_graph`) and fine-tuned by ``fit(graph) -> loaded``
+    (``.model``, ``.params``, ``.meta``; :func:`jaxfood.workflows.out_of_library_rates` fine-tunes
+    with a config). Both groups of left-out samples -- unknown foods, and known foods' samples the
+    model never saw (not even transductively, as the graph's own test samples are) -- are predicted
+    as new samples. Detection rate: fraction of unknown-food samples flagged; false-alarm rate:
+    fraction of known-food samples flagged (threshold: ``quantile`` of the validation scores).
+    Also returns the AUROC of the score separating the two groups.
     """
     import warnings
 
     from sklearn.metrics import roc_auc_score
 
     from jaxfood.data.build import build_graph
-    from jaxfood.train.finetune import FinetuneConfig, finetune, load_finetuned
 
     foods = sorted(set(tables.metadata.food_labels) - {""})
     if held_out is None:
         rng = np.random.default_rng(seed)
         held_out = sorted(rng.choice(foods, size=min(num_held_out, len(foods) - 2), replace=False).tolist())
     train_tables, unknown = split_tables_by_food(tables, held_out)
+    known_ids = known_food_holdout(train_tables, known_fraction, seed)
+    train_tables, known = split_tables(train_tables, known_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = build_graph(train_tables, seed=seed)
-    cfg = cfg or FinetuneConfig()
-    result = finetune(graph, cfg, workdir, progress=False)
-    loaded = load_finetuned(result.checkpoint_dir, graph)
+    loaded = fit(graph)
 
-    ft = train_tables.features
-    test_cols = np.nonzero((np.asarray(graph.sample_split) == SPLIT_CODES["test"]) & (np.asarray(graph.sample_food) >= 0))[0]
-    test_ids = [graph.meta.node_ids[schema.SAMPLE][i] for i in test_cols]
-    pos = {s: i for i, s in enumerate(ft.sample_ids)}
-    known = subset_samples(ft, [pos[s] for s in test_ids])
+    label = dict(zip(tables.metadata.sample_ids, tables.metadata.food_labels))
+    food_index = {f: i for i, f in enumerate(graph.meta.node_ids[schema.FOOD])}
+    known_labels = np.asarray([food_index[label[s]] for s in known.sample_ids])
     norm = loaded.meta.get("normalisation") or graph.meta.normalisation
     split, labels = np.asarray(graph.sample_split), np.asarray(graph.sample_food)
     train = np.nonzero((split == SPLIT_CODES["train"]) & (labels >= 0))[0]
@@ -537,6 +561,7 @@ def out_of_library_rates(tables, num_held_out: int = 5, cfg=None, workdir: str |
         "score": OOL_SCORE,
         "method": DEFAULT_OOL_SCORE,
         "quantile": quantile,
-        "known_test_accuracy": float(np.mean(pred_known_top == labels[test_cols])),
+        "known_samples": list(known.sample_ids),
+        "known_test_accuracy": float(np.mean(pred_known_top == known_labels)),
         "alternative_scores": {k: v for k, v in per_score.items() if k != DEFAULT_OOL_SCORE},
     }

@@ -22,8 +22,8 @@ OBJECTIVE_ROWS: dict[str, list[tuple[str, str, str | None, bool]]] = {
         ("ece", "Expected calibration error", None, False),
     ],
     "nutrition": [
-        ("knn_purity", "k-NN purity of Food embeddings (USDA category)", None, True),
-        ("spearman", "Spearman: embedding vs nutrient distances", None, True),
+        ("knn_purity", "k-NN purity of Food embeddings (USDA category; in-sample: all foods)", None, True),
+        ("spearman", "Spearman: embedding vs nutrient distances (in-sample: all foods)", None, True),
         ("nutrient_r2", "R² of estimated nutrient profile", "ridge_nutrient_r2", True),
     ],
     "salient_molecules": [
@@ -146,6 +146,10 @@ def render_report(
     all_notes: list[str] = []
     for section in OBJECTIVE_ROWS:
         if section not in metrics:
+            continue
+        absent = _get(metrics, section, "absent")
+        if absent:  # e.g. no nutrient table: say why instead of a table of dashes
+            parts += [f"## {TITLES[section]}", "", f"Not measured: {absent}.", ""]
             continue
         table, notes = objective_table(metrics, section)
         parts += [f"## {TITLES[section]}", "", table, ""]

@@ -74,6 +74,10 @@ class GraphMeta:
     normalisation: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Provenance: source files, label column, seed, mode.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: What the lab knows of each molecule: ``"mz"``, ``"rt"`` (numbers or None), ``"annotation"``
+    #: (library hit / compound name or None), each a list in ``Molecule`` order; keys the feature
+    #: table lacks are absent. Read with :func:`molecule_details`.
+    molecule_info: dict[str, list] = dataclasses.field(default_factory=dict)
 
     def __hash__(self) -> int:
         return id(self)
@@ -231,6 +235,11 @@ def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
         ids = graph.meta.node_ids.get(t)
         if ids is not None and len(ids) != int(n):
             raise GraphError(f"{source}: node_ids['{t}'] has {len(ids)} ids, expected {n}")
+    M = nn.get(schema.MOLECULE, 0)
+    for key, values in (graph.meta.molecule_info or {}).items():
+        if key not in MOLECULE_DETAILS or len(values) != M:
+            raise GraphError(f"{source}: meta 'molecule_info.{key}': expected one of {list(MOLECULE_DETAILS)} with "
+                             f"{M} entries (one per molecule)")
     for t, x in graph.node_features.items():
         if t not in nn:
             raise GraphError(f"{source}: node features for unknown node type '{t}'")
@@ -239,13 +248,21 @@ def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
             raise GraphError(f"{source}: node_features['{t}'] has shape {x.shape}, expected ({nn[t]}, d)")
         if not np.all(np.isfinite(x)):
             raise GraphError(f"{source}: node_features['{t}'] contains NaN or inf")
+    for t in schema.REQUIRED_NODE_TYPES:
+        if t not in nn:
+            raise GraphError(f"{source}: required node type '{t}' is missing")
     for key in schema.FORWARD_RELATIONS:
         if schema.FORWARD_RELATIONS[key] and key not in graph.edges:
             raise GraphError(f"{source}: required relation '{key}' is missing")
+    if (schema.NUTRIENT in nn) != (schema.HAS_NUTRIENT in graph.edges):
+        raise GraphError(f"{source}: node type '{schema.NUTRIENT}' and relation '{schema.HAS_NUTRIENT}' must be "
+                         "present together (both without a nutrient table)")
     for key, e in graph.edges.items():
         if key not in schema.KNOWN_RELATIONS:
             raise GraphError(f"{source}: unknown relation '{key}' (expected one of {list(schema.KNOWN_RELATIONS)})")
         src, _, dst = schema.split_key(key)
+        if src not in nn or dst not in nn:
+            raise GraphError(f"{source}: relation '{key}' links node type(s) absent from the graph")
         s, r, a = np.asarray(e.senders), np.asarray(e.receivers), np.asarray(e.attributes)
         if s.ndim != 1 or r.shape != s.shape:
             raise GraphError(f"{source}: relation '{key}': senders {s.shape} and receivers {r.shape} must be equal 1-D shapes")
@@ -271,6 +288,7 @@ def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
     sf = np.asarray(graph.sample_food)
     if sf.size and (sf.min() < -1 or sf.max() >= F):
         raise GraphError(f"{source}: sample_food has a food index outside [-1, {F})")
+    check_label_edges(graph, source)
     fn = np.asarray(graph.food_nutrients)
     if fn.ndim != 2 or fn.shape[0] != F:
         raise GraphError(f"{source}: food_nutrients has shape {fn.shape}, expected ({F}, num_nutrients)")
@@ -279,15 +297,71 @@ def validate(graph: HeteroGraph, source: str = "graph") -> HeteroGraph:
     return graph
 
 
+def check_label_edges(graph: HeteroGraph, source: str = "graph") -> None:
+    """Raises :class:`GraphError` if a held-out (val/test) sample has a label edge in either
+    direction: ``Sample -> Food`` or a reverse-only ``Food -> Sample`` edge would each hand the
+    sample its food through message passing."""
+    split = np.asarray(graph.sample_split)
+    for key, sample_end in ((schema.IS_INSTANCE_OF, "senders"), (schema.reverse_key(schema.IS_INSTANCE_OF), "receivers")):
+        if key not in graph.edges:
+            continue
+        samples = np.asarray(getattr(graph.edges[key], sample_end))
+        held_out = split[samples] != SPLIT_CODES["train"] if samples.size else np.zeros(0, bool)
+        if held_out.any():
+            raise GraphError(f"{source}: {int(held_out.sum())} held-out sample(s) have a label edge ('{key}'); "
+                             "rebuild the graph with 'jaxfood build-graph'")
+# ---- what outputs say about a molecule --------------------------------------------------------------
+MOLECULE_DETAILS = ("mz", "rt", "annotation")
+
+
+def molecule_details(graph: HeteroGraph, index: int) -> dict[str, Any]:
+    """``{"molecule_id", "mz", "rt", "annotation"}`` of molecule ``index`` (None where unknown): the
+    one record every output that names a molecule (predict, rankings.json, report tables) uses."""
+    info = graph.meta.molecule_info or {}
+    out: dict[str, Any] = {"molecule_id": graph.meta.node_ids[schema.MOLECULE][index]}
+    for key in MOLECULE_DETAILS:
+        values = info.get(key)
+        out[key] = values[index] if values is not None and values[index] not in ("", None) else None
+    return out
+
+
+def molecule_label(graph: HeteroGraph, index: int) -> str:
+    """A short human label: ``id (m/z 180.0634, RT 3.21, caffeine)``; just the id when nothing is known."""
+    d = molecule_details(graph, index)
+    parts = ([f"m/z {d['mz']:.4f}"] if d["mz"] is not None else []) + \
+            ([f"RT {d['rt']:.2f}"] if d["rt"] is not None else []) + \
+            ([str(d["annotation"])] if d["annotation"] else [])
+    return f"{d['molecule_id']} ({', '.join(parts)})" if parts else str(d["molecule_id"])
+
+
 # ---- summary, save, load ----------------------------------------------------------------------
 def summary(graph: HeteroGraph) -> dict[str, Any]:
-    """The ``summary.json`` content: node counts, edge counts per relation, split sizes."""
+    """The ``summary.json`` content: node counts, edge counts per relation, split sizes, and
+    ``absent``: optional parts of the schema the graph lacks -> why (what it turns off)."""
     split = np.asarray(graph.sample_split)
-    return {
+    out = {
         "nodes": {t: int(graph.num_nodes[t]) for t in graph.node_types},
         "edges": {k: int(e.num_edges) for k, e in graph.edges.items()},
         "splits": {name: int(np.sum(split == code)) for name, code in SPLIT_CODES.items()},
     }
+    out["absent"] = absent_parts(graph)
+    return out
+
+
+#: Why the nutrition task and its metrics are absent (``metrics.json["nutrition"]["absent"]``).
+NO_NUTRIENTS = "no nutrient table: the graph has no Nutrient nodes, so the nutrition task is off"
+
+
+def absent_parts(graph: HeteroGraph) -> dict[str, str]:
+    """Optional parts of the schema ``graph`` lacks -> why and what that turns off (empty: none)."""
+    absent = {}
+    if schema.NUTRIENT not in graph.num_nodes or int(np.shape(graph.food_nutrients)[1]) == 0:
+        absent[schema.NUTRIENT] = NO_NUTRIENTS
+    if schema.MOLECULE not in graph.node_features:
+        absent["Molecule features"] = "no spectra or embeddings: molecules are learned per id"
+    if schema.IS_SIMILAR_TO not in graph.edges:
+        absent[schema.IS_SIMILAR_TO] = "no molecular network or spectra"
+    return absent
 
 
 _ARRAY_FIELDS = ("sample_food", "sample_split", "food_nutrients", "food_category")

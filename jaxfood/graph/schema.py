@@ -11,17 +11,20 @@ from jaxfood.errors import GraphError
 
 SAMPLE, MOLECULE, FOOD, NUTRIENT = "Sample", "Molecule", "Food", "Nutrient"
 NODE_TYPES: tuple[str, ...] = (SAMPLE, MOLECULE, FOOD, NUTRIENT)
+#: Node types every graph has (``Nutrient`` only with a nutrient table).
+REQUIRED_NODE_TYPES: tuple[str, ...] = (SAMPLE, MOLECULE, FOOD)
 
 CONTAINS = f"{SAMPLE}|contains_molecule|{MOLECULE}"
 IS_INSTANCE_OF = f"{SAMPLE}|is_instance_of|{FOOD}"
 HAS_NUTRIENT = f"{FOOD}|has_nutrient|{NUTRIENT}"
 IS_SIMILAR_TO = f"{MOLECULE}|is_similar_to|{MOLECULE}"
 
-#: Forward relations, and whether each must be present in every graph.
+#: Forward relations, and whether each must be present in every graph. ``has_nutrient`` exists
+#: exactly when the graph has ``Nutrient`` nodes (a nutrient table was given).
 FORWARD_RELATIONS: dict[str, bool] = {
     CONTAINS: True,
     IS_INSTANCE_OF: True,
-    HAS_NUTRIENT: True,
+    HAS_NUTRIENT: False,
     IS_SIMILAR_TO: False,
 }
 

@@ -7,13 +7,21 @@ none. Training steps additionally mask the label edges of the samples they super
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from jaxfood.errors import UserError
 from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, make_edge_set
+from jaxfood.graph.hetero_graph import (
+    SPLIT_CODES,
+    HeteroGraph,
+    align_reverse_edges,
+    check_label_edges,
+    make_edge_set,
+)
 
 
 def stratified_split(
@@ -72,11 +80,21 @@ def with_splits(graph: HeteroGraph, fractions=(0.7, 0.15, 0.15), seed: int = 0) 
     return restrict_label_edges(graph.replace(sample_split=split))
 
 
+def resplit(graph: HeteroGraph, seed: int) -> HeteroGraph:
+    """``graph`` with a new stratified split drawn with ``seed`` (the fractions it was built with,
+    ``meta.extra['split_fractions']``) and label edges for its new training samples; the split
+    seed is recorded as ``meta.extra['split_seed']``. Seeds of a repeated experiment vary the split."""
+    fractions = graph.meta.extra.get("split_fractions") or (0.7, 0.15, 0.15)
+    meta = dataclasses.replace(graph.meta, extra={**graph.meta.extra, "split_seed": int(seed)})
+    return with_splits(graph, fractions, seed).replace(meta=meta)
+
+
 def samples_reaching_own_food(graph: HeteroGraph) -> np.ndarray:
     """Indices of held-out samples that reach their own food node through label edges.
 
     Walks every path made only of ``is_instance_of`` edges and their reverses (Sample -> Food ->
-    Sample -> ...) from each held-out sample. Empty for a correct graph.
+    Sample -> ...) from each held-out sample, each edge of either relation taken both ways: a
+    reverse-only ``Food -> Sample`` edge leaks as much as a forward one. Empty for a correct graph.
     """
     sf = np.asarray(graph.sample_food)
     split = np.asarray(graph.sample_split)
@@ -85,9 +103,10 @@ def samples_reaching_own_food(graph: HeteroGraph) -> np.ndarray:
     S, F = graph.num_nodes[schema.SAMPLE], graph.num_nodes[schema.FOOD]
     s2f = [[] for _ in range(S)]
     f2s = [[] for _ in range(F)]
-    for s, f in zip(np.asarray(fwd.senders), np.asarray(fwd.receivers)):
+    pairs = [*zip(np.asarray(fwd.senders), np.asarray(fwd.receivers)),
+             *zip(np.asarray(rev.receivers), np.asarray(rev.senders))]
+    for s, f in pairs:
         s2f[s].append(f)
-    for f, s in zip(np.asarray(rev.senders), np.asarray(rev.receivers)):
         f2s[f].append(s)
     leaks = []
     for s0 in np.nonzero((split != SPLIT_CODES["train"]) & (sf >= 0))[0]:
@@ -102,6 +121,14 @@ def samples_reaching_own_food(graph: HeteroGraph) -> np.ndarray:
         if int(sf[s0]) in seen_f:
             leaks.append(int(s0))
     return np.asarray(leaks, dtype=np.int64)
+
+
+def prepare_graph(graph: HeteroGraph) -> HeteroGraph:
+    """The graph fine-tuning and evaluation run on: reverse ``contains_molecule`` edges aligned with
+    the forward ones (one edge mask then serves both directions), arrays on the device. Held-out
+    samples never have label edges (checked)."""
+    check_label_edges(graph)
+    return jax.device_put(align_reverse_edges(graph, (schema.CONTAINS,)))
 
 
 def split_fingerprint(graph: HeteroGraph) -> dict[str, str]:

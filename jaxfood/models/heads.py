@@ -364,12 +364,15 @@ class _WideAndDeep(nn.Module):
     @nn.compact
     def __call__(self, sample_embeddings, pooled, profile=None, deterministic: bool = True):
         x = jnp.concatenate([sample_embeddings, pooled], -1)
-        out = _MLP(self.hidden_dim, self.out_dim, self.dropout, name="mlp")(x, deterministic)
+        # A graph without nutrients asks for [S, 0]: one unused output keeps the parameter tree the
+        # same shape of tree (a Dense of width 0 cannot be initialised).
+        width = max(self.out_dim, 1)
+        out = _MLP(self.hidden_dim, width, self.dropout, name="mlp")(x, deterministic)
         if self.num_molecules:
-            kernel = self.param("wide_kernel", nn.initializers.zeros, (self.num_molecules, self.out_dim))
+            kernel = self.param("wide_kernel", nn.initializers.zeros, (self.num_molecules, width))
             if profile is not None:
                 out = out + profile.linear(kernel)
-        return out
+        return out[..., :self.out_dim]
 
 
 class FoodClassifier(_WideAndDeep):
@@ -399,6 +402,9 @@ class FoodProjection(nn.Module):
 MOLECULE_INPUT = "Molecule:input"
 #: Key of the class-attention pooling's parameters inside ``params["salient_pool"]``.
 CLASS_ATTENTION = "class_attention"
+#: Names of the molecule-importance scorers, implemented in :mod:`jaxfood.eval.molecules` (named
+#: here, below train/ and eval/, so that the fine-tuning config can list and check them).
+SCORER_NAMES: tuple[str, ...] = ("class_attention", "attention", "gat_attention", "gradient")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -657,7 +663,7 @@ class MultiTaskModel:
         wide_food = wide_nutrients = None
         if profile is not None:
             wide_food = profile.linear(params["classifier"]["wide_kernel"])
-            wide_nutrients = profile.linear(params["nutrient_head"]["wide_kernel"])
+            wide_nutrients = profile.linear(params["nutrient_head"]["wide_kernel"])[..., :nutrient_profile.shape[-1]]
         return ModelOutputs(embeddings=embeddings, food_logits=food_logits, nutrient_profile=nutrient_profile,
                             food_projection=projection, pooled=pooled, molecule_weights=weights,
                             molecule_logits=logits, attention=None, wide_food_logits=wide_food,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,16 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfood.config import config_from_dict, config_to_dict, dump_config
-from jaxfood.errors import CheckpointError, ConfigError, GraphError
-from jaxfood.graph import schema
-from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, align_reverse_edges, summary
+from jaxfood.errors import CheckpointError, ConfigError
+from jaxfood.graph.hetero_graph import HeteroGraph, summary
 from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
-from jaxfood.graph.splits import check_split_matches, split_fingerprint
+from jaxfood.graph.splits import check_split_matches, prepare_graph, split_fingerprint
 from jaxfood.io_utils import write_text
 from jaxfood.models.encoder import EncoderConfig
-from jaxfood.models.heads import HeadsConfig, MultiTaskModel, make_multitask_model
+from jaxfood.models.heads import SCORER_NAMES, HeadsConfig, MultiTaskModel, make_multitask_model
 from jaxfood.train import multitask as mt
-from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
 from jaxfood.train.data_parallel import ShardLayout, data_parallel
@@ -65,7 +63,16 @@ def default_encoder_config() -> EncoderConfig:
 
 
 def default_selection() -> dict[str, float]:
-    return {"food_classification.accuracy": 1.0, "nutrition.nutrient_r2": 0.5, "nutrition.spearman": 0.25}
+    """Validation metrics of the validation samples only; the Food-level figures (``nutrition.spearman``,
+    ``knn_purity``) are in-sample and would make the number that picks the checkpoint a test figure."""
+    return {"food_classification.accuracy": 1.0, "nutrition.nutrient_r2": 0.5}
+
+
+#: Metrics that do not depend on the split, never a selection criterion: the Food-level figures
+#: (in-sample) and the rankings' agreement with the reference biomarkers (training samples' rankings
+#: against the reference the test reports); prefixes.
+IN_SAMPLE_METRICS = ("nutrition.spearman", "nutrition.knn_purity", "salient_molecules.precision_at_",
+                     "salient_molecules.recall_at_", "salient_molecules.stability_jaccard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +104,7 @@ class FinetuneConfig:
     task_gradient_scope: Literal["representation", "encoder"] = "representation"
     salient_k: int = 10
     salient_scorer: Literal["class_attention", "attention", "gat_attention", "gradient"] = "class_attention"
-    scorers: tuple[str, ...] = tuple(sal.SCORERS)
+    scorers: tuple[str, ...] = SCORER_NAMES
     stability_perturbations: int = 3
     stability_noise_sd: float = 0.1
     stability_drop_fraction: float = 0.05
@@ -133,9 +140,12 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         if key.split(".")[0] not in sections or "." not in key:
             raise ConfigError(f"finetune config: key 'selection.{key}': expected '<section>.<metric>' with a "
                               f"section in {sorted(sections)}")
-    bad = [name for name in (*cfg.scorers, cfg.salient_scorer) if name not in sal.SCORERS]
+        if key.startswith(IN_SAMPLE_METRICS):
+            raise ConfigError(f"finetune config: key 'selection.{key}': the same on val and test (in-sample or "
+                              "scored against the test reference); select on validation-sample metrics")
+    bad = [name for name in (*cfg.scorers, cfg.salient_scorer) if name not in SCORER_NAMES]
     if bad:
-        raise ConfigError(f"finetune config: key 'scorers': unknown scorer '{bad[0]}' (expected {list(sal.SCORERS)})")
+        raise ConfigError(f"finetune config: key 'scorers': unknown scorer '{bad[0]}' (expected {list(SCORER_NAMES)})")
     unknown = set(cfg.weighting.static_weights) - set(tw.TASKS)
     if unknown:
         raise ConfigError(f"finetune config: key 'weighting.static_weights': unknown task(s) {sorted(unknown)} "
@@ -151,166 +161,6 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
             raise ConfigError(f"finetune config: key 'optimizer.{group}.eps' = {g.eps}: expected a positive number")
     cfg.encoder.validate("finetune config: encoder")
     return cfg
-
-
-# ---- graph preparation --------------------------------------------------------------------------
-def prepare_graph(graph: HeteroGraph) -> HeteroGraph:
-    """The graph fine-tuning and evaluation run on: reverse ``contains_molecule`` edges aligned with
-    the forward ones, arrays on the device. Held-out samples never have label edges (checked)."""
-    aligned = align_reverse_edges(graph, (schema.CONTAINS,))
-    split = np.asarray(graph.sample_split)
-    fwd = graph.edges[schema.IS_INSTANCE_OF]
-    held_out = split[np.asarray(fwd.senders)] != SPLIT_CODES["train"]
-    if held_out.any():
-        raise GraphError(f"graph: {int(held_out.sum())} held-out sample(s) have a label edge "
-                         "('Sample|is_instance_of|Food'); rebuild the graph with 'jaxfood build-graph'")
-    return jax.device_put(aligned)
-
-
-# ---- evaluation ---------------------------------------------------------------------------------
-class Evaluator:
-    """Jitted evaluation of a :class:`MultiTaskModel` on one graph (compiled once, reused).
-
-    ``evaluate(params, split, reference=None, salient=True)`` returns the nested metrics dict::
-
-        {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece},
-         "nutrition": {knn_purity, spearman, nutrient_r2, nutrient_r2_per_nutrient},
-         "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
-                               stability_jaccard, per_scorer: {name: {...}}}}
-
-    Food classification and nutrient R² are scored on the samples of ``split``; the Food
-    embeddings (the triplet projection) on all foods against their USDA categories (k-NN purity)
-    and nutrient profiles (Spearman of pairwise distances); molecule rankings per food from all
-    labelled samples, fidelity on the samples of ``split`` (probability of the true food);
-    ``stability_jaccard`` of the headline scorer's rankings under ``stability`` =
-    ``(perturbations, noise_sd, drop_fraction, seed)`` (see :func:`salient_molecules.perturb_contains`).
-    """
-
-    def __init__(self, model: MultiTaskModel, graph: HeteroGraph, salient_k: int = 10, knn_k: int = 5,
-                 scorer: str = "class_attention", scorers: Sequence[str] = tuple(sal.SCORERS),
-                 stability: tuple[int, float, float, int] = (3, 0.1, 0.05, 0)):
-        self.model, self.graph = model, graph
-        self.stability = stability
-        self.salient_k, self.knn_k, self.scorer = int(salient_k), int(knn_k), scorer
-        self.scorers = tuple(dict.fromkeys([scorer, *scorers]))
-        self._predict = mt.make_predict_fn(model)
-        self._score = {name: jax.jit(lambda p, g, _n=name: sal.score_molecules(_n, model, mt.split_params(p)[0], g))
-                       for name in self.scorers}
-        k = self.salient_k
-
-        def fid(params, graph, scores, sample_mask, target):
-            return sal.fidelity_probabilities(model, mt.split_params(params)[0], graph, scores, k, sample_mask,
-                                              target_class=target)
-
-        self._fidelity = jax.jit(fid)
-        # The headline scorer always runs with explicit edge masks (all edges for the clean input):
-        # the clean and the perturbed inputs share one compiled program.
-        self._score_perturbed = jax.jit(lambda p, g, m: sal.score_molecules(scorer, model, mt.split_params(p)[0], g, m))
-        self._all_edges = sal.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
-
-    def _headline_scores(self, params):
-        return self._score_perturbed(params, self.graph, self._all_edges)
-
-    def stability_jaccard(self, params, clean_scores=None) -> float:
-        """Mean :func:`salient_molecules.topk_jaccard` of the headline scorer's per-food rankings
-        between the clean input and each perturbation (NaN with 0 perturbations)."""
-        perturbations, noise_sd, drop_fraction, seed = self.stability
-        if perturbations < 1:
-            return math.nan
-        k = self.salient_k
-        if clean_scores is None:
-            clean_scores = self._headline_scores(params)
-        clean = sal.rankings_by_id(sal.rank_molecules_per_food(np.asarray(clean_scores), self.graph)[0], self.graph, k)
-        overlaps = []
-        for i in range(perturbations):
-            graph, masks = sal.perturb_contains(self.graph, jax.random.fold_in(jax.random.key(seed), i), noise_sd,
-                                                drop_fraction)
-            scores = np.asarray(self._score_perturbed(params, graph, masks))
-            noisy = sal.rankings_by_id(sal.rank_molecules_per_food(scores, self.graph)[0], self.graph, k)
-            overlaps.append(sal.topk_jaccard(clean, noisy, k))
-        return float(np.mean(overlaps))
-
-    def predict(self, params):
-        return jax.device_get(self._predict(params, self.graph))
-
-    def evaluate(self, params, split: str = "test", reference: Mapping[str, set[str]] | None = None,
-                 salient: bool = True, scorers: Sequence[str] | None = None,
-                 stability: bool = True) -> dict[str, Any]:
-        from jaxfood.eval.metrics import (
-            classification_metrics,
-            distance_spearman,
-            fidelity,
-            knn_purity,
-            nutrient_r2,
-            precision_recall_at_k,
-        )
-
-        graph = self.graph
-        out = self.predict(params)
-        labels = np.asarray(graph.sample_food)
-        in_split = (np.asarray(graph.sample_split) == SPLIT_CODES[split]) & (labels >= 0)
-        idx = np.nonzero(in_split)[0]
-        logits = np.asarray(out.food_logits, np.float64)[idx]
-        proba = np.exp(logits - logits.max(1, keepdims=True))
-        proba /= proba.sum(1, keepdims=True)
-        metrics: dict[str, Any] = {"food_classification": classification_metrics(labels[idx], proba)}
-
-        food_nutrients = np.asarray(graph.food_nutrients)
-        r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
-                         list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
-        projection = np.asarray(out.food_projection)
-        category = np.asarray(graph.food_category)
-        known = category >= 0
-        metrics["nutrition"] = {
-            "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
-            "spearman": distance_spearman(projection, food_nutrients),
-            "nutrient_r2": r2["overall"],
-            "nutrient_r2_per_nutrient": r2["per_nutrient"],
-        }
-        if not salient:
-            return metrics
-
-        k = self.salient_k
-        sample_mask = jnp.asarray(in_split)
-        target = jnp.asarray(np.where(labels >= 0, labels, 0))
-        per_scorer = {}
-        headline_scores = None
-        for name in (scorers or self.scorers):
-            scores = self._headline_scores(params) if name == self.scorer else self._score[name](params, graph)
-            if name == self.scorer:
-                headline_scores = scores
-            # GraphFramEx's "phenomenon" form: the probability of the true food.
-            p_full, p_removed, p_kept = (np.asarray(x)[idx] for x in jax.device_get(
-                self._fidelity(params, graph, scores, sample_mask, target)))
-            fid_plus, fid_minus = fidelity(p_full, p_removed, p_kept)
-            entry = {"fidelity_plus": fid_plus, "fidelity_minus": fid_minus}
-            if reference is not None:
-                ranking, _ = sal.rank_molecules_per_food(np.asarray(scores), graph)
-                prec, rec = precision_recall_at_k(sal.rankings_by_id(ranking, graph, k), reference, k)
-            else:
-                prec = rec = math.nan
-            entry[f"precision_at_{k}"] = prec
-            entry[f"recall_at_{k}"] = rec
-            per_scorer[name] = entry
-        head = per_scorer[self.scorer] if self.scorer in per_scorer else next(iter(per_scorer.values()))
-        metrics["salient_molecules"] = {**head, "scorer": self.scorer, "k": k,
-                                        "stability_jaccard": (self.stability_jaccard(params, headline_scores)
-                                                              if stability else math.nan),
-                                        "per_scorer": per_scorer}
-        return metrics
-
-    def rankings(self, params, scorer: str | None = None, top: int | None = None) -> dict[str, list[str]]:
-        """``{food id: [molecule ids]}`` ranked by ``scorer`` (default: the headline scorer)."""
-        scorer = scorer or self.scorer
-        scores = np.asarray(self._headline_scores(params) if scorer == self.scorer else self._score[scorer](params, self.graph))
-        ranking, _ = sal.rank_molecules_per_food(scores, self.graph)
-        return sal.rankings_by_id(ranking, self.graph, top)
-
-
-def stability_settings(cfg: FinetuneConfig) -> tuple[int, float, float, int]:
-    """The :class:`Evaluator`'s ``stability`` argument from a config."""
-    return (int(cfg.stability_perturbations), float(cfg.stability_noise_sd), float(cfg.stability_drop_fraction),
-            int(cfg.seed))
 
 
 def selection_score(metrics: Mapping[str, Any], selection: Mapping[str, float]) -> float:

@@ -204,17 +204,21 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
     ce = cross_entropy_loss(out.food_logits, labels, supervised, cfg.label_smoothing,
                             _class_weights(graph, batch.seed_mask, cfg.class_weighting))
     # -- nutrition alignment
-    safe_labels = jnp.where(labels >= 0, labels, 0)
-    mse = nutrient_mse_loss(out.nutrient_profile, graph.food_nutrients[safe_labels], supervised)
+    if graph.food_nutrients.shape[1] == 0:  # no nutrient table: the task is off (a mean over 0 nutrients is NaN)
+        mse = triplet = jnp.zeros((), jnp.float32)
+    else:
+        safe_labels = jnp.where(labels >= 0, labels, 0)
+        mse = nutrient_mse_loss(out.nutrient_profile, graph.food_nutrients[safe_labels], supervised)
+        mse = mse + cfg.wide_l2 * wide_penalty(params["nutrient_head"])
+        if cfg.wide_aux_weight > 0 and out.wide_nutrient_profile is not None:
+            mse = mse + cfg.wide_aux_weight * nutrient_mse_loss(out.wide_nutrient_profile,
+                                                                graph.food_nutrients[safe_labels], supervised)
+        positive, negative = _triplet_masks(graph.food_nutrients, cfg.num_positives)
+        triplet = semi_hard_triplet_loss(out.food_projection, positive, negative, cfg.triplet_margin)
     ce = ce + cfg.wide_l2 * wide_penalty(params["classifier"])
-    mse = mse + cfg.wide_l2 * wide_penalty(params["nutrient_head"])
     if cfg.wide_aux_weight > 0 and out.wide_food_logits is not None:
         ce = ce + cfg.wide_aux_weight * cross_entropy_loss(out.wide_food_logits, labels, supervised,
                                                            cfg.label_smoothing)
-        mse = mse + cfg.wide_aux_weight * nutrient_mse_loss(out.wide_nutrient_profile,
-                                                            graph.food_nutrients[safe_labels], supervised)
-    positive, negative = _triplet_masks(graph.food_nutrients, cfg.num_positives)
-    triplet = semi_hard_triplet_loss(out.food_projection, positive, negative, cfg.triplet_margin)
     nutrition = cfg.triplet_weight * triplet + cfg.nutrient_mse_weight * mse
     # -- salient molecules: the top-k molecules alone must reproduce the prediction
     senders = contains.senders

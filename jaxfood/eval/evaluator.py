@@ -1,0 +1,221 @@
+"""Evaluation of a fine-tuned multi-task model: the metrics of all three tasks on one split.
+
+:class:`Evaluator` compiles the forward pass, the molecule scorers and fidelity once for a graph
+and scores parameters on a split (``jaxfood.workflows`` hands it to the fine-tuning loop as its
+validation hook: ``jaxfood.train`` imports nothing from here). ``params`` are a
+:class:`MultiTaskModel`'s (extra top-level entries such as the task-weighting parameters are
+ignored). :func:`default_biomarkers` / :func:`as_reference`: the reference precision@k is scored against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfood.eval import molecules as mol
+from jaxfood.eval.metrics import (
+    biomarkers_from_pairs,
+    classification_metrics,
+    distance_spearman,
+    fidelity,
+    knn_purity,
+    nutrient_r2,
+    precision_recall_at_k,
+    read_biomarkers,
+    samples_digest,
+)
+from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, absent_parts
+
+
+# ---- reference biomarkers -------------------------------------------------------------------------
+def default_biomarkers(graph: HeteroGraph) -> dict[str, set[str]] | None:
+    """The simulator's ground-truth biomarkers for the embedded default graph, else None."""
+    sources = graph.meta.extra.get("sources")
+    source = sources.get("embedded_default") if isinstance(sources, Mapping) else None
+    if not source:
+        return None
+    from jaxfood.data.simulate import simulate  # the simulator is only needed for the embedded graph
+
+    ds = simulate(preset=source.get("preset", "default"), seed=int(source.get("seed", 0)))
+    return as_reference(biomarkers_from_pairs(ds.biomarkers))
+
+
+def as_reference(biomarkers) -> dict[str, set[str]] | None:
+    """``{food: {molecule ids}}`` in sorted food order (the order of the means of precision@k:
+    the same order wherever the reference comes from keeps the metrics bit-identical).
+
+    ``biomarkers``: a ``feature,category`` CSV path, ``{food: ids}`` or ``(id, food)`` pairs; None: None.
+    """
+    if biomarkers is None:
+        return None
+    if isinstance(biomarkers, (str, Path)):
+        reference = read_biomarkers(biomarkers)
+    elif isinstance(biomarkers, Mapping):
+        reference = biomarkers
+    else:
+        reference = biomarkers_from_pairs(biomarkers)
+    return {str(k): {str(m) for m in reference[k]} for k in sorted(reference, key=str)}
+
+
+# ---- settings -------------------------------------------------------------------------------
+def stability_settings(cfg) -> tuple[int, float, float, int]:
+    """The :class:`Evaluator`'s ``stability`` argument from a fine-tuning config."""
+    return (int(cfg.stability_perturbations), float(cfg.stability_noise_sd), float(cfg.stability_drop_fraction),
+            int(cfg.seed))
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+class Evaluator:
+    """Jitted evaluation of a :class:`MultiTaskModel` on one graph (compiled once, reused).
+
+    ``evaluate(params, split, reference=None, salient=True)`` returns the nested metrics dict::
+
+        {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece},
+         "nutrition": {knn_purity, spearman, nutrient_r2, nutrient_r2_per_nutrient},
+         "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
+                               stability_jaccard, per_scorer: {name: {...}}}}
+
+    Food classification and nutrient R² are scored on the ``num_samples`` samples of ``split``;
+    the Food embeddings (the triplet projection) on all foods against their USDA categories (k-NN
+    purity) and nutrient profiles (Spearman of pairwise distances) -- in-sample figures (listed
+    under ``nutrition.in_sample``): the triplet loss trains on every food; molecule rankings per
+    food from the *training* samples only (no label of a scored sample enters them), fidelity on
+    the samples of ``split`` (probability of the *predicted* food, for every scorer);
+    ``stability_jaccard`` of the headline scorer's rankings under ``stability`` =
+    ``(perturbations, noise_sd, drop_fraction, seed)`` (see :func:`molecules.perturb_contains`).
+    ``graph``: a :func:`jaxfood.graph.splits.prepare_graph` output.
+    """
+
+    def __init__(self, model, graph: HeteroGraph, salient_k: int = 10, knn_k: int = 5,
+                 scorer: str = "class_attention", scorers: Sequence[str] = tuple(mol.SCORERS),
+                 stability: tuple[int, float, float, int] = (3, 0.1, 0.05, 0)):
+        self.model, self.graph = model, graph
+        self.stability = stability
+        self.salient_k, self.knn_k, self.scorer = int(salient_k), int(knn_k), scorer
+        self.scorers = tuple(dict.fromkeys([scorer, *scorers]))
+        self._predict = jax.jit(lambda p, g: model.apply(p, g))
+        self._score = {name: jax.jit(lambda p, g, _n=name: mol.score_molecules(_n, model, p, g))
+                       for name in self.scorers}
+        k = self.salient_k
+
+        def fid(params, graph, scores, sample_mask):
+            return mol.fidelity_probabilities(model, params, graph, scores, k, sample_mask)
+
+        self._fidelity = jax.jit(fid)
+        # The headline scorer always runs with explicit edge masks (all edges for the clean input):
+        # the clean and the perturbed inputs share one compiled program.
+        self._score_perturbed = jax.jit(lambda p, g, m: mol.score_molecules(scorer, model, p, g, m))
+        self._all_edges = mol.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
+
+    def _headline_scores(self, params):
+        return self._score_perturbed(params, self.graph, self._all_edges)
+
+    def stability_jaccard(self, params, clean_scores=None) -> float:
+        """Mean :func:`molecules.topk_jaccard` of the headline scorer's per-food rankings
+        between the clean input and each perturbation (NaN with 0 perturbations)."""
+        perturbations, noise_sd, drop_fraction, seed = self.stability
+        if perturbations < 1:
+            return math.nan
+        k = self.salient_k
+        if clean_scores is None:
+            clean_scores = self._headline_scores(params)
+        clean = mol.rankings_by_id(mol.rank_molecules_per_food(np.asarray(clean_scores), self.graph)[0], self.graph, k)
+        overlaps = []
+        for i in range(perturbations):
+            graph, masks = mol.perturb_contains(self.graph, jax.random.fold_in(jax.random.key(seed), i), noise_sd,
+                                                drop_fraction)
+            scores = np.asarray(self._score_perturbed(params, graph, masks))
+            noisy = mol.rankings_by_id(mol.rank_molecules_per_food(scores, self.graph)[0], self.graph, k)
+            overlaps.append(mol.topk_jaccard(clean, noisy, k))
+        return float(np.mean(overlaps))
+
+    def predict(self, params):
+        return jax.device_get(self._predict(params, self.graph))
+
+    def evaluate(self, params, split: str = "test", reference: Mapping[str, set[str]] | None = None,
+                 salient: bool = True, scorers: Sequence[str] | None = None,
+                 stability: bool = True) -> dict[str, Any]:
+        graph = self.graph
+        out = self.predict(params)
+        labels = np.asarray(graph.sample_food)
+        in_split = (np.asarray(graph.sample_split) == SPLIT_CODES[split]) & (labels >= 0)
+        idx = np.nonzero(in_split)[0]
+        logits = np.asarray(out.food_logits, np.float64)[idx]
+        proba = np.exp(logits - logits.max(1, keepdims=True))
+        proba /= proba.sum(1, keepdims=True)
+        sample_ids = graph.meta.node_ids.get(schema.SAMPLE) or [str(i) for i in range(labels.size)]
+        metrics: dict[str, Any] = {"food_classification": {
+            **classification_metrics(labels[idx], proba), "num_samples": int(idx.size),
+            "samples_digest": samples_digest(sample_ids[i] for i in idx)}}
+
+        food_nutrients = np.asarray(graph.food_nutrients)
+        if food_nutrients.shape[1] == 0:  # no nutrient table: the section says why it is empty
+            metrics["nutrition"] = {"absent": absent_parts(graph)[schema.NUTRIENT]}
+        else:
+            r2 = nutrient_r2(food_nutrients[labels[idx]], np.asarray(out.nutrient_profile)[idx],
+                             list(graph.meta.nutrient_names) or [str(i) for i in range(food_nutrients.shape[1])])
+            projection = np.asarray(out.food_projection)
+            category = np.asarray(graph.food_category)
+            known = category >= 0
+            metrics["nutrition"] = {
+                # In-sample: every food, and the triplet loss trains on all of their nutrient profiles.
+                "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
+                "spearman": distance_spearman(projection, food_nutrients),
+                "in_sample": ["knn_purity", "spearman"],
+                "num_foods_in_sample": int(food_nutrients.shape[0]),
+                "nutrient_r2": r2["overall"],
+                "nutrient_r2_per_nutrient": r2["per_nutrient"],
+                "num_samples": int(idx.size),
+            }
+        if not salient:
+            return metrics
+
+        k = self.salient_k
+        sample_mask = jnp.asarray(in_split)
+        per_scorer = {}
+        headline_scores = None
+        for name in (scorers or self.scorers):
+            scores = self._headline_scores(params) if name == self.scorer else self._score[name](params, graph)
+            if name == self.scorer:
+                headline_scores = scores
+            # One rule for every scorer: the probability of the *predicted* food (what a user of
+            # `jaxfood predict` is shown), never the held-out label.
+            p_full, p_removed, p_kept = (np.asarray(x)[idx] for x in jax.device_get(
+                self._fidelity(params, graph, scores, sample_mask)))
+            fid_plus, fid_minus = fidelity(p_full, p_removed, p_kept)
+            entry = {"fidelity_plus": fid_plus, "fidelity_minus": fid_minus}
+            if reference is not None:
+                ranking, _ = mol.rank_molecules_per_food(np.asarray(scores), graph)
+                prec, rec = precision_recall_at_k(mol.rankings_by_id(ranking, graph, k), reference, k)
+            else:
+                prec = rec = math.nan
+            entry[f"precision_at_{k}"] = prec
+            entry[f"recall_at_{k}"] = rec
+            per_scorer[name] = entry
+        head = per_scorer[self.scorer] if self.scorer in per_scorer else next(iter(per_scorer.values()))
+        ranking_samples = (np.asarray(graph.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
+        metrics["salient_molecules"] = {**head, "scorer": self.scorer, "k": k,
+                                        # fidelity on the samples of the split; rankings (precision/
+                                        # recall@k, stability) from the training samples only
+                                        "num_samples": int(idx.size),
+                                        "num_ranking_samples": int(ranking_samples.sum()),
+                                        "num_reference_foods": len(reference) if reference is not None else 0,
+                                        "in_sample": [f"precision_at_{k}", f"recall_at_{k}", "stability_jaccard"],
+                                        "stability_jaccard": (self.stability_jaccard(params, headline_scores)
+                                                              if stability else math.nan),
+                                        "per_scorer": per_scorer}
+        return metrics
+
+    def rankings(self, params, scorer: str | None = None, top: int | None = None) -> dict[str, list[str]]:
+        """``{food id: [molecule ids]}`` ranked by ``scorer`` (default: the headline scorer)."""
+        scorer = scorer or self.scorer
+        scores = np.asarray(self._headline_scores(params) if scorer == self.scorer else self._score[scorer](params, self.graph))
+        ranking, _ = mol.rank_molecules_per_food(scores, self.graph)
+        return mol.rankings_by_id(ranking, self.graph, top)
