@@ -280,6 +280,11 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     else:
         enc_cfg, enc_params = cfg.encoder, None
     cfg = dataclasses.replace(cfg, encoder=enc_cfg)
+    if options.sampled and cfg.heads.wide:
+        # The wide path maps a sample's profile over the whole graph's molecules with whole-graph
+        # statistics; a padded subgraph has neither (models/profile.py): off, and recorded in the config.
+        cfg = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, wide=False))
+        log("sampled subgraphs: heads.wide off (the wide path needs the whole graph's molecules)")
     if primary:
         write_text(workdir / "config.yaml", dump_config(cfg))
 
