@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     from jaxfood.data.default import build_default_graph
     from jaxfood.eval.pipeline import run_baselines
     from jaxfood.graph.hetero_graph import load_graph
-    from jaxfood.train.finetune import FinetuneConfig, finetune
+    from jaxfood.train.finetune import FinetuneConfig
+    from jaxfood.workflows import finetune
 
     sets = list(args.set) + ([f"steps={args.steps}"] if args.steps else [])
     sets += ["tensorboard=false", "figures=false", "stability_perturbations=0"]
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
 
 
 def _reference(graph):
-    from jaxfood.train.finetune import default_biomarkers
+    from jaxfood.workflows import default_biomarkers
 
     return default_biomarkers(graph)
 

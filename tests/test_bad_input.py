@@ -391,3 +391,26 @@ def test_embedded_default_data_raises_no_warning():
         graph = build_default_graph(seed=0)
     assert [str(w.message) for w in caught] == []
     assert graph.num_nodes[schema.SAMPLE] > 0
+
+
+def test_every_loss_curve_has_its_own_colour(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxfood.train.monitoring import write_curves
+
+    names = [f"loss/task_{i}" for i in range(12)]
+    history = {"train": [{"step": s, **{n: 1.0 + i + s for i, n in enumerate(names)}} for s in (1, 2, 3)], "val": []}
+    colours = []
+    close = plt.close
+
+    def record(fig=None):
+        if fig is not None and fig.axes and fig.axes[0].get_title() == "training losses":
+            colours.extend(matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[0].get_lines())
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", record)
+    write_curves(history, tmp_path)
+    assert len(colours) == 12 and len(set(colours)) == 12, colours

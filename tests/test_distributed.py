@@ -113,9 +113,13 @@ PRETRAIN_WORKER = """
     step_fn = pretrain.make_pretrain_step(model, optimizer)
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
     step = data_parallel(step_fn, ShardLayout(0, 1, devices, per_device), seed=5)
+    initial_l1 = float(sum(np.abs(x).sum() for x in jax.tree_util.tree_leaves(state["params"])))
     result = train_loop(step, state, lambda s, shard: pre_graph, LoopConfig(num_steps=3), fixed_batch=True)
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
-               "loss": [h["loss"] for h in result.history["train"]]}, open(os.environ["OUT"], "w"))
+               "loss": [h["loss"] for h in result.history["train"]], "initial_l1": initial_l1,
+               "final_l1": float(sum(np.abs(x).sum() for x in jax.tree_util.tree_leaves(result.state["params"]))),
+               "mapped_devices": step.layout.local_devices, "device_count": jax.local_device_count()},
+              open(os.environ["OUT"], "w"))
 """
 
 
@@ -142,6 +146,10 @@ def test_graphcl_step_pmap_over_4_devices_equals_one_device_with_4_views(tmp_pat
     out = run_with_devices(tmp_path, PRETRAIN_WORKER)
     assert _max_diff(out["4x1"]["params"], out["1x4"]["params"]) < 1e-5
     np.testing.assert_allclose(out["4x1"]["loss"], out["1x4"]["loss"], rtol=1e-5)
+    # The pmapped run spread over 4 devices (the other one ran 4 views on 1), and training moved the
+    # parameters well beyond the tolerance (the comparison can fail).
+    assert out["4x1"]["device_count"] == 4 and out["4x1"]["mapped_devices"] == 4 and out["1x4"]["mapped_devices"] == 1
+    assert abs(out["4x1"]["final_l1"] - out["4x1"]["initial_l1"]) > 1e-2
 
 
 # ---- helpers in this process (one device) --------------------------------------------------------

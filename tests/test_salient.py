@@ -128,9 +128,13 @@ def test_scorers_read_the_own_and_the_predicted_food_branch(toy_model):
     _, branches = model.class_branches(params, graph, model.pool_features(rep))
     out = model.apply(params, graph)
     own = molecules.score_molecules("class_attention", model, params, graph)
-    want_own, _ = branch_weights(branches, contains.senders, contains.receivers, jnp.asarray(graph.sample_food))
-    np.testing.assert_allclose(np.asarray(own), np.asarray(want_own), rtol=1e-5, atol=1e-7)
     predicted = jnp.argmax(out.food_logits, -1)
+    # A training sample's own food; every other sample's predicted food (no held-out label is read).
+    train = np.asarray(graph.sample_split) == 0
+    assert train.any() and (~train).any()
+    explain = jnp.where(jnp.asarray(train), jnp.asarray(graph.sample_food), predicted)
+    want_own, _ = branch_weights(branches, contains.senders, contains.receivers, explain)
+    np.testing.assert_allclose(np.asarray(own), np.asarray(want_own), rtol=1e-5, atol=1e-7)
     want_pred, _ = branch_weights(branches, contains.senders, contains.receivers, predicted)
     np.testing.assert_allclose(np.asarray(molecules.score_molecules("attention", model, params, graph)),
                                np.asarray(want_pred), rtol=1e-5, atol=1e-7)
@@ -154,17 +158,23 @@ def test_rankings_contrast_by_log_ratio_against_hand_values():
     tiny = graph.replace(edges=edges, sample_food=np.array([0, 0, 1] + [-1] * (graph.num_nodes["Sample"] - 3),
                                                             np.int32))
     scores = np.array([0.5, 0.5, 0.8, 0.2, 0.1, 0.9])
-    ranking, importance = molecules.rank_molecules_per_food(scores, tiny, contrast="log_ratio")
+    everyone = np.ones(graph.num_nodes["Sample"], bool)  # the default is the training samples only
+    ranking, importance = molecules.rank_molecules_per_food(scores, tiny, everyone, contrast="log_ratio")
     c = molecules.LOG_RATIO_PSEUDOCOUNT * scores.mean()
     # food 0: mean importance of molecule 0 = (0.5 + 0.8) / 2, of molecule 1 = 0.25, of 2 = 0.1;
     # the other food (sample 2): 0, 0.1, 0.9.
     want0 = np.log(np.array([0.65, 0.25, 0.1]) + c) - np.log(np.array([0.0, 0.1, 0.9]) + c)
     np.testing.assert_allclose(importance[0, :3], want0, rtol=1e-9)
     assert list(ranking[0, :2]) == [0, 1] and ranking[0, -1] == 2  # absent molecules score 0, between
-    _, diff = molecules.rank_molecules_per_food(scores, tiny, contrast=True)  # True = difference (as before)
+    _, diff = molecules.rank_molecules_per_food(scores, tiny, everyone, contrast=True)  # True = difference (as before)
     np.testing.assert_allclose(diff[0, :3], [0.65, 0.15, -0.8], rtol=1e-9)
     with pytest.raises(ValueError, match="contrast"):
-        molecules.rank_molecules_per_food(scores, tiny, contrast="ratio")
+        molecules.rank_molecules_per_food(scores, tiny, everyone, contrast="ratio")
+    # By default only the training samples rank: sample 2 (food 1) held out, food 1 has no sample.
+    split = np.zeros(graph.num_nodes["Sample"], np.int32)
+    split[2] = 2
+    _, default = molecules.rank_molecules_per_food(scores, tiny.replace(sample_split=split), contrast=True)
+    np.testing.assert_allclose(default[1, :3], [-0.65, -0.25, -0.1], rtol=1e-9)
 
 
 def test_topk_jaccard_by_hand():

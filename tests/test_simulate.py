@@ -16,6 +16,7 @@ from jaxfood.data.simulate import (
     CLASSES,
     PRESETS,
     ROLES,
+    SimConfig,
     dataset_summary,
     load_food_table,
     simulate,
@@ -204,11 +205,14 @@ def test_nutrient_linked_classes_follow_the_real_nutrients(ds):
         assert rho > max(others) + 0.2, (cls, rho, others)
 
 
-def test_embeddings_cluster_by_chemical_class_and_a_few_are_missing(ds):
+def test_embeddings_cluster_by_chemical_class_and_none_missing_by_default(ds):
     emb = ds.tables.embeddings
     assert emb.vectors.dtype == np.float32 and emb.vectors.shape == (len(emb.molecule_ids), 32)
-    missing = ds.num_molecules - len(emb.molecule_ids)
-    assert 1 <= missing <= 0.01 * ds.num_molecules
+    assert len(emb.molecule_ids) == ds.num_molecules  # the embedded data warns about nothing
+    gappy = simulate(SimConfig(replicates_per_food=2, num_molecules=400, nutrient_linked_per_class=20, background=40,
+                               contaminants=20, embedding_dim=4, missing_embedding_fraction=0.02), seed=0)
+    missing = gappy.num_molecules - len(gappy.tables.embeddings.molecule_ids)
+    assert missing == round(0.02 * gappy.num_molecules)  # real spectral libraries have gaps: on request
     labels = np.asarray([ds.molecule_classes[m] for m in emb.molecule_ids])
     unit = emb.vectors / np.linalg.norm(emb.vectors, axis=1, keepdims=True)
     sim = unit @ unit.T
@@ -282,7 +286,7 @@ def test_written_side_files_schema(ds, written):
     vectors = np.load(written["molecule_embeddings"])
     ids = written["molecule_ids"].read_text().split()
     assert vectors.dtype == np.float32 and vectors.shape == (len(ids), 32)
-    assert ids == ds.tables.embeddings.molecule_ids and set(ids) < set(ds.tables.features.molecule_ids)
+    assert ids == ds.tables.embeddings.molecule_ids and set(ids) <= set(ds.tables.features.molecule_ids)
 
     biomarkers = pd.read_csv(written["biomarkers"], dtype=str)
     assert list(biomarkers.columns) == ["feature", "category"]

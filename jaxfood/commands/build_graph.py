@@ -26,7 +26,10 @@ Inputs, one of:
                                 FoodData Central CSV directory joined through the metadata's
                                 ndb_number). Without --nutrients the graph has no Nutrient nodes
                                 and the nutrition task is off; everything else works.
-    [--network F]               GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
+  --mwtab F [--label-column FACTOR] [--nutrients F|DIR]
+                                a Metabolomics Workbench study (mwTab text or JSON, mwtab package)
+                                in place of the feature table and metadata
+  with either, --network F      GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
                                 -> (Molecule, is_similar_to, Molecule) with the cosine as attribute
   --upstream-json F             the intermediate JSON of the PyTorch project (compatibility mode:
                                 the same graph it builds; also writes hetero_graph_mappings.json)
@@ -66,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "Molecule-is_similar_to-Molecule edges")
     files.add_argument("--label-column", default=None, metavar="C",
                        help="metadata column holding the food label [default: sample_type_group5]")
+    files.add_argument("--mwtab", metavar="F",
+                       help="a Metabolomics Workbench study (mwTab text or JSON; needs the mwtab package) in place "
+                            "of --feature-table and --metadata; --label-column names the class factor")
     up = parser.add_argument_group("compatibility mode")
     up.add_argument("--upstream-json", metavar="F", help="intermediate JSON of the PyTorch project")
     up.add_argument("--per-unit", action="store_true",
@@ -82,7 +88,7 @@ def _check_args(args) -> str:
     if args.upstream_json:
         given = [f"--{n}" for n, v in (("feature-table", args.feature_table), ("metadata", args.metadata),
                                        ("nutrients", args.nutrients), ("molecule-embeddings", args.molecule_embeddings),
-                                       ("network", args.network),
+                                       ("network", args.network), ("mwtab", args.mwtab),
                                        ("label-column", args.label_column), ("split", args.split)) if v]
         if given:
             raise UserError(f"--upstream-json cannot be combined with {', '.join(given)} "
@@ -90,6 +96,10 @@ def _check_args(args) -> str:
         return "upstream"
     if args.per_unit:
         raise UserError("--per-unit applies only with --upstream-json")
+    if args.mwtab:
+        if args.feature_table or args.metadata:
+            raise UserError("--mwtab replaces --feature-table and --metadata (the study file has both)")
+        return "files"
     if any(native):
         missing = [f"--{n}" for n, v in zip(("feature-table", "metadata"), native) if not v]
         if missing:
@@ -140,8 +150,8 @@ def run(args) -> int:
 
             tables = read_tables(args.feature_table, args.metadata, args.nutrients,
                                  molecule_embeddings=args.molecule_embeddings,
-                                 label_column=args.label_column or DEFAULT_LABEL_COLUMN,
-                                 molecule_ids=args.molecule_ids, network=args.network)
+                                 label_column=args.label_column or (None if args.mwtab else DEFAULT_LABEL_COLUMN),
+                                 molecule_ids=args.molecule_ids, network=args.network, mwtab=args.mwtab)
             graph = build_graph(tables, seed=args.seed, split_fractions=fractions)
         else:
             from jaxfood.data.default import build_default_graph

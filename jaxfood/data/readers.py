@@ -682,24 +682,33 @@ def align_tables(features: FeatureTable, metadata: SampleMetadata) -> tuple[Feat
 
 
 def read_tables(
-    feature_table: str | Path,
-    metadata: str | Path,
+    feature_table: str | Path | None,
+    metadata: str | Path | None,
     nutrients: str | Path | None = None,
     molecule_embeddings: str | Path | None = None,
     label_column: str = DEFAULT_LABEL_COLUMN,
     molecule_ids: str | Path | None = None,
     network: str | Path | None = None,
+    mwtab: str | Path | None = None,
 ) -> RawTables:
     """Reads and cross-checks all inputs; samples are aligned to the feature table's order.
 
     ``nutrients`` is optional: without it the graph has no Nutrient nodes (the nutrition task is off).
+    ``mwtab``: a Metabolomics Workbench study (:func:`jaxfood.data.workbench.read_mwtab`) in place of
+    ``feature_table`` and ``metadata``; ``label_column`` then names one of its factors (None: its only one).
     Cross-file checks: samples of the feature table against the metadata (see
     :func:`align_tables`), food labels against the nutrient table and embedding ids against
     feature-table ``row ID`` values (no overlap at all is an error; foods without nutrients and
     molecules without an embedding are counted warnings of :func:`jaxfood.data.build.build_graph`).
     """
-    features = read_feature_table(feature_table)
-    meta = read_metadata(metadata, label_column=label_column)
+    if mwtab is not None:
+        from jaxfood.data.workbench import read_mwtab
+
+        features, meta = read_mwtab(mwtab, label_column)
+        label_column = meta.label_column
+    else:
+        features = read_feature_table(feature_table)
+        meta = read_metadata(metadata, label_column=label_column)
     features, meta = align_tables(features, meta)
     nutrient_table = read_nutrients(nutrients, metadata=meta) if nutrients is not None else None
     labels = sorted({x for x in meta.food_labels if x})

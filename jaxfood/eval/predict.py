@@ -430,9 +430,10 @@ def nutrient_training_range(graph: HeteroGraph, n_mean, n_std) -> tuple[np.ndarr
     have training samples; an estimate outside is an extrapolation the model was never shown."""
     labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
     foods = np.unique(labels[(split == SPLIT_CODES["train"]) & (labels >= 0)])
-    amounts = np.asarray(graph.food_nutrients, np.float64)[foods] * n_std + n_mean
-    if amounts.size == 0:
-        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)
+    profiles = np.asarray(graph.food_nutrients, np.float64)
+    if foods.size == 0 or profiles.ndim != 2 or profiles.shape[1] != len(n_mean) or not len(n_mean):
+        return np.full(len(n_mean), -np.inf), np.full(len(n_mean), np.inf)  # nothing to compare with
+    amounts = profiles[foods] * n_std + n_mean
     return np.maximum(amounts.min(0), 0.0), amounts.max(0)
 
 

@@ -50,17 +50,19 @@ _NEG = -1e9
 
 
 def default_encoder_config() -> EncoderConfig:
-    """One GAT layer, inductive for samples (one shared input vector: new samples embed like old ones).
+    """Two GAT layers with root weights, inductive Sample inputs from each sample's own profile.
 
-    Why one layer: GATConv without self loops passes a node only its neighbours' messages, and
-    every sample starts from the same shared vector. After layer 1 a sample is an attention-weighted
-    mix of its molecules (informative) but every molecule is the same mix of identical sample
-    vectors; layer 2 would hand every sample that constant back. With ``shared`` samples, an odd
-    number of layers keeps sample embeddings informative, and one is the cheapest.
+    Without root weights (GATConv has no self loops) and with one shared vector for every sample,
+    a second layer handed every sample the same vector back, so main used one layer: a pooling of
+    the sample's own molecules that never used the graph. With per-relation root weights
+    (``residual``, PyG ``GATConv(residual=True)``) and ``profile`` samples (a map of the sample's
+    own standardised intensities: distinct, and new samples need no parameter), Sample -> Molecule
+    -> Sample paths carry which samples share which molecules. Embedded data, seed 0, from
+    scratch: precision@10 0.128 -> 0.254, nutrient R² 0.608 -> 0.631 (docs/experiments.md).
     """
     return EncoderConfig(
-        hidden_dim=64, num_heads=4, num_layers=1, embedding_dim=64, dropout=0.1, aggr="sum",
-        input_modes={schema.SAMPLE: "shared", schema.MOLECULE: "both", schema.FOOD: "both",
+        hidden_dim=64, num_heads=4, num_layers=2, embedding_dim=64, dropout=0.1, aggr="sum", residual=True,
+        input_modes={schema.SAMPLE: "profile", schema.MOLECULE: "both", schema.FOOD: "both",
                      schema.NUTRIENT: "embedding"},
     )
 
@@ -72,7 +74,8 @@ class PretrainConfig:
     encoder: EncoderConfig = dataclasses.field(default_factory=default_encoder_config)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     #: Node types whose two views are contrasted, with the weight of each type's loss. (Molecule
-    #: is off by default: with one layer and shared sample inputs all molecules embed alike.)
+    #: was off because with one layer and shared sample inputs all molecules embed alike; with the
+    #: two-layer residual encoder that no longer holds, but turning it on was not measured.)
     loss_weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {schema.SAMPLE: 1.0, schema.FOOD: 1.0})
     #: Nodes per type drawn for the loss each step (all nodes where a type has fewer).

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
-from tensorboardX.proto import event_pb2
 
 from jaxfood.io_utils import atomic_path
 
@@ -48,6 +46,10 @@ class TensorBoard:
         self._writer = None
         if tb_dir is not None:
             Path(tb_dir).mkdir(parents=True, exist_ok=True)
+            # Imported here: tensorboardX imports torch when it is installed (seconds that predict,
+            # evaluate and embed, which write no events, should not pay).
+            from tensorboardX import SummaryWriter
+
             self._writer = SummaryWriter(str(tb_dir))
 
     def write(self, step: int, row: Mapping[str, Any], prefix: str = "") -> None:
@@ -96,7 +98,10 @@ def write_curves(history: Mapping[str, list[dict[str, float]]], out_dir: str | P
         paths.append(path)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (s, v) in _series(train, "loss/").items():
+    losses = _series(train, "loss/")
+    # A run logs more loss terms than the default cycle has colours (10): curves would share one.
+    axes[0].set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(max(len(losses), 1))])
+    for name, (s, v) in losses.items():
         axes[0].plot(s, v, label=name, lw=1.2 if name in ("total",) else 0.9)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
@@ -155,6 +160,8 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
     Reads the TFRecord framing directly (tensorboardX writes it; no TensorBoard install needed).
     """
+    from tensorboardX.proto import event_pb2
+
     out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
         data = path.read_bytes()

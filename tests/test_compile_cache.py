@@ -1,0 +1,52 @@
+"""The persistent XLA compilation cache: where it lives, the opt-out, and that programs land in it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxfood.compile_cache import ENV_DIR, ENV_OFF, cache_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+from jaxfood.compile_cache import enable_compile_cache
+print(enable_compile_cache())
+import jax, jax.numpy as jnp
+print(float(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).sum()))
+"""
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    monkeypatch.delenv(ENV_OFF, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "jaxfood" / "xla"
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv(ENV_OFF, "1")
+    assert cache_dir() is None
+    monkeypatch.setenv(ENV_OFF, "0")
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_tests_never_write_into_the_user_cache():
+    assert not Path(os.environ[ENV_DIR]).resolve().is_relative_to(Path.home() / ".cache")
+
+
+def _run(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ENV_OFF}
+    env.update({"PYTHONPATH": str(ROOT), **env_extra})
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_compiled_programs_are_written_to_the_cache_and_the_opt_out_writes_none(tmp_path):
+    on = _run({ENV_DIR: str(tmp_path / "on")})
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.splitlines()[0] == str(tmp_path / "on")
+    assert any((tmp_path / "on").iterdir())  # the jitted program's cache entry
+    off = _run({ENV_DIR: str(tmp_path / "off"), ENV_OFF: "1"})
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.splitlines()[0] == "None" and not (tmp_path / "off").exists()
