@@ -70,8 +70,9 @@ MULTITASK_WORKER = """
     sampler = NeighbourSampler(graph, SamplerConfig(batch_size=4, num_hops=1, seed=3))
     enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.1,
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
+    # wide=False: the wide path reads whole-graph profiles and is off on sampled subgraphs (train.finetune).
     model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, attention_dim=4,
-                                                         projection_dim=4, dropout=0.1))
+                                                         projection_dim=4, dropout=0.1, wide=False))
     weighting = tw.WeightingConfig(method="gradnorm")  # its statistics must be averaged too
     tx = optax.chain(optax.clip_by_global_norm(5.0), optax.sgd(0.05, momentum=0.9))
     loss_cfg = multitask.LossConfig(salient_top_k=3)

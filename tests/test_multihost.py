@@ -4,6 +4,7 @@ parameters, only process 0 writes logs and metrics, and the checkpoint serves ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -75,7 +76,13 @@ def run_two_processes(make_cmd, env: dict, timeout: int = 900) -> list[str]:
 @pytest.mark.slow
 def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path, capsys):
     graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
-    save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), graph_dir)
+    toy = make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1)
+    # The toy graph's edge attributes are already normalised; predict needs the statistics that put
+    # a new sample's peak areas on that scale (build-graph stores them): identity-like ones here.
+    stats = {"transform": "log1p", "mean": [0.0] * 40, "std": [1.0] * 40}
+    toy = dataclasses.replace(toy, meta=dataclasses.replace(
+        toy.meta, normalisation={**(toy.meta.normalisation or {}), "contains_molecule": stats}))
+    save_graph(toy, graph_dir)
     config.write_text(TINY_CONFIG)
     def cmd(pid, port):
         return [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(graph_dir),

@@ -103,7 +103,8 @@ def test_adapt_to_graph_changes_only_what_the_graph_cannot_do(graph_dir):
     graph = load_graph(graph_dir)
     pre, notes = adapt_to_graph(PretrainConfig(), graph)
     assert pre.encoder.input_modes[schema.MOLECULE] == "embedding"
-    assert pre.encoder.input_modes[schema.SAMPLE] == "shared"  # works on this graph: untouched
+    # works on this graph: untouched
+    assert pre.encoder.input_modes[schema.SAMPLE] == PretrainConfig().encoder.input_modes[schema.SAMPLE]
     assert schema.MOLECULE not in pre.augment.feature_mask and "has_nutrient" not in pre.augment.edge_drop
     assert pre.augment.edge_drop["contains_molecule"] == PretrainConfig().augment.edge_drop["contains_molecule"]
     assert any("feature_mask.Molecule" in n for n in notes)

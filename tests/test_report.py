@@ -119,7 +119,7 @@ def test_report_assets_figures_and_tables(tiny_run):
     table = sections["Food classification per food (test split)"]
     i = int(np.nonzero(s)[0][0])
     cat = graph.meta.food_categories[int(np.asarray(graph.food_category)[i])]
-    assert f"| {foods[i]} | {cat} | {p[i]:.2f} | {r[i]:.2f} | {f[i]:.2f} | {s[i]} |" in table
+    assert f"| {foods[i]} | {cat} | {p[i]:.2f} | {r[i]:.2f} | {f[i]:.2f} | {int(s[i])} |" in table
     assert f"**{np.mean(f[s > 0]):.3f}**" in table
 
     # Biomarker list: the top-3 of the headline scorer, reference biomarkers in bold.
