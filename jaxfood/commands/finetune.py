@@ -79,6 +79,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_parallel_arguments(parser)
 
 
+def spread_line(what: str, result) -> str:
+    """One line on how a training run was spread: shards, processes, devices, graph, resume, speed."""
+    spread = result.spread
+    return (f"{what}: {spread['num_shards']} shard(s) per step on {spread['process_count']} process(es), "
+            f"{spread['device_count']} device(s), {'sampled subgraphs' if spread['sampled'] else 'full graph'}"
+            f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
+            f"{result.edges_per_second:.3g} edges/s")
+
+
 def load_graph_arg(graph_dir: str | None):
     """The graph of ``--graph``, or the embedded default graph."""
     if graph_dir:
@@ -150,11 +159,7 @@ def run(args) -> int:
         return PREEMPTED_EXIT
     if not info.is_primary:
         return 0
-    spread = result.spread
-    print(f"data parallel: {spread['num_shards']} shard(s) per step on {spread['process_count']} process(es), "
-          f"{spread['device_count']} device(s), {'sampled subgraphs' if spread['sampled'] else 'full graph'}"
-          f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
-          f"{result.edges_per_second:.3g} edges/s")
+    print(spread_line("data parallel", result))
     print(f"fine-tuned: {result.checkpoint_dir} (best step {result.best_step}, "
           f"{len(result.history['train'])} steps, {result.num_step_compilations} compilation)")
     print_summary(result.metrics)

@@ -65,7 +65,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from jaxfood import workflows
-    from jaxfood.commands.finetune import load_graph_arg
+    from jaxfood.commands.finetune import load_graph_arg, spread_line
     from jaxfood.config import load_config
     from jaxfood.io_utils import check_output_dir
     from jaxfood.train.adapt import adapt_and_report
@@ -89,11 +89,7 @@ def run(args) -> int:
         return PREEMPTED_EXIT
     if not info.is_primary:
         return 0
-    spread = result.spread
-    print(f"GraphCL: {spread['num_shards']} shard(s) per step on {spread['process_count']} process(es), "
-          f"{spread['device_count']} device(s), {'sampled subgraphs' if spread['sampled'] else 'full graph'}"
-          f"{f', resumed from step {result.start_step}' if result.start_step else ''}; "
-          f"{result.edges_per_second:.3g} edges/s")
+    print(spread_line("GraphCL", result))
     m = result.metrics
     print(f"pretrained encoder: {result.checkpoint_dir} (epoch {result.best_epoch} of "
           f"{len(result.history['loss'])}, held-out view loss {min(result.history['val_loss']):.4f})")
