@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
+    from jaxfood.compile_cache import enable_compile_cache
+
+    enable_compile_cache()  # the seeds' graphs have the same shapes: one compilation
     from jaxfood.config import load_config
     from jaxfood.data.default import build_default_graph
     from jaxfood.eval.pipeline import run_baselines

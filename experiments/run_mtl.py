@@ -6,7 +6,7 @@
 Without ``--graph`` it builds the embedded default graph (simulated samples with real USDA
 nutrients) and saves it in ``W/graph/``. Writes ``W/metrics.json``, ``W/checkpoints/`` (orbax, the
 fine-tuned model), ``W/tb/`` (TensorBoard), ``W/pretrain/`` (GraphCL outputs), ``W/ablations/``
-(pretrained-only probe, from scratch), ``W/figures/``, ``W/rankings.json`` (each scorer's top-k
+(pretrained-only probe, from scratch; ``untrained``: the same model with its initial weights), ``W/figures/``, ``W/rankings.json`` (each scorer's top-k
 molecules of every food) and ``W/report.md``, then prints a summary.
 Configuration keys: ``seed``, ``seeds``, ``pretrain.*``, ``finetune.*``, ``evaluation.*`` (see
 ``W/run_config.yaml`` after a run for every key and its value).
@@ -166,6 +166,8 @@ def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, lo
                            biomarkers=reference, progress=progress)
         metrics["pretrained_probe"] = headline(probe.metrics)
         metrics["from_scratch"] = headline(scratch.metrics)
+        log(f"[seed {cfg.seed}] control: the same model with its initial weights (untrained)")
+        metrics["untrained"] = headline(workflows.untrained(graph, scratch_cfg, biomarkers=reference))
     metrics["pretraining"] = pre.metrics
     return {"metrics": metrics, "outputs": outputs}
 
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         mean, std = mean_and_std([r["metrics"] for r in runs])
         metrics.update({k: v for k, v in mean.items() if k in ("food_classification", "nutrition",
                                                                  "salient_molecules", "pretrained_probe",
-                                                                 "from_scratch", "baselines")})
+                                                                 "from_scratch", "untrained", "baselines")})
         metrics["seed_std"] = std
         metrics["seeds"] = cfg.seeds
         k = cfg.evaluation.top_k

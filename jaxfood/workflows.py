@@ -77,9 +77,9 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
     return result
 
 
-def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig) -> Evaluator:
+def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig, temperature: float = 1.0) -> Evaluator:
     return Evaluator(model, prepare_graph(graph), cfg.salient_k, cfg.knn_k, cfg.salient_scorer, cfg.scorers,
-                     stability_settings(cfg))
+                     stability_settings(cfg), temperature)
 
 
 def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int) -> dict[str, Any]:
@@ -126,6 +126,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     model = make_multitask_model(prepare_graph(graph), result.encoder_config, cfg.heads)
     params = jax.tree_util.tree_map(jnp.asarray, result.params)
     evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)
+    evaluator.temperature = result.temperature  # calibrated on val with the kept state
     result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step)
     if is_primary():
         write_json(workdir / "metrics.json", result.metrics)
@@ -133,6 +134,18 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         if cfg.figures:
             result.figures = {path.stem: path for path in write_curves(result.history, workdir / "figures")}
     return result
+
+
+def untrained(graph: HeteroGraph, cfg: FinetuneConfig, encoder_config=None, biomarkers=None) -> dict[str, Any]:
+    """The control of a run: the same model and evaluation with its initial weights (seed
+    ``cfg.seed``, nothing trained), scored on the test split like the trained model. A trained
+    model's figures mean something where they clearly beat these."""
+    cfg = check_config(cfg)
+    prepared = prepare_graph(graph)
+    model = make_multitask_model(prepared, encoder_config or cfg.encoder, cfg.heads)
+    params = model.init(jax.random.key(cfg.seed), prepared)
+    reference = as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
+    return _evaluator(model, graph, cfg).evaluate(params, "test", reference, stability=False)
 
 
 def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: str = "test",
@@ -150,7 +163,8 @@ def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: s
         reference = as_reference(loaded.meta["biomarkers"])
     else:
         reference = None
-    metrics = _evaluator(loaded.model, graph, loaded.config).evaluate(loaded.params, split, reference)
+    metrics = _evaluator(loaded.model, graph, loaded.config, loaded.temperature).evaluate(loaded.params, split,
+                                                                                        reference)
     metrics["task_weights"] = task_weight_summary(loaded.config.weighting, loaded.params)
     metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
     return metrics

@@ -193,3 +193,29 @@ def test_wide_outputs_are_the_linear_part_of_the_heads():
     no_wide = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, wide=False))
     plain = no_wide.init(jax.random.key(0), graph)
     assert "wide_kernel" not in plain["classifier"] and no_wide.apply(plain, graph).wide_food_logits is None
+
+
+def test_nutrients_from_foods_add_the_posterior_expected_profile():
+    """With ``nutrients_from_foods`` the nutrient head adds softmax(logits * exp(log_scale)) @
+    food_nutrients to its own output (and to its linear part); the posterior takes no gradient
+    from the nutrient output (the nutrition task does not train the classifier)."""
+    graph = prepare_graph(make_toy_graph())
+    plain_model = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, nutrients_from_foods=False))
+    model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
+    params = model.init(jax.random.key(0), graph)
+    assert "food_posterior" in params["nutrient_head"]
+    params["nutrient_head"]["food_posterior"]["log_scale"] = jnp.asarray(0.3)
+    plain = {**params, "nutrient_head": {k: v for k, v in params["nutrient_head"].items() if k != "food_posterior"}}
+    out, base = model.apply(params, graph), plain_model.apply(plain, graph)
+    logits = np.asarray(out.food_logits, np.float64) * np.exp(0.3)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = p @ np.asarray(graph.food_nutrients, np.float64)
+    np.testing.assert_allclose(np.asarray(out.nutrient_profile - base.nutrient_profile), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.wide_nutrient_profile - base.wide_nutrient_profile), expected, atol=1e-5)
+
+    def nutrient_sum(classifier):
+        return jnp.sum(model.apply({**params, "classifier": classifier}, graph).nutrient_profile)
+
+    grads = jax.grad(nutrient_sum)(params["classifier"])
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads))

@@ -217,3 +217,24 @@ def test_read_biomarkers_errors_name_file_and_column(tmp_path, text, needle):
 def test_read_biomarkers_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         M.read_biomarkers(tmp_path / "nope.csv")
+
+
+def test_fit_temperature_recovers_the_scale_of_a_miscalibrated_model():
+    """Labels drawn from softmax(z): logits 2z are over-confident by T = 2, z / 3 under-confident by
+    T = 1/3; temperature scaling must find those scales, and the scaled probabilities are calibrated."""
+    from jaxfood.eval.metrics import expected_calibration_error, fit_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.0, 2.0, (4000, 6))
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(6, p=row) for row in p])
+    assert abs(fit_temperature(2.0 * z, y) - 2.0) < 0.15
+    assert abs(fit_temperature(z / 3.0, y) - 1.0 / 3.0) < 0.03
+    t = fit_temperature(2.0 * z, y)
+    scaled = np.exp(2.0 * z / t - (2.0 * z / t).max(1, keepdims=True))
+    scaled /= scaled.sum(1, keepdims=True)
+    raw = np.exp(2.0 * z - (2.0 * z).max(1, keepdims=True))
+    raw /= raw.sum(1, keepdims=True)
+    assert expected_calibration_error(y, scaled) < 0.5 * expected_calibration_error(y, raw)
+    assert fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0

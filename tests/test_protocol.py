@@ -13,7 +13,7 @@ import pytest
 from jaxfood import cli
 from jaxfood.graph.hetero_graph import SPLIT_CODES, save_graph
 
-SCORERS = ("class_attention", "attention", "gat_attention", "gradient")
+SCORERS = ("intensity_attribution", "input_gradient", "class_attention", "attention", "gat_attention", "gradient")
 TINY = [
     "steps=4", "eval_every=2", "patience=0", "figures=false", "tensorboard=false", "weighting.method=static",
     "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
@@ -70,6 +70,9 @@ def test_held_out_labels_move_only_the_metrics_scored_against_them(simulated, tm
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
     params = model.init(jax.random.key(3), dgraph)
+    # The linear path starts at 0 (its attribution would be all ties): give it weights to rank by.
+    kernel = params["classifier"]["wide_kernel"]
+    params["classifier"]["wide_kernel"] = jax.random.normal(jax.random.key(4), kernel.shape, kernel.dtype)
     ckpt = tmp_path / "checkpoints"
     save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None,
                                                                    {"biomarkers": {f: sorted(m) for f, m in reference.items()}}))

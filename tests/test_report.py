@@ -9,6 +9,8 @@ METRICS = {
                   "fold_change_precision_at_10": 0.2, "random_precision_at_10": 0.01},
     "pretrained_probe": {"food_classification": {"accuracy": 0.5}},
     "from_scratch": {"food_classification": {"accuracy": 0.75}},
+    "untrained": {"food_classification": {"accuracy": 0.02}},
+    "seed_std": {"food_classification": {"accuracy": 0.01}, "baselines": {"logreg_accuracy": 0.02}},
     "task_weights": {"food": 1.2, "nutrition": 0.8},
     "runtime_s": 123.4,
 }
@@ -22,7 +24,8 @@ def test_report_says_plainly_where_the_model_loses(tmp_path):
     # Where the model is ahead, no such sentence.
     assert "behind the random forest" not in text and "ridge regression baseline" not in text
     assert "![Confusion matrix](figures/cm.png)" in text
-    assert "| Accuracy ↑ | **0.700** | 0.500 | 0.750 | 0.800 (logistic regression) |" in text
+    # every column, the spread over seeds where the run has it (model and baseline here)
+    assert "| Accuracy ↑ | **0.700 ± 0.010** | 0.500 | 0.750 | 0.020 | 0.800 ± 0.020 (logistic regression) |" in text
     assert "123.4 s" in text and "```yaml\na: 1\n```" in text
     assert "fidelity+ 0.400 < fidelity−" not in text  # fidelity+ is above fidelity− here
 
@@ -31,7 +34,7 @@ def test_report_lists_every_scorer_and_says_when_fidelity_fails():
     salient = {**METRICS["salient_molecules"], "fidelity_plus": 0.05, "fidelity_minus": 0.2, "scorer": "a",
                "per_scorer": {"a": {"precision_at_10": 0.3}, "b": {"precision_at_10": 0.25}}}
     text = render_report({**METRICS, "salient_molecules": salient})
-    assert "| Precision@10, b scorer | 0.250 | | | |" in text and "a scorer" not in text
+    assert "| Precision@10, b scorer | 0.250 | | | | |" in text and "a scorer" not in text
     assert "(fidelity+ 0.050 < fidelity− 0.200)" in text
 
 

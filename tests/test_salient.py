@@ -201,9 +201,47 @@ def test_perturbation_is_seeded_and_stability_of_identical_input_is_one(toy_mode
     dropped = 1.0 - np.asarray(m1[schema.CONTAINS]).mean()
     assert 0.05 < dropped < 0.4
     # No perturbation at all: the rankings cannot move.
-    evaluator = Evaluator(model, graph, salient_k=3, scorers=["class_attention"], stability=(2, 0.0, 0.0, 0))
+    evaluator = Evaluator(model, graph, salient_k=3, scorer="class_attention", scorers=["class_attention"],
+                          stability=(2, 0.0, 0.0, 0))
     assert evaluator.stability_jaccard(params) == 1.0
     evaluator.stability = (2, 0.5, 0.3, 0)  # same shapes: the compiled scorers are reused
     value = evaluator.stability_jaccard(params)
     assert 0.0 <= value < 1.0
     assert evaluator.stability_jaccard(params) == value  # seeded: deterministic
+
+
+def test_intensity_attribution_is_the_exact_linear_decomposition_of_the_logit(toy_model):
+    """Each edge's term is x_sm / scale_m * W[m, c] on the baselines' own features (TIC + log1p,
+    standardised on the training rows), c the training sample's food (else the predicted one); per
+    sample the terms add up to the linear logit minus the constant of an empty sample; the
+    initial weights (linear path at 0) give no ranking at all."""
+    from jaxfood.eval.baselines import preprocess_intensities
+    from jaxfood.eval.pipeline import raw_peak_areas
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
+
+    graph, model, params = toy_model
+    assert float(jnp.abs(molecules.score_molecules("intensity_attribution", model, params, graph)).max()) == 0.0
+    kernel = jax.random.normal(jax.random.key(5), params["classifier"]["wide_kernel"].shape)
+    params = {**params, "classifier": {**params["classifier"], "wide_kernel": kernel}}
+    scores = np.asarray(molecules.score_molecules("intensity_attribution", model, params, graph))
+
+    x = preprocess_intensities(raw_peak_areas(graph))  # [S, M]
+    labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
+    train = split == SPLIT_CODES["train"]
+    std = x[train].std(0)
+    std = np.where(std > 1e-5, std, 1.0)
+    predicted = np.asarray(jnp.argmax(model.apply(params, graph).food_logits, -1))
+    chosen = np.where(train & (labels >= 0), labels, predicted)
+    contains = graph.edges[schema.CONTAINS]
+    s, m = np.asarray(contains.senders), np.asarray(contains.receivers)
+    W = np.asarray(kernel)
+    terms = x[s, m] / std[m] * W[m, chosen[s]]
+    total = np.bincount(s, np.abs(terms), minlength=x.shape[0])
+    np.testing.assert_allclose(scores, terms / total[s], atol=2e-4)
+    # exactness: the terms of a sample sum to its linear logit minus that of a sample with no peaks
+    wide = np.asarray(model.apply(params, graph).wide_food_logits)
+    mean = x[train].mean(0)
+    empty = -(mean / std) @ W  # [F] the linear logit of an all-zero profile
+    sums = np.bincount(s, terms, minlength=x.shape[0])
+    np.testing.assert_allclose(sums, wide[np.arange(x.shape[0]), chosen] - empty[chosen], atol=2e-3)
+

@@ -24,6 +24,7 @@ from jaxfood.eval.metrics import (
     classification_metrics,
     distance_spearman,
     fidelity,
+    fit_temperature,
     knn_purity,
     nutrient_r2,
     precision_recall_at_k,
@@ -77,7 +78,8 @@ class Evaluator:
 
     ``evaluate(params, split, reference=None, salient=True)`` returns the nested metrics dict::
 
-        {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece},
+        {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece, temperature
+                                 (val: calibration_temperature)},
          "nutrition": {knn_purity, spearman, nutrient_r2, nutrient_r2_per_nutrient},
          "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
                                stability_jaccard, per_scorer: {name: {...}}}}
@@ -94,9 +96,12 @@ class Evaluator:
     """
 
     def __init__(self, model, graph: HeteroGraph, salient_k: int = 10, knn_k: int = 5,
-                 scorer: str = "class_attention", scorers: Sequence[str] = tuple(mol.SCORERS),
-                 stability: tuple[int, float, float, int] = (3, 0.1, 0.05, 0)):
+                 scorer: str = "intensity_attribution", scorers: Sequence[str] = tuple(mol.SCORERS),
+                 stability: tuple[int, float, float, int] = (3, 0.1, 0.05, 0), temperature: float = 1.0):
         self.model, self.graph = model, graph
+        #: Divides the food logits before the probabilities are scored (temperature scaling fitted
+        #: on the validation split, see :func:`fit_temperature`; 1: the raw softmax).
+        self.temperature = float(temperature)
         self.stability = stability
         self.salient_k, self.knn_k, self.scorer = int(salient_k), int(knn_k), scorer
         self.scorers = tuple(dict.fromkeys([scorer, *scorers]))
@@ -148,12 +153,15 @@ class Evaluator:
         in_split = (np.asarray(graph.sample_split) == SPLIT_CODES[split]) & (labels >= 0)
         idx = np.nonzero(in_split)[0]
         logits = np.asarray(out.food_logits, np.float64)[idx]
-        proba = np.exp(logits - logits.max(1, keepdims=True))
+        scaled = logits / self.temperature
+        proba = np.exp(scaled - scaled.max(1, keepdims=True))
         proba /= proba.sum(1, keepdims=True)
         sample_ids = graph.meta.node_ids.get(schema.SAMPLE) or [str(i) for i in range(labels.size)]
         metrics: dict[str, Any] = {"food_classification": {
-            **classification_metrics(labels[idx], proba), "num_samples": int(idx.size),
-            "samples_digest": samples_digest(sample_ids[i] for i in idx)}}
+            **classification_metrics(labels[idx], proba), "temperature": self.temperature,
+            "num_samples": int(idx.size), "samples_digest": samples_digest(sample_ids[i] for i in idx)}}
+        if split == "val":  # the temperature that calibrates these parameters (kept with the checkpoint)
+            metrics["food_classification"]["calibration_temperature"] = fit_temperature(logits, labels[idx])
 
         food_nutrients = np.asarray(graph.food_nutrients)
         if food_nutrients.shape[1] == 0:  # no nutrient table: the section says why it is empty

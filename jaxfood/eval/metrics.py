@@ -91,6 +91,26 @@ def expected_calibration_error(y_true: Any, proba: Any, n_bins: int = ECE_BINS) 
     return float(ece)
 
 
+def fit_temperature(logits: Any, y_true: Any, grid: int = 241, log_range: float = 4.0) -> float:
+    """Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", 2017): the
+    ``T > 0`` minimising the negative log-likelihood of ``softmax(logits / T)`` on held-out samples
+    (``logits`` [n, C], ``y_true`` [n] class indices), searched on a log grid over
+    ``[e^-log_range, e^log_range]``. It changes no prediction (argmax), only the confidence;
+    1.0 without samples."""
+    logits = np.asarray(logits, np.float64)
+    y = np.asarray(y_true, np.int64)
+    if logits.ndim != 2 or logits.shape[0] == 0 or y.shape != (logits.shape[0],):
+        return 1.0
+    best, best_nll = 1.0, np.inf
+    for t in np.exp(np.linspace(-log_range, log_range, grid)):
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        nll = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(y.size), y]))
+        if nll < best_nll - 1e-12:
+            best, best_nll = float(t), nll
+    return best
+
+
 def top_k_accuracy(y_true: Any, proba: Any, k: int = 3) -> float:
     """Fraction of samples whose true class is among the ``k`` highest probabilities.
 

@@ -5,6 +5,11 @@ Importance of molecule ``m`` in sample ``s`` is a score on the ``contains_molecu
 (one score per ``contains_molecule`` edge, normalised over each sample's edges; ``params`` are
 the model's, without the task-weighting parameters):
 
+* ``intensity_attribution`` (the headline) -- the classifier's exact additive attribution of a
+  food's logit to each measured intensity through its linear path (gradient x input);
+* ``input_gradient`` -- gradient x input of a food's logit with respect to every measured
+  intensity, through every path of the model;
+
 * ``class_attention`` -- the weights of each sample's own food's branch of the class-attention
   pooling (CLAM, Lu et al. 2021; see :class:`jaxfood.models.heads.ClassAttentionPool`);
 * ``attention`` -- the importances the model reports for its predicted food: that food's
@@ -109,7 +114,84 @@ def gradient_scorer(model, params, graph: HeteroGraph, edge_masks=None):
     return saliency / jnp.where(total > 0, total, 1.0)[contains.senders]
 
 
+def absent_intensity(graph: HeteroGraph):
+    """[M] the normalised ``contains_molecule`` intensity of a molecule that is not detected
+    (``log1p(0)`` through the graph's z-score statistics; without them the smallest intensity)."""
+    stats = (graph.meta.normalisation or {}).get("contains_molecule", {})
+    z = jnp.asarray(graph.edges[schema.CONTAINS].attributes, jnp.float32)[:, 0]
+    if stats.get("transform") == "log1p" and "mean" in stats and "std" in stats:
+        mean = jnp.asarray(np.asarray(stats["mean"], np.float32))
+        std = jnp.asarray(np.asarray(stats["std"], np.float32))
+        return -mean / jnp.where(std > 0, std, 1.0)
+    return jnp.full((graph.num_nodes[schema.MOLECULE],), jnp.min(z) if z.shape[0] else 0.0)
+
+
+def input_gradient_scorer(model, params, graph: HeteroGraph, edge_masks=None):
+    """Gradient x input of the explained food's logit with respect to every measured intensity,
+    [E_contains]: ``d logit_c(s) / d z_sm * (z_sm - z_absent_m)`` -- the first-order share of
+    molecule m's measured intensity in sample s's score for food c, through *every* path of the
+    model (the intensity profile of the wide path and of the Sample inputs, the GAT edge
+    attributes, the pooling); ``z_absent`` is the intensity of an undetected molecule
+    (:func:`absent_intensity`), so an absent molecule contributes nothing. For a linear classifier
+    it is the exact decomposition of the logit. ``c``: the food of each training sample, the
+    predicted food of every other sample (as :func:`class_attention_scorer`). Positive for
+    molecules that raise the food's score; normalised by each sample's total |score|.
+    """
+    contains = graph.edges[schema.CONTAINS]
+    S = graph.num_nodes[schema.SAMPLE]
+    attributes = jnp.asarray(contains.attributes, jnp.float32)
+    z = attributes[:, 0]
+    explain = training_labels(graph)
+
+    def objective(intensity):
+        attrs = attributes.at[:, 0].set(intensity)
+        edges = dict(graph.edges)
+        edges[schema.CONTAINS] = contains.replace(attributes=attrs)
+        if REV_CONTAINS in edges:  # listed in the forward order (prepare_graph)
+            edges[REV_CONTAINS] = edges[REV_CONTAINS].replace(attributes=attrs)
+        logits = model.apply(params, graph.replace(edges=edges), edge_masks=edge_masks).food_logits
+        chosen = jnp.where(explain >= 0, explain, jnp.argmax(jax.lax.stop_gradient(logits), -1))
+        return jnp.sum(jnp.take_along_axis(logits.astype(jnp.float32), chosen[:, None], -1))
+
+    saliency = jax.grad(objective)(z) * (z - absent_intensity(graph)[contains.receivers])
+    mask = None if edge_masks is None else edge_masks.get(schema.CONTAINS)
+    if mask is not None:
+        saliency = jnp.where(mask, saliency, 0.0)
+    total = jax.ops.segment_sum(jnp.abs(saliency), contains.senders, S)
+    return saliency / jnp.where(total > 0, total, 1.0)[contains.senders]
+
+
+def intensity_attribution_scorer(model, params, graph: HeteroGraph, edge_masks=None):
+    """The classifier's own additive attribution of the explained food's logit to each measured
+    intensity, [E_contains]: ``x_sm / scale_m * W_wide[m, c]`` -- gradient x input of the logit's
+    linear path on the intensity profile (:class:`jaxfood.models.profile.SampleProfile`; ``x`` is
+    ``log1p(1e4 area / TIC)``, 0 for an undetected molecule, so the baseline is "not detected" and
+    the attribution is exact: the sample's linear logit is the sum of its molecules' terms plus a
+    constant). ``c``: the food of each training sample, the predicted food of every other sample
+    (as :func:`class_attention_scorer`). It is what the model learned (zero for the initial
+    weights, whose linear path starts at 0), not a statistic of presence. Positive for molecules
+    that raise the food's score; normalised by each sample's total |score|. Without the wide path
+    (``heads.wide`` off, e.g. on sampled subgraphs) it is :func:`input_gradient_scorer`.
+    """
+    if not model.heads_config.wide:
+        return input_gradient_scorer(model, params, graph, edge_masks)
+    contains = graph.edges[schema.CONTAINS]
+    mask = None if edge_masks is None else edge_masks.get(schema.CONTAINS)
+    logits = model.apply(params, graph, edge_masks=edge_masks).food_logits
+    explain = training_labels(graph)
+    chosen = jnp.where(explain >= 0, explain, jnp.argmax(logits, -1))
+    profile = model.profile(graph, mask)  # edges in the forward contains_molecule order
+    kernel = params["classifier"]["wide_kernel"].astype(jnp.float32)
+    terms = profile.values / profile.scale[profile.molecules] * kernel[profile.molecules, chosen[profile.samples]]
+    if mask is not None:
+        terms = jnp.where(mask, terms, 0.0)
+    total = jax.ops.segment_sum(jnp.abs(terms), contains.senders, graph.num_nodes[schema.SAMPLE])
+    return terms / jnp.where(total > 0, total, 1.0)[contains.senders]
+
+
 SCORERS: dict[str, Callable[..., Any]] = {
+    "intensity_attribution": intensity_attribution_scorer,
+    "input_gradient": input_gradient_scorer,
     "class_attention": class_attention_scorer,
     "attention": attention_scorer,
     "gat_attention": gat_attention_scorer,

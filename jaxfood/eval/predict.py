@@ -387,7 +387,7 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     nstats = (norm or {}).get("has_nutrient") or {}
     n_mean = np.asarray(nstats.get("mean", np.zeros(len(names))), np.float64)
     n_std = np.asarray(nstats.get("std", np.ones(len(names))), np.float64)
-    proba = _softmax(logits[S:])
+    proba = _softmax(logits[S:] / getattr(loaded, "temperature", 1.0))  # calibrated on val at training
     # Amounts per 100 g are never negative; the head's de-normalised output can be (z * std + mean).
     nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
     low, high = nutrient_training_range(graph, n_mean, n_std)

@@ -79,21 +79,26 @@ def _behind(model: Any, other: Any, higher_is_better: bool, tol: float = 1e-9) -
 def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list[str]]:
     """Markdown table for one objective and the plain sentences for where the model is behind."""
     std = metrics.get("seed_std", {})
-    header = "| Metric | jaxfood (fine-tuned) | pretrained encoder + probe | trained from scratch | baseline |"
-    lines = [header, "|---|---|---|---|---|"]
+    header = ("| Metric | jaxfood (fine-tuned) | pretrained encoder + probe | trained from scratch | "
+              "untrained (initial weights) | baseline |")
+    lines = [header, "|---|---|---|---|---|---|"]
     notes: list[str] = []
     for key, label, baseline_key, higher in OBJECTIVE_ROWS[section]:
         model = _get(metrics, section, key)
         probe = _get(metrics, "pretrained_probe", section, key)
         scratch = _get(metrics, "from_scratch", section, key)
+        control = _get(metrics, "untrained", section, key)
         base = _get(metrics, "baselines", baseline_key) if baseline_key else None
         if all(v is None for v in (model, probe, scratch, base)):
             continue  # not measured in this run (e.g. stability across seeds with one seed)
-        base_cell = f"{_fmt(base)} ({BASELINE_NAMES.get(baseline_key, baseline_key)})" if base is not None else "–"
+        base_cell = (f"{_fmt(base, _get(std, 'baselines', baseline_key))} "
+                     f"({BASELINE_NAMES.get(baseline_key, baseline_key)})" if base is not None else "–")
         arrow = "↑" if higher else "↓"
         lines.append(
-            f"| {label} {arrow} | **{_fmt(model, _get(std, section, key))}** | {_fmt(probe)} | "
-            f"{_fmt(scratch)} | {base_cell} |"
+            f"| {label} {arrow} | **{_fmt(model, _get(std, section, key))}** | "
+            f"{_fmt(probe, _get(std, 'pretrained_probe', section, key))} | "
+            f"{_fmt(scratch, _get(std, 'from_scratch', section, key))} | "
+            f"{_fmt(control, _get(std, 'untrained', section, key))} | {base_cell} |"
         )
         if _behind(model, base, higher):
             notes.append(
@@ -106,7 +111,7 @@ def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list
     if section == "food_classification":
         rf = _get(metrics, "baselines", "rf_accuracy")
         if rf is not None:
-            lines.append(f"| Accuracy, random forest baseline | | | | {_fmt(rf)} |")
+            lines.append(f"| Accuracy, random forest baseline | | | | | {_fmt(rf, _get(std, 'baselines', 'rf_accuracy'))} |")
             if _behind(_get(metrics, section, "accuracy"), rf, True):
                 notes.append(f"On accuracy, jaxfood is behind the random forest baseline ({_fmt(rf)}).")
     if section == "salient_molecules":
@@ -114,10 +119,10 @@ def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list
         per_scorer = _get(metrics, section, "per_scorer") or {}
         for name, entry in per_scorer.items():
             if name != headline_scorer and isinstance(entry, Mapping) and "precision_at_10" in entry:
-                lines.append(f"| Precision@10, {name} scorer | {_fmt(entry['precision_at_10'])} | | | |")
+                lines.append(f"| Precision@10, {name} scorer | {_fmt(entry['precision_at_10'])} | | | | |")
         rnd = _get(metrics, "baselines", "random_precision_at_10")
         if rnd is not None:
-            lines.append(f"| Precision@10, random ranking | | | | {_fmt(rnd)} |")
+            lines.append(f"| Precision@10, random ranking | | | | | {_fmt(rnd)} |")
         plus, minus = _get(metrics, section, "fidelity_plus"), _get(metrics, section, "fidelity_minus")
         if _behind(plus, minus, True):
             notes.append(f"Removing each sample's top-10 molecules changes the prediction less than keeping only them "

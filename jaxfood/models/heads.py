@@ -385,6 +385,27 @@ class NutrientHead(_WideAndDeep):
     profiles, wide path) -> [S, num_nutrients] normalised nutrient profile."""
 
 
+class FoodPosteriorNutrients(nn.Module):
+    """The nutrient profile a sample is expected to have under the classifier's posterior:
+    ``softmax(food_logits * exp(log_scale)) @ food_nutrients`` -> [S, N].
+
+    A sample's nutrient profile *is* its food's (the MSE target), so a good food posterior is a
+    good nutrient estimate; a ridge on the intensities cannot use that structure. The logits enter
+    under a stop-gradient (the nutrition task does not train the classifier); ``log_scale`` (a
+    learned inverse temperature, starting at 1) lets the nutrition loss sharpen or soften the
+    posterior. ``visible`` [F] bool: foods whose profiles the model may use (the others get no
+    mass; the posterior is renormalised over the visible foods).
+    """
+
+    @nn.compact
+    def __call__(self, food_logits, food_nutrients, visible=None):
+        log_scale = self.param("log_scale", nn.initializers.zeros, ())
+        logits = jax.lax.stop_gradient(food_logits).astype(jnp.float32) * jnp.exp(log_scale)
+        if visible is not None:
+            logits = jnp.where(visible[None, :], logits, -jnp.inf)
+        return jax.nn.softmax(logits, -1) @ jnp.asarray(food_nutrients, jnp.float32)
+
+
 class FoodProjection(nn.Module):
     """[F, hidden] Food embeddings -> [F, projection_dim] (space of the nutrition triplet loss)."""
 
@@ -402,9 +423,12 @@ class FoodProjection(nn.Module):
 MOLECULE_INPUT = "Molecule:input"
 #: Key of the class-attention pooling's parameters inside ``params["salient_pool"]``.
 CLASS_ATTENTION = "class_attention"
+#: Key of :class:`FoodPosteriorNutrients`' parameters inside ``params["nutrient_head"]``.
+POSTERIOR = "food_posterior"
 #: Names of the molecule-importance scorers, implemented in :mod:`jaxfood.eval.molecules` (named
 #: here, below train/ and eval/, so that the fine-tuning config can list and check them).
-SCORER_NAMES: tuple[str, ...] = ("class_attention", "attention", "gat_attention", "gradient")
+SCORER_NAMES: tuple[str, ...] = ("intensity_attribution", "input_gradient", "class_attention", "attention",
+                                  "gat_attention", "gradient")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +450,9 @@ class HeadsConfig:
 
     ``wide``: the classifier and the nutrient head add a linear map of the sample's standardised
     intensity profile (the logistic-regression / ridge features; see :class:`_WideAndDeep`).
+
+    ``nutrients_from_foods``: the nutrient head adds the nutrient profile expected under the food
+    posterior (:class:`FoodPosteriorNutrients`); its MLP and wide path then learn the residual.
     """
 
     hidden_dim: int = 64
@@ -442,6 +469,7 @@ class HeadsConfig:
     class_readout: str = "lse"
     classifier_mlp: bool = True
     wide: bool = True
+    nutrients_from_foods: bool = True
 
 
 @flax.struct.dataclass
@@ -488,6 +516,7 @@ class MultiTaskModel:
     encoder_config: Any
     heads_config: HeadsConfig
     class_pool: ClassAttentionPool | None = None
+    food_posterior: FoodPosteriorNutrients | None = None
 
     def init(self, rng, graph: HeteroGraph) -> dict[str, Any]:
         k_enc, k_cls, k_nut, k_proj, k_pool = jax.random.split(rng, 5)
@@ -506,10 +535,15 @@ class MultiTaskModel:
         sample = jnp.zeros((S, hidden), jnp.float32)
         pooled = jnp.zeros((S, self.heads_config.pool_dim), jnp.float32)
         profile = sample_profile(graph) if self.heads_config.wide else None
+        nutrient_params = self.nutrient_head.init(k_nut, sample, pooled, profile)["params"]
+        if self.food_posterior is not None:
+            F = graph.num_nodes[schema.FOOD]
+            nutrient_params = {**nutrient_params, POSTERIOR: self.food_posterior.init(
+                k_nut, jnp.zeros((S, F), jnp.float32), graph.food_nutrients)["params"]}
         return {
             "encoder": enc_params,
             "classifier": self.classifier.init(k_cls, sample, pooled, profile)["params"],
-            "nutrient_head": self.nutrient_head.init(k_nut, sample, pooled, profile)["params"],
+            "nutrient_head": nutrient_params,
             "food_projection": self.food_projection.init(k_proj, sample)["params"],
             "salient_pool": pool_params,
         }
@@ -656,14 +690,22 @@ class MultiTaskModel:
             contains = graph.edges[schema.CONTAINS]
             weights, logits = branch_weights(branches, contains.senders, contains.receivers, chosen)
         nut_rngs = {"dropout": k_nut} if k_nut is not None else {}
-        nutrient_profile = self.nutrient_head.apply({"params": params["nutrient_head"]}, samples, pooled, profile,
+        nutrient_params = {k: v for k, v in params["nutrient_head"].items() if k != POSTERIOR}
+        nutrient_profile = self.nutrient_head.apply({"params": nutrient_params}, samples, pooled, profile,
                                                     deterministic=deterministic, rngs=nut_rngs)
+        expected = None
+        if self.food_posterior is not None:
+            expected = self.food_posterior.apply({"params": params["nutrient_head"][POSTERIOR]}, food_logits,
+                                                 graph.food_nutrients)
+            nutrient_profile = nutrient_profile + expected
         projection = self.food_projection.apply({"params": params["food_projection"]}, representation[schema.FOOD])
         embeddings = {t: v for t, v in representation.items() if t != MOLECULE_INPUT}
         wide_food = wide_nutrients = None
         if profile is not None:
             wide_food = profile.linear(params["classifier"]["wide_kernel"])
             wide_nutrients = profile.linear(params["nutrient_head"]["wide_kernel"])[..., :nutrient_profile.shape[-1]]
+            if expected is not None:  # the wide path is a residual on the expected profile too
+                wide_nutrients = wide_nutrients + expected
         return ModelOutputs(embeddings=embeddings, food_logits=food_logits, nutrient_profile=nutrient_profile,
                             food_projection=projection, pooled=pooled, molecule_weights=weights,
                             molecule_logits=logits, attention=None, wide_food_logits=wide_food,
@@ -691,4 +733,5 @@ def make_multitask_model(graph: HeteroGraph, encoder_config, heads_config: Heads
         class_pool=(ClassAttentionPool(num_foods, heads_config.pool_dim, heads_config.attention_dim,
                                        heads_config.attention_logit_bound,
                                        readout=heads_config.class_readout) if heads_config.class_attention else None),
+        food_posterior=FoodPosteriorNutrients() if heads_config.nutrients_from_foods and num_nutrients else None,
     )

@@ -103,7 +103,8 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     task_gradient_scope: Literal["representation", "encoder"] = "representation"
     salient_k: int = 10
-    salient_scorer: Literal["class_attention", "attention", "gat_attention", "gradient"] = "class_attention"
+    salient_scorer: Literal["intensity_attribution", "input_gradient", "class_attention", "attention", "gat_attention",
+                            "gradient"] = "intensity_attribution"
     scorers: tuple[str, ...] = SCORER_NAMES
     stability_perturbations: int = 3
     stability_noise_sd: float = 0.1
@@ -201,6 +202,19 @@ class FinetuneResult:
     start_step: int = 0
     edges_per_second: float = 0.0
     spread: dict = dataclasses.field(default_factory=dict)
+    #: Temperature that calibrates the kept state's food probabilities (fitted on val; 1: none).
+    temperature: float = 1.0
+
+
+#: Key of the calibration temperature in a checkpoint's ``validation`` meta (the evaluation hook's
+#: ``food_classification.calibration_temperature``; see :func:`jaxfood.eval.metrics.fit_temperature`).
+TEMPERATURE_KEY = "food_classification/calibration_temperature"
+
+
+def checkpoint_temperature(meta: Mapping[str, Any]) -> float:
+    """The calibration temperature a fine-tuning checkpoint was kept with (1.0 if none)."""
+    value = (meta.get("validation") or {}).get(TEMPERATURE_KEY)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else 1.0
 
 
 def _load_pretrained(pretrained, cfg: FinetuneConfig) -> tuple[EncoderConfig, Any, dict]:
@@ -351,8 +365,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     if result.preempted:
         raise Preempted(result.end_step, loop.resume_dir)
     # The kept state as stored: evaluating the checkpoint later reproduces what is scored now.
-    kept, _ = restore_checkpoint(loop.checkpoint_dir)
-    return FinetuneResult(params=kept["params"], history=result.history, metrics={}, best_step=result.best_step,
+    kept, kept_meta = restore_checkpoint(loop.checkpoint_dir)
+    return FinetuneResult(params=kept["params"], temperature=checkpoint_temperature(kept_meta), history=result.history, metrics={}, best_step=result.best_step,
                           checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
                           num_step_compilations=step.compile_count(), config=cfg, encoder_config=enc_cfg,
                           figures={}, start_step=result.start_step, edges_per_second=result.edges_per_second,
@@ -366,6 +380,11 @@ class LoadedFinetune:
     params: dict[str, Any]
     config: FinetuneConfig
     meta: dict[str, Any]
+
+    @property
+    def temperature(self) -> float:
+        """Divides the food logits before a probability is reported (:func:`checkpoint_temperature`)."""
+        return checkpoint_temperature(self.meta)
 
 
 def check_graph_matches(meta: Mapping[str, Any], graph: HeteroGraph, source: str) -> None:

@@ -109,7 +109,7 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
         and moved to the devices once.
       evaluate: the evaluation hook (see :data:`EvaluateFn`); None: keep the last step.
       meta: JSON stored with every checkpoint (``kind``, configs, id maps); the loop adds ``step``,
-        ``best_step`` and ``selection_score``.
+        ``best_step``, ``selection_score`` and ``validation`` (the kept state's evaluation row).
       on_train: ``(step, metrics averaged over shards and processes) -> row`` every ``log_every``
         steps (logging; may raise to stop a diverged run); the row it returns (default: the
         metrics) goes to the history.
@@ -160,7 +160,8 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
                     if best_score is None or score > best_score:
                         best_step, best_score, stale = done, score, 0
                         if kept is not None:
-                            kept.save(done, host, dict(meta, best_step=done, selection_score=_finite(score)))
+                            kept.save(done, host, dict(meta, best_step=done, selection_score=_finite(score),
+                                                       validation={k: _finite(v) for k, v in row.items()}))
                     else:
                         stale += 1
                         if loop.patience and stale >= loop.patience and not last:
