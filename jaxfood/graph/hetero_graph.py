@@ -119,10 +119,6 @@ class HeteroGraph:
     def node_types(self) -> tuple[str, ...]:
         return tuple(t for t in schema.NODE_TYPES if t in self.meta.num_nodes)
 
-    @property
-    def edge_types(self) -> tuple[str, ...]:
-        return tuple(self.edges.keys())
-
     def edge_dims(self) -> dict[str, int]:
         return {k: int(e.attributes.shape[1]) for k, e in self.edges.items()}
 
