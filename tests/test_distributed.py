@@ -22,7 +22,6 @@ from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.train import data_parallel as dp
 from jaxfood.train import processes
 from jaxfood.train.checkpoint import Checkpointer
-from jaxfood.train.finetune_step import padding_aware_model
 from jaxfood.train.parallel_options import add_distributed_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +61,7 @@ MULTITASK_WORKER = """
     from jaxfood.models.heads import HeadsConfig, make_multitask_model
     from jaxfood.train import multitask, task_weighting as tw
     from jaxfood.train.data_parallel import ShardLayout, data_parallel
-    from jaxfood.train.finetune_step import multitask_step_fn, padding_aware_model, train_state_to_dict
+    from jaxfood.train.finetune_step import multitask_step_fn, train_state_to_dict
     from jaxfood.train.loop import LoopConfig, train_loop
 
     assert jax.local_device_count() == 4
@@ -76,8 +75,7 @@ MULTITASK_WORKER = """
     weighting = tw.WeightingConfig(method="gradnorm")  # its statistics must be averaged too
     tx = optax.chain(optax.clip_by_global_norm(5.0), optax.sgd(0.05, momentum=0.9))
     loss_cfg = multitask.LossConfig(salient_top_k=3)
-    pmodel = padding_aware_model(model)
-    state = multitask.init_train_state(pmodel, weighting, tx, jax.random.key(0), sampler.batch(0).graph)
+    state = multitask.init_train_state(model, weighting, tx, jax.random.key(0), sampler.batch(0).graph)
     state = jax.tree_util.tree_map(np.asarray, train_state_to_dict(state))
     step_fn = multitask_step_fn(model, loss_cfg, weighting, tx)
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
@@ -252,7 +250,7 @@ def test_padding_changes_nothing_for_the_real_nodes():
     enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
     # wide=False: the wide path reads whole-graph profiles and is off on sampled subgraphs (train.finetune).
-    model = padding_aware_model(make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, wide=False)))
+    model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, wide=False))
     params = model.init(jax.random.key(1), a.graph)
     out_a = model.apply(params, a.graph, node_index=a.node_index)
     out_b = model.apply(params, b.graph, node_index=b.node_index)

@@ -84,22 +84,6 @@ def test_top_molecules_scores_and_ranks(tmp_path):
     assert_real_png(Fg.plot_top_molecules(ranked, tmp_path / "top_ranked.png", k=5, max_foods=8))
 
 
-def test_training_curves_nested_and_flat(tmp_path):
-    steps = list(range(0, 100, 5))
-    t = np.arange(len(steps))
-    nested = {
-        "step": steps,
-        "loss": {"food": np.exp(-t / 5) + 0.1, "triplet": np.exp(-t / 9), "total": 2 * np.exp(-t / 6)},
-        "task_weights": {"food": np.linspace(1, 2, len(t)), "triplet": np.linspace(1, 0.5, len(t))},
-    }
-    w2, h2 = assert_real_png(Fg.plot_training_curves(nested, tmp_path / "nested.png"))
-    flat = {"step": steps, "loss/food": list(np.exp(-t / 5)), "loss/salient": list(-0.1 * t)}
-    w1, h1 = assert_real_png(Fg.plot_training_curves(flat, tmp_path / "flat.png"))
-    assert w2 > w1  # two panels (loss + weights) vs one (no weights)
-    with pytest.raises(ValueError, match="loss"):
-        Fg.plot_training_curves({"step": steps}, tmp_path / "empty.png")
-
-
 def test_model_vs_baselines(tmp_path):
     results = {
         "jaxfood": {"accuracy": 0.9, "weighted_f1": 0.88, "nutrient_r2": 0.4, "precision_at_10": 0.3},

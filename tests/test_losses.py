@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxfood.train.food_classification import balanced_class_weights, cross_entropy_loss
+from jaxfood.train.food_classification import cross_entropy_loss
 from jaxfood.train.nutrition_alignment import (
     nutrient_mse_loss,
     nutrient_triplet_masks,
@@ -47,13 +47,6 @@ def test_cross_entropy_plain_smoothed_and_weighted_against_hand_values():
     w = jnp.array([1.0, 3.0, 0.5])
     expected = (1.0 * ce[0] + 0.5 * ce[1] + 3.0 * ce[2]) / (1.0 + 0.5 + 3.0)
     assert float(cross_entropy_loss(logits, labels, class_weights=w)) == pytest.approx(expected, rel=1e-6)
-
-
-def test_balanced_class_weights_match_sklearn_formula():
-    labels = np.array([0, 0, 0, 1, -1, 2, 2])
-    w = balanced_class_weights(labels, 4)
-    # n = 6 labelled, 3 classes present: w_c = 6 / (3 * count_c); absent class 3 -> 0.
-    np.testing.assert_allclose(w, [6 / 9, 6 / 3, 6 / 6, 0.0], rtol=1e-6)
 
 
 def test_triplet_masks_from_nutrient_profiles():

@@ -46,7 +46,9 @@ evaluation:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """feature_table.csv (+ 'Compound_Name' on a few rows) and metadata.csv of a small simulated study."""
-    from jaxfood.data.simulate import SimConfig, simulate, write_dataset
+    from jaxfood.data.simulate import simulate
+    from jaxfood.data.simulated_files import write_dataset
+    from jaxfood.data.simulated_world import SimConfig
 
     root = tmp_path_factory.mktemp("plain_study")
     cfg = SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 from jaxfood.data.build import BuildWarning, build_graph
-from jaxfood.data.readers import (
-    DataWarning,
-    parse_nutrient_header,
-    read_feature_table,
-    read_metadata,
-    read_molecule_embeddings,
-    read_nutrients,
-    read_tables,
-)
+from jaxfood.data.csv_input import DataWarning
+from jaxfood.data.molecule_files import read_molecule_embeddings
+from jaxfood.data.nutrients import parse_nutrient_header, read_nutrients
+from jaxfood.data.readers import read_feature_table, read_metadata, read_tables
 from jaxfood.errors import UserError
 
 DATA = Path(__file__).parent / "data"

@@ -12,16 +12,9 @@ import pytest
 from scipy.stats import spearmanr
 
 from jaxfood.cli import main
-from jaxfood.data.simulate import (
-    CLASSES,
-    PRESETS,
-    ROLES,
-    SimConfig,
-    dataset_summary,
-    load_food_table,
-    simulate,
-    write_dataset,
-)
+from jaxfood.data.simulate import load_food_table, simulate
+from jaxfood.data.simulated_files import dataset_summary, write_dataset
+from jaxfood.data.simulated_world import CLASSES, PRESETS, ROLES, SimConfig
 from jaxfood.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +298,8 @@ def test_written_side_files_schema(ds, written):
 
 
 def test_written_files_read_back_with_the_readers(ds, written):
-    from jaxfood.data.readers import read_feature_table, read_metadata, read_nutrients
+    from jaxfood.data.nutrients import read_nutrients
+    from jaxfood.data.readers import read_feature_table, read_metadata
 
     ft = read_feature_table(written["feature_table"])
     assert ft.molecule_ids == ds.tables.features.molecule_ids and ft.sample_ids == ds.tables.features.sample_ids

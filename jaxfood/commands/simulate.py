@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from jaxfood.data.simulate import dataset_summary, simulate, write_dataset
+    from jaxfood.data.simulate import simulate
+    from jaxfood.data.simulated_files import dataset_summary, write_dataset
     from jaxfood.io_utils import check_output_dir
 
     check_output_dir(args.out, "--out")

@@ -11,6 +11,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from jaxfood.data.build import build_graph
+from jaxfood.data.readers import read_tables
+from jaxfood.data.simulate import simulate
+from jaxfood.data.simulated_files import write_dataset
 from jaxfood.graph.hetero_graph import HeteroGraph
 
 #: Keys of ``write_dataset``'s returned paths that :func:`read_tables` needs, with file-name
@@ -45,10 +49,6 @@ def build_default_graph(seed: int = 0, preset: str = "default",
     The same ``seed`` drives the simulation and the train/val/test split. Reader/builder warnings
     propagate as Python warnings (the embedded data itself raises none).
     """
-    from jaxfood.data.build import build_graph
-    from jaxfood.data.readers import read_tables
-    from jaxfood.data.simulate import simulate, write_dataset
-
     ds = simulate(preset=preset, seed=seed)
     with tempfile.TemporaryDirectory(prefix="jaxfood-default-") as tmp:
         files = dataset_files(write_dataset(ds, tmp), Path(tmp))

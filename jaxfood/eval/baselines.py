@@ -75,15 +75,6 @@ def preprocess_intensities(matrix: Any, tic_scale: float = TIC_SCALE) -> np.ndar
     return np.log1p(tic_scale * x / np.where(tic > 0, tic, 1.0))
 
 
-def features_from_coo(
-    sample_index: Any, molecule_index: Any, intensity: Any, num_samples: int, num_molecules: int
-) -> np.ndarray:
-    """:func:`intensity_matrix` then :func:`preprocess_intensities`: baseline features ``[S, M]``."""
-    return preprocess_intensities(
-        intensity_matrix(sample_index, molecule_index, intensity, num_samples, num_molecules)
-    )
-
-
 def _expand_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
     """Columns for every class 0..n_classes-1 (classes never seen in training get probability 0)."""
     full = np.zeros((proba.shape[0], n_classes))

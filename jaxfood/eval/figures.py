@@ -8,7 +8,6 @@ grow with the number of foods so that ~64 food names stay readable.
 * :func:`plot_embedding_categories` / :func:`plot_embedding_nutrient` — 2-D map (PCA or t-SNE,
   :func:`embedding_2d`) of Food embeddings coloured by category / by one nutrient;
 * :func:`plot_top_molecules` — the top-k molecules of each food, reference biomarkers highlighted;
-* :func:`plot_training_curves` — loss per task and task weights over steps;
 * :func:`plot_model_vs_baselines` — grouped bars, the model beside each baseline.
 """
 
@@ -308,66 +307,6 @@ def plot_top_molecules(
         fig.legend(handles=[Patch(color="tab:orange", label="reference biomarker"), Patch(color="0.6", label="other")],
                    loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.01))
     fig.tight_layout(rect=(0, 0.02, 1, 0.97))
-    return _save(fig, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Training curves
-# --------------------------------------------------------------------------------------------
-
-
-def _series(history: Mapping[str, Any], group: str, prefixes: Sequence[str]) -> dict[str, np.ndarray]:
-    """Named series of ``group``: ``history[group][name]`` or flat ``history["<prefix>/<name>"]``."""
-    found: dict[str, np.ndarray] = {}
-    nested = history.get(group)
-    if isinstance(nested, Mapping):
-        for name, values in nested.items():
-            found[str(name)] = np.asarray(values, dtype=np.float64).reshape(-1)
-    for key, values in history.items():
-        for prefix in prefixes:
-            if isinstance(key, str) and key.startswith(prefix + "/"):
-                found[key[len(prefix) + 1:]] = np.asarray(values, dtype=np.float64).reshape(-1)
-    return found
-
-
-def plot_training_curves(
-    history: Mapping[str, Any], path: str | os.PathLike, *, title: str = "Multi-task fine-tuning"
-) -> Path:
-    """Loss per task (left) and task weights (right) over training steps.
-
-    ``history`` either nested ``{"step": [T], "loss": {task: [T]}, "task_weights": {task: [T]}}``
-    or flat ``{"step": [T], "loss/<task>": [T], "weight/<task>": [T]}`` (``task_weight/`` and
-    ``weights/`` also accepted). Without ``"step"`` the x axis is 0..T-1. The loss axis is
-    logarithmic when every loss is positive. No weights -> one panel. Returns ``path``.
-    """
-    plt = _pyplot()
-    losses = _series(history, "loss", ("loss",))
-    weights = _series(history, "task_weights", ("weight", "task_weight", "weights"))
-    if not losses and not weights:
-        raise ValueError("history has no 'loss' / 'task_weights' series (nested dicts or 'loss/<task>' keys)")
-    steps = history.get("step")
-
-    def x_for(values: np.ndarray) -> np.ndarray:
-        if steps is not None and len(steps) == values.size:
-            return np.asarray(steps, dtype=np.float64)
-        return np.arange(values.size, dtype=np.float64)
-
-    panels = [("loss", losses, "loss"), ("task weight", weights, "weight")]
-    panels = [p for p in panels if p[1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
-    for ax, (label, series, _) in zip(axes[0], panels):
-        for name, values in series.items():
-            ax.plot(x_for(values), values, label=name, linewidth=1.4 if name != "total" else 2.2)
-        finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
-        if label == "loss" and finite.size and finite.min() > 0:
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
-        ax.set_title(f"{label} per task")
-    fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
 
 

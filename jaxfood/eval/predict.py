@@ -42,10 +42,15 @@ from typing import Any
 
 import numpy as np
 
+from jaxfood.data.build import build_graph
+from jaxfood.data.csv_input import sniff_delimiter
+from jaxfood.data.readers import read_feature_table
 from jaxfood.data.tables import FeatureTable
 from jaxfood.errors import CheckpointError, UserError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph, molecule_details
+from jaxfood.graph.splits import prepare_graph
+from jaxfood.models.encoder import INDUCTIVE_MODES
 
 #: Out-of-library scores: name -> description (the first is the default).
 OOL_SCORES = {
@@ -76,8 +81,6 @@ def read_sample_file(path: str | Path, sample_id: str | None = None) -> FeatureT
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: sample file not found")
-    from jaxfood.data.readers import read_feature_table, sniff_delimiter
-
     if path.suffix.lower() == ".npz":
         return read_feature_table(path)
 
@@ -328,9 +331,6 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     import jax
     import jax.numpy as jnp
 
-    from jaxfood.graph.splits import prepare_graph
-    from jaxfood.models.encoder import INDUCTIVE_MODES
-
     if loaded.model.encoder_config.input_mode(schema.SAMPLE) not in INDUCTIVE_MODES:
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
                               f"'{loaded.model.encoder_config.input_mode(schema.SAMPLE)}'; predicting new samples needs "
@@ -510,8 +510,6 @@ def out_of_library_rates(tables, fit, num_held_out: int = 5, seed: int = 0,
     import warnings
 
     from sklearn.metrics import roc_auc_score
-
-    from jaxfood.data.build import build_graph
 
     foods = sorted(set(tables.metadata.food_labels) - {""})
     if held_out is None:

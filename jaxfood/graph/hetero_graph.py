@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxfood.errors import GraphError
 from jaxfood.graph import schema
-from jaxfood.io_utils import atomic_dir
+from jaxfood.io_utils import _json_default, atomic_dir
 
 Array = Any  # np.ndarray or jax.Array
 
@@ -118,10 +118,6 @@ class HeteroGraph:
     @property
     def node_types(self) -> tuple[str, ...]:
         return tuple(t for t in schema.NODE_TYPES if t in self.meta.num_nodes)
-
-    @property
-    def edge_types(self) -> tuple[str, ...]:
-        return tuple(self.edges.keys())
 
     def edge_dims(self) -> dict[str, int]:
         return {k: int(e.attributes.shape[1]) for k, e in self.edges.items()}
@@ -387,8 +383,6 @@ def save_graph(graph: HeteroGraph, directory: str | Path) -> Path:
         "node_features": list(graph.node_features.keys()),
         "meta": graph.meta.to_json(),
     }
-    from jaxfood.io_utils import _json_default
-
     with atomic_dir(directory) as tmp:
         np.savez(tmp / "graph.npz", **arrays)
         (tmp / "graph.json").write_text(json.dumps(header, default=_json_default) + "\n")

@@ -481,3 +481,27 @@ def padding_edge_masks(graph: HeteroGraph) -> dict[str, Array]:
         if mask is not None:
             masks[key] = mask
     return masks
+
+
+def mask_padding(graph: HeteroGraph, edge_masks: Mapping[str, Array] | None = None) -> Mapping[str, Array] | None:
+    """``edge_masks`` (relation -> [E] bool, missing: all on) AND :func:`padding_edge_masks`.
+
+    The one padding rule of the model boundary: the encoder and the task heads call this on every
+    graph they get, so a sampled subgraph's padding edges are off whoever calls them. On a full
+    graph ``edge_masks`` comes back unchanged.
+    """
+    padding = padding_edge_masks(graph)
+    if not padding:
+        return edge_masks
+    masks = dict(padding)
+    for key, m in (edge_masks or {}).items():
+        masks[key] = masks[key] & m if key in masks else m
+    return masks
+
+
+def mask_relation_padding(graph: HeteroGraph, key: str, mask: Array | None = None) -> Array | None:
+    """:func:`mask_padding` for one relation: [E] ``mask`` (None: all on) AND its real edges."""
+    padding = padding_edge_masks(graph).get(key)
+    if padding is None:
+        return mask
+    return padding if mask is None else mask & padding

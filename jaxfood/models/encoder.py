@@ -41,7 +41,8 @@ that needs such a type as a source is an error. With the jaxfood schema every re
 reverse, so every node type is updated by every layer.
 
 Full graphs and sampled (padded) subgraphs take the same code path: padding edges are masked edges
-(``edge_masks``) and ``node_index`` maps a subgraph's local nodes to rows of the per-id tables.
+(the encoder merges :func:`~jaxfood.graph.sampling.padding_edge_masks` of the graph it gets into
+``edge_masks`` itself) and ``node_index`` maps a subgraph's local nodes to rows of the per-id tables.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 
 from jaxfood.errors import ConfigError, GraphError
 from jaxfood.graph import schema
+from jaxfood.graph.sampling import mask_padding
 from jaxfood.models.gat import AGGREGATIONS, HeteroGATConv
 from jaxfood.models.profile import sample_profile
 
@@ -210,10 +212,12 @@ class HeteroGATEncoder(nn.Module):
 
         Args:
           graph: a ``HeteroGraph`` (full or sampled subgraph) with the encoder's relations.
-          edge_masks: optional relation key -> [E] bool (False: the edge is off; augmentations,
-            label masking and padding use this). Missing keys: all edges on.
+          edge_masks: optional relation key -> [E] bool (False: the edge is off; augmentations and
+            label masking use this). Missing keys: all edges on. A sampled subgraph's padding edges
+            are off whatever the masks say (:func:`~jaxfood.graph.sampling.mask_padding`).
           node_index: optional node type -> [n] int32 rows of the per-id embedding tables for the
             graph's nodes (sampled subgraphs); default: the graph is the training graph itself.
+            Initialising on a sampled subgraph needs none (parameter shapes come from the encoder).
           deterministic: disables dropout; with False, pass ``rngs={"dropout": key}``.
           return_attention: also return a list over layers of dict relation key -> [E, heads].
 
@@ -226,6 +230,10 @@ class HeteroGATEncoder(nn.Module):
         missing = [k for k in self.relations if k not in graph.edges]
         if missing:
             raise GraphError(f"graph: relation '{missing[0]}' is missing (the encoder was built with it)")
+        edge_masks = mask_padding(graph, edge_masks)
+        if node_index is None and self.is_initializing() and graph.meta.extra.get("sampled"):
+            # Parameter shapes come from the encoder, not the subgraph: any rows of the tables do.
+            node_index = {t: jnp.zeros(n, jnp.int32) for t, n in graph.num_nodes.items()}
         x = self._input_embeddings(graph, node_index, edge_masks)
         channels = cfg.hidden_dim // cfg.num_heads
         attention = []

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.graph.sampling import mask_relation_padding
 from jaxfood.models.profile import sample_profile
 
 
@@ -609,12 +610,6 @@ class MultiTaskModel:
                        stats_mask=None):
         """Class-attention pooling -> ``(class_logits [S, F], ClassBranches)``; see
         :class:`ClassAttentionPool` (requires ``heads_config.class_attention``)."""
-        from jaxfood.graph.sampling import padding_edge_masks
-
-        # Padding edges of a sampled subgraph never enter the branches (nor their standardisation).
-        padding = padding_edge_masks(graph).get(schema.CONTAINS)
-        if padding is not None:
-            edge_mask = padding if edge_mask is None else edge_mask & padding
         contains = graph.edges[schema.CONTAINS]
         return self.class_pool.apply({"params": params["salient_pool"][CLASS_ATTENTION]}, molecule_features,
                                      contains.senders, contains.receivers, contains.attributes,
@@ -674,6 +669,8 @@ class MultiTaskModel:
             k_cls, k_nut = jax.random.split(rng)
         else:
             k_cls = k_nut = None
+        # Padding edges of a sampled subgraph never enter the poolings (nor their standardisation).
+        pool_mask = mask_relation_padding(graph, schema.CONTAINS, pool_mask)
         features = self.pool_features(representation)
         pooled, weights, logits = self.pool(params, graph, features, pool_mask, gate=gate, stats_mask=stats_mask)
         samples = representation[schema.SAMPLE]

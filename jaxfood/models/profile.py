@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES
+from jaxfood.graph.sampling import padding_edge_masks
 
 Array = Any
 
@@ -93,8 +94,6 @@ def sample_profile(graph, edge_mask: Array | None = None, *, incoming: bool = Fa
       incoming: read the reverse relation (Molecule -> Sample, the edges a sample *receives*; the
         encoder's view, whose masks switch off what a sample sees) instead of the forward one.
     """
-    from jaxfood.graph.sampling import padding_edge_masks
-
     key = schema.reverse_key(schema.CONTAINS) if incoming else schema.CONTAINS
     if key not in graph.edges:
         key = schema.CONTAINS

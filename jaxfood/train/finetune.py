@@ -41,7 +41,7 @@ from jaxfood.train import multitask as mt
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
 from jaxfood.train.data_parallel import ShardLayout, data_parallel
-from jaxfood.train.finetune_step import multitask_step_fn, padding_aware_model, train_state_to_dict
+from jaxfood.train.finetune_step import multitask_step_fn, train_state_to_dict
 from jaxfood.train.graphcl import default_encoder_config as graphcl_encoder_config
 from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
 from jaxfood.train.monitoring import TensorBoard, flatten_metrics
@@ -320,7 +320,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         example = full
     accumulation = cfg.optimizer.accumulation_steps
     tx, schedules = make_optimizer(cfg.optimizer, math.ceil(cfg.steps / accumulation))
-    state = mt.init_train_state(padding_aware_model(model), cfg.weighting, tx, jax.random.key(cfg.seed), example)
+    state = mt.init_train_state(model, cfg.weighting, tx, jax.random.key(cfg.seed), example)
     if enc_params is not None:
         _check_encoder_params(enc_params, state.params["encoder"], pretrained)
         params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))

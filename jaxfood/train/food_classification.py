@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0, class_weights=None):
@@ -20,7 +19,7 @@ def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0, 
       labels: [B] int food index (entries outside ``mask`` may be -1).
       mask: [B] bool, samples that count (default: all with ``labels >= 0``).
       label_smoothing: ``eps`` in [0, 1).
-      class_weights: optional [C] weight per class (e.g. :func:`balanced_class_weights`).
+      class_weights: optional [C] weight per class.
 
     Returns a scalar; 0 when no sample is selected.
     """
@@ -47,14 +46,3 @@ def accuracy(logits, labels, mask=None):
     mask = valid if mask is None else (jnp.asarray(mask) & valid)
     hit = (jnp.argmax(logits, -1) == labels) & mask
     return jnp.sum(hit) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """[C] weights ``n / (C_present * count_c)`` (scikit-learn's "balanced"); 0 for absent classes."""
-    labels = np.asarray(labels)
-    labels = labels[labels >= 0]
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    weights = np.zeros(num_classes, np.float64)
-    weights[present] = labels.size / (present.sum() * counts[present])
-    return weights.astype(np.float32)

@@ -29,7 +29,7 @@ import optax
 from jaxfood.errors import ConfigError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
-from jaxfood.graph.sampling import NeighbourSampler, SampledSubgraph, SamplerConfig, padding_edge_masks
+from jaxfood.graph.sampling import NeighbourSampler, SampledSubgraph, SamplerConfig
 from jaxfood.models.encoder import EncoderConfig, HeteroGATEncoder, make_encoder
 from jaxfood.train.augment import (
     CANDIDATES_KEY,
@@ -222,14 +222,12 @@ class PretrainModel:
         The views are ``vmap``-ed over their rng, so the encoder is traced (and compiled) once for
         both; each view draws its own augmentation and dropout. On a sampled subgraph
         (:class:`PretrainSampler`), ``node_index`` [N] maps its nodes to rows of the per-id
-        embedding tables and its padding edges stay off in both views.
+        embedding tables and its padding edges stay off in both views (the encoder masks them).
         """
-        padding = padding_edge_masks(graph)
 
         def one_view(key):
             k_aug, k_drop = jax.random.split(key)
             view, masks, nodes = augment(graph, k_aug, self.cfg.augment, return_node_masks=True)
-            masks = {k: (m & padding[k] if k in padding else m) for k, m in masks.items()}
             emb = self.encoder.apply({"params": params["encoder"]}, view, edge_masks=masks, node_index=node_index,
                                      deterministic=deterministic, rngs={"dropout": k_drop})
             return emb, nodes

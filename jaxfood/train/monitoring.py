@@ -147,14 +147,6 @@ def write_curves(history: Mapping[str, list[dict[str, float]]], out_dir: str | P
     return paths
 
 
-def conflict_summary(history: Mapping[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean cosine similarity of each task pair over the run and the fraction of steps in conflict (< 0)."""
-    out: dict[str, dict[str, float]] = {}
-    for name, (_, v) in _series(history.get("train", []), "task_grad_cosine/").items():
-        out[name] = {"mean_cosine": float(np.mean(v)), "conflict_fraction": float(np.mean(v < 0))}
-    return out
-
-
 def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """All scalars of the TensorBoard event files under ``tb_dir``: ``{tag: [(step, value), ...]}``.
 

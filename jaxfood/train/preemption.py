@@ -43,9 +43,6 @@ class PreemptionGuard:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def request_stop(self) -> None:
-        self._flag.set()
-
     def should_stop(self, step: int) -> bool:
         if self._multi:
             return bool(multihost_utils.reached_preemption_sync_point(int(step))) or self._flag.is_set()
