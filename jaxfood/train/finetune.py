@@ -64,13 +64,15 @@ def default_encoder_config() -> EncoderConfig:
 
 def default_selection() -> dict[str, float]:
     """Validation metrics of the validation samples only; the Food-level figures (``nutrition.spearman``,
-    ``knn_purity``) are in-sample and would make the number that picks the checkpoint a test figure."""
+    ``knn_purity``) are measured on the same held-out foods for val and test (and their ``*_in_sample``
+    twins on the triplet loss's foods): selecting on them would make the number that picks the
+    checkpoint a test figure."""
     return {"food_classification.accuracy": 1.0, "nutrition.nutrient_r2": 0.5}
 
 
 #: Metrics that do not depend on the split, never a selection criterion: the Food-level figures
-#: (in-sample) and the rankings' agreement with the reference biomarkers (training samples' rankings
-#: against the reference the test reports); prefixes.
+#: (held-out foods, one set for val and test; in-sample foods) and the rankings' agreement with the
+#: reference biomarkers (training samples' rankings against the reference the test reports); prefixes.
 IN_SAMPLE_METRICS = ("nutrition.spearman", "nutrition.knn_purity", "salient_molecules.precision_at_",
                      "salient_molecules.recall_at_", "salient_molecules.stability_jaccard")
 
