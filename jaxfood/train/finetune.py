@@ -203,6 +203,8 @@ class FinetuneResult:
     start_step: int = 0
     edges_per_second: float = 0.0
     spread: dict = dataclasses.field(default_factory=dict)
+    #: The parameters training started from (fresh or pretrained initialisation, before any resume).
+    initial_params: dict[str, Any] | None = None
 
 
 def _load_pretrained(pretrained, cfg: FinetuneConfig) -> tuple[EncoderConfig, Any, dict]:
@@ -314,6 +316,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
+    initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch
     step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx,
                                            task_gradient_scope=cfg.task_gradient_scope),
                          layout, seed=cfg.seed, prng_impl=cfg.prng_impl)
@@ -358,7 +361,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
                           checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
                           num_step_compilations=step.compile_count(), config=cfg, encoder_config=enc_cfg,
                           figures={}, start_step=result.start_step, edges_per_second=result.edges_per_second,
-                          spread=spread)
+                          spread=spread, initial_params=initial_params)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
