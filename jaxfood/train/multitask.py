@@ -7,7 +7,8 @@ compilation per run) and under ``jax.pmap`` over sampled subgraphs -- give the s
 name and it averages gradients, task losses and the weighting statistics with ``lax.pmean``.
 
 Tasks (``TASKS``): ``food_classification`` (cross-entropy), ``nutrition`` (semi-hard triplet loss
-on projected Food embeddings + MSE of the nutrient head), ``salient_molecules`` (sufficiency of the
+on projected Food embeddings of the foods not held out of the nutrition training + MSE of the
+nutrient head), ``salient_molecules`` (sufficiency of the
 top-k molecules of each supervised sample's own food branch, optional sparsity and comprehensiveness). Per-task gradients are obtained from one forward pass
 and a ``vmap`` over the task axis of its VJP; the balanced gradient is their combination with the
 derivative of the weighting's total, and the per-task gradients on the shared encoder give the
