@@ -84,19 +84,41 @@ def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path
         toy.meta, normalisation={**(toy.meta.normalisation or {}), "contains_molecule": stats}))
     save_graph(toy, graph_dir)
     config.write_text(TINY_CONFIG)
-    def cmd(pid, port):
+    def job(workdir_, tag):
         return [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(graph_dir),
-                "--workdir", str(workdir), "--config", str(config), "--no-progress", *TINY_OPTIONS,
-                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
-                "--final-params", str(tmp_path / "final_{process}.npz")]
+                "--workdir", str(workdir_), "--config", str(config), "--no-progress", *TINY_OPTIONS,
+                "--final-params", str(tmp_path / f"final_{tag}{{process}}.npz"),
+                "--initial-params", str(tmp_path / f"initial_{tag}{{process}}.npz")]
+
+    def cmd(pid, port):
+        return [*job(workdir, ""), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
 
     outputs = run_two_processes(cmd, job_env(tmp_path, 2))
+    # The same job in one process of 4 devices: the same 4 subgraphs per step (shards are numbered
+    # globally, each shard's subgraph and rng depend on step and shard only) and the same mean gradient.
+    single = subprocess.run(job(tmp_path / "single", "single_"), env=job_env(tmp_path, 4), capture_output=True,
+                            text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert "complete: step 6 on 1 process(es), 4 device(s), 4 shard(s) per step" in single.stdout
 
-    # Same parameters on both hosts (the all-reduce spans both processes), and they trained.
+    # Same parameters on both hosts (the all-reduce spans both processes)...
     final = [np.load(tmp_path / f"final_{pid}.npz") for pid in range(2)]
     assert final[0].files == final[1].files and len(final[0].files) > 10
     for name in final[0].files:
         np.testing.assert_array_equal(final[0][name], final[1][name], err_msg=name)
+    # ...as one process trains them (up to the order of the float sums of the all-reduce)...
+    one = np.load(tmp_path / "final_single_0.npz")
+    assert one.files == final[0].files
+    for name in one.files:
+        np.testing.assert_allclose(final[0][name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    # ...from the same start, and well beyond that tolerance away from it (the comparisons can fail).
+    initial, initial_one = np.load(tmp_path / "initial_0.npz"), np.load(tmp_path / "initial_single_0.npz")
+    assert initial.files == final[0].files
+    for name in initial.files:
+        np.testing.assert_array_equal(initial[name], initial_one[name], err_msg=name)
+    moved = [n for n in initial.files if not np.array_equal(initial[n], final[0][n])]
+    assert len(moved) > len(initial.files) / 2, sorted(set(initial.files) - set(moved))
+    assert max(float(np.max(np.abs(final[0][n] - initial[n]))) for n in moved) > 1e-3
 
     # Process 0 alone wrote the metrics, the history (each step once) and TensorBoard events.
     assert "complete: step 6 on 2 process(es), 4 device(s), 4 shard(s) per step" in outputs[0]

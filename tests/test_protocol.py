@@ -94,8 +94,11 @@ def test_held_out_labels_move_only_the_metrics_scored_against_them(simulated, tm
             assert a["salient_molecules"]["per_scorer"][scorer][key] == b["salient_molecules"]["per_scorer"][scorer][key], (scorer, key)
         assert rankings["original"][scorer] == rankings["permuted"][scorer], scorer
     assert a["salient_molecules"]["stability_jaccard"] == b["salient_molecules"]["stability_jaccard"]
-    food_level = [*a["nutrition"]["in_sample"], "num_foods_in_sample"]
-    assert {"spearman", "knn_purity"} <= set(food_level)
+    # Food-level figures: on the foods held out of the nutrition training, and in-sample on the others.
+    assert a["nutrition"]["num_foods"] == 7 and a["nutrition"]["num_foods_in_sample"] == 58
+    assert set(a["nutrition"]["in_sample"]) == {"spearman_in_sample", "knn_purity_in_sample"}
+    food_level = ["spearman", "knn_purity", "num_foods", "foods_digest", *a["nutrition"]["in_sample"],
+                  "num_foods_in_sample"]
     for key in food_level:
         assert a["nutrition"][key] == b["nutrition"][key], key
     for section in ("food_classification", "nutrition", "salient_molecules"):
@@ -151,3 +154,142 @@ def test_in_sample_metrics_are_refused_as_selection_criteria():
         with pytest.raises(ConfigError, match=key):
             check_config(cfg)
     check_config(FinetuneConfig())  # the default selects on validation samples only
+
+
+# ---- foods held out of the nutrition training ------------------------------------------------------
+def _with_profiles_changed(graph, foods, seed=0):
+    """``graph`` with new nutrient profiles for ``foods`` [F] bool wherever a profile appears:
+    ``food_nutrients``, the ``has_nutrient`` edge attributes (both directions), the Food features."""
+    from jaxfood.graph import schema
+
+    rng = np.random.default_rng(seed)
+    profiles = np.asarray(graph.food_nutrients).copy()
+    profiles[foods] = rng.normal(size=profiles[foods].shape) * 3
+    edges = dict(graph.edges)
+    for key, end in ((schema.HAS_NUTRIENT, "senders"), (schema.reverse_key(schema.HAS_NUTRIENT), "receivers")):
+        e = edges[key]
+        attributes = np.asarray(e.attributes).copy()
+        hit = foods[np.asarray(getattr(e, end))]
+        attributes[hit, 0] = rng.normal(size=hit.sum()) * 3
+        edges[key] = e.replace(attributes=attributes)
+    features = dict(graph.node_features, **{schema.FOOD: profiles})
+    return graph.replace(food_nutrients=profiles, edges=edges, node_features=features)
+
+
+def _gradients(graphs, loss_cfg):
+    """Gradients of the summed task losses of one training step on each of ``graphs`` (same
+    shapes and meta: one compilation): what training takes from a graph."""
+    import jax
+
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.models.encoder import EncoderConfig
+    from jaxfood.models.heads import HeadsConfig, make_multitask_model
+    from jaxfood.train import multitask as mt
+
+    dgraphs = [prepare_graph(g) for g in graphs]
+    encoder = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0,
+                            input_modes={"Sample": "shared", "Molecule": "both", "Food": "both"})
+    model = make_multitask_model(dgraphs[0], encoder, HeadsConfig(hidden_dim=8, pool_dim=8, attention_dim=4,
+                                                                  projection_dim=4, dropout=0.0, wide=False))
+    params = model.init(jax.random.key(0), dgraphs[0])
+    seed_mask = np.asarray(graphs[0].sample_split) == SPLIT_CODES["train"]
+
+    @jax.jit
+    def grads(dgraph):
+        def total(p):
+            return mt.task_losses(model, loss_cfg, p, dgraph, mt.Batch(seed_mask, jax.random.key(1)))[0].sum()
+        return jax.grad(total)(params)
+
+    out = [jax_leaves(grads(d)) for d in dgraphs]
+    assert grads._cache_size() == 1
+    return out
+
+
+def test_held_out_foods_profiles_never_reach_the_food_inputs_or_the_triplet_loss():
+    """New nutrient profiles for the held-out foods (every place a profile is stored) leave the
+    model input and the training gradients unchanged; new profiles for as many training foods
+    change them (the check can fail). The sample-level nutrient MSE is off here: it supervises a
+    training sample with its food's profile, held out or not (the one path this hold-out leaves)."""
+    from conftest import make_toy_graph
+
+    from jaxfood.graph.splits import held_out_food_mask, prepare_graph
+    from jaxfood.train import multitask as mt
+
+    graph = make_toy_graph(num_samples=48, num_molecules=30, num_foods=12, per_sample=6, seed=0)
+    held_out = held_out_food_mask(graph)
+    assert held_out.sum() == 3
+    trained = np.nonzero(~held_out)[0][:3]
+    other = np.zeros_like(held_out)
+    other[trained] = True
+
+    hidden = _with_profiles_changed(graph, held_out)
+    a, b = prepare_graph(graph), prepare_graph(hidden)
+    assert not np.array_equal(np.asarray(a.food_nutrients), np.asarray(b.food_nutrients))  # the targets moved
+    np.testing.assert_equal(jax_leaves(a.replace(food_nutrients=b.food_nutrients)), jax_leaves(b))
+
+    loss_cfg = mt.LossConfig(nutrient_mse_weight=0.0, salient_top_k=3)
+    base, same, moved = _gradients([graph, hidden, _with_profiles_changed(graph, other)], loss_cfg)
+    np.testing.assert_equal(same, base)
+    assert any(not np.array_equal(x, y) for x, y in zip(moved, base))
+
+
+def test_held_out_foods_are_drawn_from_the_seed_and_fingerprinted(simulated):
+    from jaxfood.errors import CheckpointError
+    from jaxfood.graph.splits import (
+        check_split_matches,
+        held_out_food_mask,
+        num_held_out_foods,
+        resplit,
+        split_fingerprint,
+        with_splits,
+    )
+
+    assert [num_held_out_foods(n, 0.1) for n in (9, 10, 20, 29, 65)] == [0, 3, 3, 3, 7]
+    assert num_held_out_foods(65, 0.0) == 0
+    graph, _ = simulated
+    again = with_splits(graph, seed=0)
+    np.testing.assert_array_equal(held_out_food_mask(again), held_out_food_mask(graph))
+    other = resplit(graph, 1)
+    assert held_out_food_mask(other).sum() == 7
+    assert not np.array_equal(held_out_food_mask(other), held_out_food_mask(graph))
+    # Same samples split the same way, other held-out foods: a checkpoint of the one refuses the other.
+    foods_only = graph.replace(meta=other.meta)
+    recorded = split_fingerprint(graph)
+    assert {k: v for k, v in split_fingerprint(foods_only).items() if k != "held_out_foods"} == \
+        {k: v for k, v in recorded.items() if k != "held_out_foods"}
+    with pytest.raises(CheckpointError, match="held_out_foods food ids differ"):
+        check_split_matches(recorded, foods_only, "ckpt")
+    check_split_matches(recorded, graph, "ckpt")
+    # No nutrient table: no food is held out.
+    from conftest import make_toy_graph
+
+    bare = make_toy_graph(num_foods=12, num_samples=24)
+    edges = {k: e for k, e in bare.edges.items() if "has_nutrient" not in k}
+    bare = bare.replace(edges=edges, food_nutrients=np.zeros((12, 0), np.float32))
+    assert not held_out_food_mask(with_splits(bare, seed=0)).any()
+
+
+def test_food_metrics_on_held_out_queries_match_brute_force():
+    from scipy.stats import spearmanr
+
+    from jaxfood.eval.metrics import distance_spearman, knn_purity
+
+    rng = np.random.default_rng(0)
+    x, p = rng.normal(size=(9, 3)), rng.normal(size=(9, 4))
+    labels = np.arange(9) % 3
+    queries = np.zeros(9, bool)
+    queries[[1, 6]] = True
+    pairs = [(i, j) for i in range(9) for j in range(i + 1, 9) if queries[i] or queries[j]]
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d_emb = [1 - unit[i] @ unit[j] for i, j in pairs]
+    d_prof = [np.linalg.norm(p[i] - p[j]) for i, j in pairs]
+    assert len(pairs) == 15
+    assert distance_spearman(x, p, queries) == pytest.approx(spearmanr(d_emb, d_prof).statistic)
+    purity = []
+    for i in np.nonzero(queries)[0]:
+        sim = unit @ unit[i]
+        sim[i] = -np.inf
+        purity.append(np.mean(labels[np.argsort(-sim, kind="stable")[:2]] == labels[i]))
+    assert knn_purity(x, labels, 2, queries) == pytest.approx(np.mean(purity))
+    assert np.isnan(knn_purity(x, labels, 2, np.zeros(9, bool)))
+    assert np.isnan(distance_spearman(x, p, np.zeros(9, bool)))

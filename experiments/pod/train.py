@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--final-params", metavar="FILE",
                         help="also write the kept parameters to FILE (.npz; '{process}' in the name is replaced "
                              "by the process index): check that hosts agree")
+    parser.add_argument("--initial-params", metavar="FILE",
+                        help="also write the parameters training started from to FILE (as --final-params): "
+                             "check that training moved them")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_distributed_arguments(parser)
     return parser
@@ -120,8 +123,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.final_params:
-        save_params(result.params, args.final_params.replace("{process}", str(info.process_index)))
+    for path, params in ((args.final_params, result.params), (args.initial_params, result.initial_params)):
+        if path:
+            save_params(params, path.replace("{process}", str(info.process_index)))
     if info.is_primary:
         spread, fc = result.spread, result.metrics["food_classification"]
         print(f"complete: step {result.history['train'][-1]['step']} on {spread['process_count']} process(es), "

@@ -109,7 +109,8 @@ def print_summary(metrics: dict, out=None) -> None:
     rows = [
         ("food classification", "accuracy", fc["accuracy"]), ("", "weighted F1", fc["weighted_f1"]),
         ("", "AUROC (macro)", fc["auroc_macro"]), ("", "top-3 accuracy", fc["top3_accuracy"]),
-        ("nutrition", "k-NN purity (Food)", nu.get("knn_purity")), ("", "distance Spearman", nu.get("spearman")),
+        ("nutrition", "k-NN purity (held-out Food)", nu.get("knn_purity")),
+        ("", "distance Spearman (held-out Food)", nu.get("spearman")),
         ("", "nutrient R²", nu.get("nutrient_r2")),
         ("salient molecules", f"precision@{k} ({sm.get('scorer')})", sm.get(f"precision_at_{k}")),
         ("", "fidelity+", sm["fidelity_plus"]), ("", "fidelity-", sm["fidelity_minus"]),

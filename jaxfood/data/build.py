@@ -51,7 +51,7 @@ from jaxfood.graph.hetero_graph import (
     validate,
     with_reverse_edges,
 )
-from jaxfood.graph.splits import with_splits
+from jaxfood.graph.splits import NUTRITION_HOLDOUT_FRACTION, with_splits
 
 INTENSITY_TRANSFORM = "log1p"
 MISSING_NUTRIENT_POLICY = "no edge; mean-imputed (z = 0) in food_nutrients and Food features"
@@ -185,7 +185,8 @@ def _nutrients(tables: RawTables, foods: list[str]):
 
 
 def build_graph(tables: RawTables, *, seed: int = 0,
-                split_fractions: Sequence[float] = (0.7, 0.15, 0.15)) -> HeteroGraph:
+                split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                nutrition_holdout_fraction: float = NUTRITION_HOLDOUT_FRACTION) -> HeteroGraph:
     """Builds the validated graph from ``tables`` (see the module docstring for order and scales).
 
     Args:
@@ -194,6 +195,8 @@ def build_graph(tables: RawTables, *, seed: int = 0,
         id; feature-table samples absent from the metadata are dropped (counted warning).
       seed: seed of the stratified train/val/test split.
       split_fractions: train, val, test fractions.
+      nutrition_holdout_fraction: share of the foods whose nutrient profiles training never sees
+        (drawn with ``seed``; :func:`jaxfood.graph.splits.num_held_out_foods`).
 
     Returns:
       A :class:`HeteroGraph` with every node type the tables give (no ``Nutrient`` without a
@@ -342,5 +345,6 @@ def build_graph(tables: RawTables, *, seed: int = 0,
         food_category=category,
         meta=meta,
     )
-    graph = with_splits(graph, fractions=split_fractions, seed=seed)
+    graph = with_splits(graph, fractions=split_fractions, seed=seed,
+                        nutrition_holdout_fraction=nutrition_holdout_fraction)
     return validate(graph, source=f"graph built from {ft.source}")

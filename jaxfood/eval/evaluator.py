@@ -33,6 +33,7 @@ from jaxfood.eval.metrics import (
 )
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, absent_parts
+from jaxfood.graph.splits import held_out_food_mask
 
 
 # ---- reference biomarkers -------------------------------------------------------------------------
@@ -80,14 +81,17 @@ class Evaluator:
 
         {"food_classification": {accuracy, weighted_f1, auroc_macro, top3_accuracy, ece, temperature
                                  (val: calibration_temperature)},
-         "nutrition": {knn_purity, spearman, nutrient_r2, nutrient_r2_per_nutrient},
+         "nutrition": {knn_purity, spearman, num_foods, knn_purity_in_sample, spearman_in_sample,
+                       num_foods_in_sample, nutrient_r2, nutrient_r2_per_nutrient, num_samples},
          "salient_molecules": {precision_at_K, recall_at_K, fidelity_plus, fidelity_minus, scorer,
                                stability_jaccard, per_scorer: {name: {...}}}}
 
     Food classification and nutrient R² are scored on the ``num_samples`` samples of ``split``;
-    the Food embeddings (the triplet projection) on all foods against their USDA categories (k-NN
-    purity) and nutrient profiles (Spearman of pairwise distances) -- in-sample figures (listed
-    under ``nutrition.in_sample``): the triplet loss trains on every food; molecule rankings per
+    the Food embeddings (the triplet projection) against their USDA categories (k-NN purity) and
+    nutrient profiles (Spearman of pairwise distances) on the ``num_foods`` foods held out of the
+    nutrition training (:func:`jaxfood.graph.splits.held_out_food_mask`: no nutrient input, no
+    triplet; NaN when the graph holds none out), each against all foods, and in-sample on the
+    others (``*_in_sample``, listed under ``nutrition.in_sample``); molecule rankings per
     food from the *training* samples only (no label of a scored sample enters them), fidelity on
     the samples of ``split`` (probability of the *predicted* food, for every scorer);
     ``stability_jaccard`` of the headline scorer's rankings under ``stability`` =
@@ -172,12 +176,23 @@ class Evaluator:
             projection = np.asarray(out.food_projection)
             category = np.asarray(graph.food_category)
             known = category >= 0
+            held_out = held_out_food_mask(graph)
+            trained = ~held_out
+            food_ids = graph.meta.node_ids.get(schema.FOOD) or [str(i) for i in range(held_out.size)]
             metrics["nutrition"] = {
-                # In-sample: every food, and the triplet loss trains on all of their nutrient profiles.
-                "knn_purity": knn_purity(projection[known], category[known], self.knn_k) if known.sum() > 1 else math.nan,
-                "spearman": distance_spearman(projection, food_nutrients),
-                "in_sample": ["knn_purity", "spearman"],
-                "num_foods_in_sample": int(food_nutrients.shape[0]),
+                # Held-out foods: profiles neither the Food inputs nor the triplet loss saw, each
+                # food placed among all foods; the same foods for val and test (never a selection metric).
+                "knn_purity": (knn_purity(projection[known], category[known], self.knn_k, queries=held_out[known])
+                               if known.sum() > 1 else math.nan),
+                "spearman": distance_spearman(projection, food_nutrients, queries=held_out),
+                "num_foods": int(held_out.sum()),
+                "foods_digest": samples_digest(food_ids[i] for i in np.nonzero(held_out)[0]),
+                # In-sample: the foods whose nutrient profiles the triplet loss trains on.
+                "knn_purity_in_sample": (knn_purity(projection[known & trained], category[known & trained], self.knn_k)
+                                         if (known & trained).sum() > 1 else math.nan),
+                "spearman_in_sample": distance_spearman(projection[trained], food_nutrients[trained]),
+                "in_sample": ["knn_purity_in_sample", "spearman_in_sample"],
+                "num_foods_in_sample": int(trained.sum()),
                 "nutrient_r2": r2["overall"],
                 "nutrient_r2_per_nutrient": r2["per_nutrient"],
                 "num_samples": int(idx.size),

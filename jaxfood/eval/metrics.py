@@ -236,20 +236,25 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def knn_purity(embeddings: Any, labels: Any, k: int = 5) -> float:
+def knn_purity(embeddings: Any, labels: Any, k: int = 5, queries: Any = None) -> float:
     """Mean fraction of each point's ``k`` nearest *other* points that share its label.
 
     ``embeddings`` [n, d], ``labels`` [n] (any comparable values, e.g. USDA food categories).
     Neighbours by cosine similarity; the point itself is excluded; ties in similarity go to the
     lower index; ``k`` is capped at ``n - 1``. A point's purity is ``same-label neighbours / k``,
-    the result their mean over all points (1.0 = every neighbourhood is pure). NaN for ``n < 2``.
+    the result their mean over all points (1.0 = every neighbourhood is pure) or, with
+    ``queries`` [n] bool, over the query points only (their neighbours still drawn from all
+    points: held-out foods among all foods). NaN for ``n < 2`` or no query point.
     """
     x = np.asarray(embeddings, dtype=np.float64)
     labels = np.asarray(labels)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise ValueError(f"embeddings must be [n, d] and labels [n]; got {x.shape} and {labels.shape}")
     n = x.shape[0]
-    if n < 2:
+    queries = np.ones(n, bool) if queries is None else np.asarray(queries, bool)
+    if queries.shape != (n,):
+        raise ValueError(f"queries must be [n] bool; got {queries.shape} for n = {n}")
+    if n < 2 or not queries.any():
         return float("nan")
     k = min(int(k), n - 1)
     if k < 1:
@@ -263,18 +268,19 @@ def knn_purity(embeddings: Any, labels: Any, k: int = 5) -> float:
         sim[np.arange(rows.size), rows] = -np.inf  # never one's own neighbour
         order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         purity[rows] = np.mean(labels[order] == labels[rows][:, None], axis=1)
-    return float(purity.mean())
+    return float(purity[queries].mean())
 
 
-def distance_spearman(embeddings: Any, profiles: Any) -> float:
+def distance_spearman(embeddings: Any, profiles: Any, queries: Any = None) -> float:
     """Spearman rank correlation between embedding distances and nutrient-profile distances.
 
     ``embeddings`` [n, d] (e.g. Food embeddings), ``profiles`` [n, p] (their normalised nutrient
     profiles). Both condensed pairwise distance vectors (``n (n-1) / 2`` pairs, scipy ``pdist``
     order): cosine distance ``1 - cos`` for embeddings (equal to ``pdist(x, "cosine")``, a zero
     vector being at distance 1), euclidean for profiles; the result is their Spearman rho
-    (1.0 = foods close in nutrients are close in embedding space). NaN if ``n < 3`` or a
-    distance vector is constant.
+    (1.0 = foods close in nutrients are close in embedding space). ``queries`` [n] bool: only the
+    pairs with at least one query point (held-out foods against all foods). NaN if ``n < 3``, no
+    query point or a distance vector is constant.
     """
     from scipy.spatial.distance import pdist
     from scipy.stats import spearmanr
@@ -289,6 +295,14 @@ def distance_spearman(embeddings: Any, profiles: Any) -> float:
     upper = np.triu_indices(x.shape[0], k=1)  # the same pair order as pdist's condensed vector
     d_emb = 1.0 - (unit @ unit.T)[upper]  # cosine distance; a zero vector is at distance 1
     d_prof = pdist(p, "euclidean")
+    if queries is not None:
+        queries = np.asarray(queries, bool)
+        if queries.shape != (x.shape[0],):
+            raise ValueError(f"queries must be [n] bool; got {queries.shape} for n = {x.shape[0]}")
+        touched = queries[upper[0]] | queries[upper[1]]
+        if not touched.any():
+            return float("nan")
+        d_emb, d_prof = d_emb[touched], d_prof[touched]
     if np.ptp(d_emb) == 0 or np.ptp(d_prof) == 0:
         return float("nan")
     return float(spearmanr(d_emb, d_prof).statistic)

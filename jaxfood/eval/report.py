@@ -22,8 +22,11 @@ OBJECTIVE_ROWS: dict[str, list[tuple[str, str, str | None, bool]]] = {
         ("ece", "Expected calibration error", None, False),
     ],
     "nutrition": [
-        ("knn_purity", "k-NN purity of Food embeddings (USDA category; in-sample: all foods)", None, True),
-        ("spearman", "Spearman: embedding vs nutrient distances (in-sample: all foods)", None, True),
+        ("knn_purity", "k-NN purity of Food embeddings (USDA category; held-out foods)", None, True),
+        ("spearman", "Spearman: embedding vs nutrient distances (held-out foods)", None, True),
+        ("knn_purity_in_sample", "k-NN purity of Food embeddings (in-sample: the triplet loss's foods)", None, True),
+        ("spearman_in_sample", "Spearman: embedding vs nutrient distances (in-sample: the triplet loss's foods)",
+         None, True),
         ("nutrient_r2", "R² of estimated nutrient profile", "ridge_nutrient_r2", True),
     ],
     "salient_molecules": [
@@ -114,6 +117,9 @@ def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list
             lines.append(f"| Accuracy, random forest baseline | | | | | {_fmt(rf, _get(std, 'baselines', 'rf_accuracy'))} |")
             if _behind(_get(metrics, section, "accuracy"), rf, True):
                 notes.append(f"On accuracy, jaxfood is behind the random forest baseline ({_fmt(rf)}).")
+    if section == "nutrition" and _get(metrics, section, "num_foods") is not None:
+        lines.append(f"| Foods held out of the nutrition training (no nutrient input, no triplet) | "
+                     f"{_get(metrics, section, 'num_foods')} | | | |")
     if section == "salient_molecules":
         headline_scorer = _get(metrics, section, "scorer")
         per_scorer = _get(metrics, section, "per_scorer") or {}

@@ -39,6 +39,7 @@ import numpy as np
 from jaxfood.errors import ConfigError
 from jaxfood.graph import hetero_graph, schema
 from jaxfood.graph.hetero_graph import EdgeSet, HeteroGraph, make_edge_set
+from jaxfood.graph.splits import hide_held_out_nutrients
 
 Array = Any
 
@@ -132,10 +133,13 @@ def num_candidate_edges(graph: HeteroGraph) -> dict[str, int]:
 
 
 def prepare_pretrain_graph(graph: HeteroGraph, cfg: AugmentConfig, seed: int = 0) -> HeteroGraph:
-    """The graph pretraining runs on: no label edges, reverse relations aligned, candidates appended.
+    """The graph pretraining runs on: no label edges, no nutrient inputs of the foods held out of
+    the nutrition training, reverse relations aligned, candidates appended.
 
     Label relations are kept (the encoder has parameters for them) but emptied: pretraining never
     sees which food a sample is, and no compute is spent on edges that would be masked anyway.
+    The held-out foods' ``has_nutrient`` edges and Food features go as in fine-tuning
+    (:func:`jaxfood.graph.splits.hide_held_out_nutrients`): their profiles are test data.
 
     For each relation with an ``edge_add`` rate, ``K = ceil(candidate_pool_factor * rate * E)``
     candidate edges are appended to the relation and, in the same order, to its reverse. A
@@ -147,7 +151,7 @@ def prepare_pretrain_graph(graph: HeteroGraph, cfg: AugmentConfig, seed: int = 0
     candidates; they are off unless a view switches them on. Deterministic in ``seed``.
     """
     check_config(cfg, graph)
-    graph = align_reverse_edges(graph)
+    graph = align_reverse_edges(hide_held_out_nutrients(graph))
     edges = dict(graph.edges)
     for key in schema.LABEL_RELATIONS:
         if key in edges:

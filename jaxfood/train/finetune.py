@@ -64,13 +64,15 @@ def default_encoder_config() -> EncoderConfig:
 
 def default_selection() -> dict[str, float]:
     """Validation metrics of the validation samples only; the Food-level figures (``nutrition.spearman``,
-    ``knn_purity``) are in-sample and would make the number that picks the checkpoint a test figure."""
+    ``knn_purity``) are measured on the same held-out foods for val and test (and their ``*_in_sample``
+    twins on the triplet loss's foods): selecting on them would make the number that picks the
+    checkpoint a test figure."""
     return {"food_classification.accuracy": 1.0, "nutrition.nutrient_r2": 0.5}
 
 
 #: Metrics that do not depend on the split, never a selection criterion: the Food-level figures
-#: (in-sample) and the rankings' agreement with the reference biomarkers (training samples' rankings
-#: against the reference the test reports); prefixes.
+#: (held-out foods, one set for val and test; in-sample foods) and the rankings' agreement with the
+#: reference biomarkers (training samples' rankings against the reference the test reports); prefixes.
 IN_SAMPLE_METRICS = ("nutrition.spearman", "nutrition.knn_purity", "salient_molecules.precision_at_",
                      "salient_molecules.recall_at_", "salient_molecules.stability_jaccard")
 
@@ -202,6 +204,8 @@ class FinetuneResult:
     start_step: int = 0
     edges_per_second: float = 0.0
     spread: dict = dataclasses.field(default_factory=dict)
+    #: The parameters training started from (fresh or pretrained initialisation, before any resume).
+    initial_params: dict[str, Any] | None = None
     #: Temperature that calibrates the kept state's food probabilities (fitted on val; 1: none).
     temperature: float = 1.0
 
@@ -326,6 +330,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
+    initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch
     step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx,
                                            task_gradient_scope=cfg.task_gradient_scope),
                          layout, seed=cfg.seed, prng_impl=cfg.prng_impl)
@@ -366,11 +371,11 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         raise Preempted(result.end_step, loop.resume_dir)
     # The kept state as stored: evaluating the checkpoint later reproduces what is scored now.
     kept, kept_meta = restore_checkpoint(loop.checkpoint_dir)
-    return FinetuneResult(params=kept["params"], temperature=checkpoint_temperature(kept_meta), history=result.history, metrics={}, best_step=result.best_step,
-                          checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
+    return FinetuneResult(params=kept["params"], temperature=checkpoint_temperature(kept_meta), history=result.history,
+                          metrics={}, best_step=result.best_step, checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
                           num_step_compilations=step.compile_count(), config=cfg, encoder_config=enc_cfg,
                           figures={}, start_step=result.start_step, edges_per_second=result.edges_per_second,
-                          spread=spread)
+                          spread=spread, initial_params=initial_params)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

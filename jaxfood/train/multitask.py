@@ -7,7 +7,8 @@ compilation per run) and under ``jax.pmap`` over sampled subgraphs -- give the s
 name and it averages gradients, task losses and the weighting statistics with ``lax.pmean``.
 
 Tasks (``TASKS``): ``food_classification`` (cross-entropy), ``nutrition`` (semi-hard triplet loss
-on projected Food embeddings + MSE of the nutrient head), ``salient_molecules`` (sufficiency of the
+on projected Food embeddings of the foods not held out of the nutrition training + MSE of the
+nutrient head), ``salient_molecules`` (sufficiency of the
 top-k molecules of each supervised sample's own food branch, optional sparsity and comprehensiveness). Per-task gradients are obtained from one forward pass
 and a ``vmap`` over the task axis of its VJP; the balanced gradient is their combination with the
 derivative of the weighting's total, and the per-task gradients on the shared encoder give the
@@ -30,10 +31,12 @@ from typing import Any, Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
+from jaxfood.graph.splits import held_out_food_mask
 from jaxfood.models.heads import CLASS_ATTENTION, MultiTaskModel
 from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
@@ -141,22 +144,26 @@ def last_shared_layer(encoder_params) -> str:
     return layers[-1]
 
 
-def _triplet_masks(food_nutrients, num_positives: int):
+def _triplet_masks(food_nutrients, num_positives: int, trained=None):
     """Nutrient-similarity positives/negatives in jnp (inside the step; see nutrition_alignment).
 
-    ``num_positives`` is capped at ``num_foods - 2``: every anchor keeps at least one negative, so
-    the triplet term does not silently vanish on a graph with few foods.
+    ``trained`` [F] bool (static numpy; None: every food): the foods whose profiles training may
+    see -- the others (held out, :func:`jaxfood.graph.splits.held_out_food_mask`) are neither anchor,
+    positive nor negative. ``num_positives`` is capped at ``num_trained_foods - 2``: every anchor
+    keeps at least one negative, so the triplet term does not silently vanish on a graph with few foods.
     """
     x = food_nutrients.astype(jnp.float32)
     num_foods = x.shape[0]
+    trained = np.ones(num_foods, bool) if trained is None else np.asarray(trained, bool)
     sq = jnp.sum(x * x, 1)
     d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
     eye = jnp.eye(num_foods, dtype=bool)
-    d2 = jnp.where(eye, jnp.inf, d2)
-    k = min(max(num_positives, 0), max(num_foods - 2, 0))
+    d2 = jnp.where(eye | ~trained[None, :], jnp.inf, d2)
+    k = min(max(num_positives, 0), max(int(trained.sum()) - 2, 0))
     order = jnp.argsort(d2, axis=1, stable=True)[:, :k]
-    positive = jnp.zeros((num_foods, num_foods), bool).at[jnp.arange(num_foods)[:, None], order].set(True)
-    negative = ~positive & ~eye
+    pair = jnp.asarray(trained[:, None] & trained[None, :])
+    positive = jnp.zeros((num_foods, num_foods), bool).at[jnp.arange(num_foods)[:, None], order].set(True) & pair
+    negative = ~positive & ~eye & pair
     return positive, negative
 
 
@@ -213,7 +220,8 @@ def head_losses(model: MultiTaskModel, cfg: LossConfig, params, embeddings, grap
         if cfg.wide_aux_weight > 0 and out.wide_nutrient_profile is not None:
             mse = mse + cfg.wide_aux_weight * nutrient_mse_loss(out.wide_nutrient_profile,
                                                                 graph.food_nutrients[safe_labels], supervised)
-        positive, negative = _triplet_masks(graph.food_nutrients, cfg.num_positives)
+        # Held-out foods: their profiles are test data (Food-level metrics), never a triplet.
+        positive, negative = _triplet_masks(graph.food_nutrients, cfg.num_positives, ~held_out_food_mask(graph))
         triplet = semi_hard_triplet_loss(out.food_projection, positive, negative, cfg.triplet_margin)
     ce = ce + cfg.wide_l2 * wide_penalty(params["classifier"])
     if cfg.wide_aux_weight > 0 and out.wide_food_logits is not None:
