@@ -169,13 +169,16 @@ def test_candidate_pairs_never_miss_a_pair_matchms_links():
 
 
 def test_build_warns_with_counts_and_spectra_ids_from_scans(tmp_path, capsys):
-    code, out, captured = build(tmp_path, capsys, mgf(key="SCANS"))
+    ms1 = "BEGIN IONS\nSCANS=104\nPEPMASS=100.0757\nMSLEVEL=1\n100.0757 1000\n101.08 50\n102.08 20\nEND IONS\n\n"
+    repeat = mgf({"101": PEAKS["103"]}, key="SCANS")  # a second spectrum of 101: the first is kept
+    code, out, captured = build(tmp_path, capsys, ms1 + mgf(key="SCANS") + "\n" + repeat)
     assert code == 0, captured.err
+    assert "1 spectrum(s) repeat the id of an earlier one" in captured.err
     assert "1 spectrum id(s) are not in" in captured.err and "'999'" in captured.err
     assert "1 spectrum(s) removed by cleaning" in captured.err
     assert "3 of 6 molecule(s)" in captured.err and "have no spectrum" in captured.err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["molecule_features"]["width"] == 3
+    assert summary["molecule_features"]["width"] == 3  # MS1 of 104 skipped, the repeat of 101 ignored
     assert schema.IS_SIMILAR_TO in summary["absent"]  # no --spectra-network
 
 
@@ -216,3 +219,75 @@ def test_without_matchms_the_error_names_the_extra(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "matchms", None)
     code, out, captured = build(tmp_path, capsys, mgf())
     _one_error(code, out, captured, '--spectra needs matchms: pip install -e ".[spectra]"')
+
+
+#: The smallest model and run that exercises every command (plumbing, not accuracy).
+ENCODER = ["encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1"]
+PRETRAIN = ["epochs=1", "steps_per_epoch=1", "val_views=1", "batch_size=8", "projection_hidden=8", "projection_dim=4",
+            *ENCODER]
+FINETUNE = ["steps=2", "eval_every=2", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
+            "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
+            "loss.salient_top_k=3", "salient_k=3", "stability_perturbations=0", *ENCODER]
+
+
+def _settings(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.mark.slow
+def test_every_command_runs_on_a_graph_with_spectra_and_spectral_network(graph_dir, tmp_path, capsys):
+    graph = ["--graph", str(graph_dir)]
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    assert main(["pretrain", *graph, "--workdir", str(pre), "--quiet", *_settings(PRETRAIN)]) == 0
+    assert main(["finetune", *graph, "--workdir", str(fine), "--pretrained", str(pre / "checkpoints"), "--quiet",
+                 *_settings(FINETUNE)]) == 0
+    ckpt = str(fine / "checkpoints")
+    metrics = json.loads((fine / "metrics.json").read_text())
+    assert 0.0 <= metrics["food_classification"]["accuracy"] <= 1.0
+    assert main(["evaluate", *graph, "--checkpoint", ckpt, "--out", str(tmp_path / "eval.json")]) == 0
+    (tmp_path / "sample.csv").write_text("molecule_id,intensity\n101,12000\n102,300\n105,2500\n")
+    capsys.readouterr()
+    assert main(["predict", *graph, "--checkpoint", ckpt, "--sample", str(tmp_path / "sample.csv"), "--json"]) == 0
+    prediction = json.loads(capsys.readouterr().out)
+    assert prediction["samples"][0]["top_molecules"]
+    assert main(["embed", *graph, "--checkpoint", ckpt, "--out", str(tmp_path / "emb.npz")]) == 0
+    with np.load(tmp_path / "emb.npz") as emb:
+        assert any(len(emb[k]) == 6 for k in emb.files)  # one row per molecule
+
+
+@pytest.mark.slow
+def test_converter_round_trip_and_pyg_parity_with_the_spectral_network(graph_dir, tmp_path, capsys):
+    """An encoder of the graph (is_similar_to included) exports to the PyTorch layout and converts
+    back exactly; --verify runs the PyG original against it. The original has learned embeddings
+    only (no node input features), so the exported encoder uses input mode 'embedding' (as
+    ``checkpoints_convert`` requires for any graph with Molecule features, spectra or embeddings)."""
+    import jax
+
+    from checkpoints_convert.cli import main as convert_main
+    from jaxfood.config import config_to_dict
+    from jaxfood.graph.hetero_graph import load_graph
+    from jaxfood.models.encoder import EncoderConfig, make_encoder
+    from jaxfood.train.checkpoint import save_checkpoint
+
+    graph = load_graph(graph_dir)
+    cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.1)
+    encoder = make_encoder(graph, cfg)
+    rng = np.random.default_rng(5)
+    shapes = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), graph))["params"]
+    params = jax.tree_util.tree_map(lambda s: (0.4 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+    assert any(schema.IS_SIMILAR_TO in "/".join(map(str, path))
+               for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    save_checkpoint(tmp_path / "native", 0, {"params": {"encoder": params}},
+                    {"kind": "graphcl", "encoder_config": config_to_dict(cfg)})
+    back = tmp_path / "encoder.pt"
+    assert convert_main([str(tmp_path / "native"), "--to-torch", str(back)]) == 0
+    capsys.readouterr()
+    code = convert_main([str(back), "--out", str(tmp_path / "converted"), "--graph", str(graph_dir), "--verify",
+                         "--to-torch", str(tmp_path / "again.pt")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((tmp_path / "converted" / "conversion_report.json").read_text())
+    assert report["verify"]["passed"] and report["round_trip"]["exact"]
+    from _pyg_original import torch_load
+
+    assert any("is_similar_to" in key.lower() for key in torch_load(back)["encoder_state"])  # upstream: Is_similar_to
