@@ -143,7 +143,8 @@ def test_spectral_network_edge_has_the_cosine_of_matchms_and_numpy(graph_dir):
     assert "CosineGreedy >= 0.7" in graph.meta.extra["sources"]["molecular_network"]
 
 
-def test_candidate_pairs_never_miss_a_pair_matchms_links():
+@pytest.mark.parametrize("min_matched_peaks, min_cosine", [(6, 0.7), (3, 0.3), (5, 0.5)])
+def test_candidate_pairs_never_miss_a_pair_matchms_links(min_matched_peaks, min_cosine):
     """The prefilter is an upper bound: on random spectra it keeps every pair the full matrix links."""
     from matchms import Spectrum, calculate_scores
     from matchms.similarity import CosineGreedy
@@ -161,10 +162,13 @@ def test_candidate_pairs_never_miss_a_pair_matchms_links():
     objects = [Spectrum(mz=m, intensities=a, metadata={"precursor_mz": 400.0}) for m, a in zip(mz, inten)]
     full = calculate_scores(objects, objects, CosineGreedy(), is_symmetric=True).to_array()
     score, matches = full["CosineGreedy_score"], full["CosineGreedy_matches"]
-    linked = {(i, j) for i in range(14) for j in range(i + 1, 14) if score[i, j] >= 0.7 and matches[i, j] >= 6}
+    linked = {(i, j) for i in range(14) for j in range(i + 1, 14)
+              if score[i, j] >= min_cosine and matches[i, j] >= min_matched_peaks}
     assert linked  # the check is not vacuous
-    assert linked <= {tuple(p) for p in candidate_pairs(spectra, 6).tolist()}
-    sim = spectral_network(spectra)
+    candidates = {tuple(p) for p in candidate_pairs(spectra, min_matched_peaks, min_cosine).tolist()}
+    assert linked <= candidates
+    assert len(candidates) < 14 * 13 // 2 or min_cosine < 0.5  # and it prunes
+    sim = spectral_network(spectra, min_cosine=min_cosine, min_matched_peaks=min_matched_peaks)
     assert {(int(s), int(t)) for s, t in zip(sim.source_ids, sim.target_ids)} == linked
 
 

@@ -23,9 +23,9 @@ the graph through the same path as ``--molecule-embeddings``
 Network (:func:`spectral_network`, ``--spectra-network``): pairs of cleaned spectra whose matchms
 ``CosineGreedy`` score (tolerance 0.1 Da) is >= ``min_cosine`` with >= ``min_matched_peaks``
 matched peaks become ``is_similar_to`` edges with the score as attribute, through the same
-builder as the GNPS edge file (``--network``). Only pairs that can reach ``min_matched_peaks``
-(an exact upper bound computed from tolerance-wide m/z bins) are scored, so a few thousand
-spectra take seconds, not an all-pairs loop.
+builder as the GNPS edge file (``--network``). Only pairs that can reach both thresholds (upper
+bounds of the matched peaks and of the cosine, from tolerance-wide m/z bins: exact, no edge is
+lost) are scored by matchms, so a few thousand spectra do not cost an all-pairs Python loop.
 """
 
 from __future__ import annotations
@@ -220,8 +220,18 @@ def reduce_spectra(binned: np.ndarray, max_width: int = MAX_WIDTH) -> tuple[np.n
     """
     used = np.nonzero(np.any(binned != 0, axis=0))[0]
     x = binned[:, used]
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    rank = int(np.sum(s > s[0] * max(x.shape) * np.finfo(np.float64).eps)) if s.size else 0
+    # Eigenvectors of the smaller Gram matrix give the right singular vectors (much faster than a
+    # full SVD for thousands of spectra); only the top ones are kept, so its squared condition is harmless.
+    if x.shape[0] < x.shape[1]:
+        eigval, u = np.linalg.eigh(x @ x.T)
+        eigval, u = eigval[::-1], u[:, ::-1]
+        s = np.sqrt(np.clip(eigval, 0, None))
+        vt = (u / np.where(s > 0, s, 1.0)).T @ x
+    else:
+        eigval, v = np.linalg.eigh(x.T @ x)
+        eigval, vt = eigval[::-1], v[:, ::-1].T
+        s = np.sqrt(np.clip(eigval, 0, None))
+    rank = int(np.sum(s > s[0] * 1e-6)) if s.size else 0
     d = max(1, min(max_width, rank))
     vt = vt[:d]
     flip = np.sign(vt[np.arange(d), np.argmax(np.abs(vt), axis=1)])
@@ -242,34 +252,45 @@ def spectral_features(spectra: Spectra, max_width: int = MAX_WIDTH) -> MoleculeE
                               source=spectra.source, kind="spectrum", record=record)
 
 
-def candidate_pairs(spectra: Spectra, min_matched_peaks: int, tolerance: float = COSINE_TOLERANCE) -> np.ndarray:
-    """Pairs (i < j) [P, 2] that could have ``min_matched_peaks`` peaks within ``tolerance``.
+def candidate_pairs(spectra: Spectra, min_matched_peaks: int, min_cosine: float = 0.0,
+                    tolerance: float = COSINE_TOLERANCE) -> np.ndarray:
+    """Pairs (i < j) [P, 2] that could reach ``min_matched_peaks`` and ``min_cosine`` (greedy cosine, ``tolerance``).
 
-    Peaks matching within the tolerance fall in the same or neighbouring bins of width
-    ``tolerance``; counting, for each peak of one spectrum, whether the other has a peak in those
-    bins bounds the greedy one-to-one matching from above, so no qualifying pair is missed.
+    Peaks that match within the tolerance fall in the same or neighbouring bins of width
+    ``tolerance``. Two upper bounds of the one-to-one matching follow, each a sparse product:
+    the number of peaks of one spectrum with a peak of the other in those bins (bounds the
+    matched peaks), and the sum over its peaks of intensity x the other's largest intensity in
+    those bins, over both norms (bounds the cosine). A pair failing either bound cannot be an
+    edge, so no qualifying pair is missed.
     """
     from scipy import sparse
 
     width = tolerance * (1 + 1e-6)
-    rows, cols = [], []
-    for i, m in enumerate(spectra.mz):
-        k = np.floor(np.asarray(m) / width).astype(np.int64)
-        rows.append(np.full(k.size, i))
-        cols.append(k)
-    row, col = np.concatenate(rows), np.concatenate(cols)
-    num_bins = int(col.max()) + 3
-    shape = (len(spectra.mz), num_bins)
-    counts = sparse.csr_matrix((np.ones(row.size), (row, col + 1)), shape=shape)
-    near = sparse.csr_matrix((np.ones(3 * row.size), (np.tile(row, 3), np.concatenate([col, col + 1, col + 2]))),
-                             shape=shape)
-    near.sum_duplicates()
-    near.data[:] = 1.0  # presence only
-    bound = (counts @ near.T).tocsr()
-    bound = bound.minimum(bound.T).tocoo()
-    keep = (bound.row < bound.col) & (bound.data >= min_matched_peaks)
-    pairs = np.stack([bound.row[keep], bound.col[keep]], axis=1).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if pairs.size else pairs.reshape(0, 2)
+    row = np.concatenate([np.full(len(m), i) for i, m in enumerate(spectra.mz)])
+    col = np.concatenate([np.floor(np.asarray(m) / width).astype(np.int64) for m in spectra.mz]) + 1
+    value = np.concatenate([np.asarray(a, np.float64) for a in spectra.intensities])
+    norm = np.asarray([np.linalg.norm(a) for a in spectra.intensities])
+    shape = (len(spectra.mz), int(col.max()) + 2)
+
+    def near(values: np.ndarray) -> sparse.csr_matrix:
+        """Per spectrum and bin: the largest of ``values`` in that bin and its two neighbours."""
+        v = np.tile(values, 3)
+        order = np.argsort(-v, kind="stable")  # largest first: np.unique keeps the first of each key
+        key = (np.tile(row, 3) * shape[1] + np.concatenate([col - 1, col, col + 1]))[order]
+        key, first = np.unique(key, return_index=True)
+        return sparse.csr_matrix((v[order][first], (key // shape[1], key % shape[1])), shape=shape)
+
+    counts = sparse.csr_matrix((np.ones(row.size), (row, col)), shape=shape)
+    matched = (counts @ near(np.ones(row.size)).T).tocsr()
+    ok = matched.minimum(matched.T) >= min_matched_peaks
+    if min_cosine > 0:
+        inverse_norm = sparse.diags(1.0 / np.maximum(norm, 1e-300))
+        sums = sparse.csr_matrix((value, (row, col)), shape=shape)
+        bound = (inverse_norm @ (sums @ near(value).T) @ inverse_norm).tocsr()
+        ok = ok.multiply(bound.minimum(bound.T) >= min_cosine * (1 - 1e-9))
+    ok = sparse.triu(ok, k=1).tocoo()
+    pairs = np.stack([ok.row, ok.col], axis=1).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs.reshape(0, 2)
 
 
 def spectral_network(spectra: Spectra, *, min_cosine: float = DEFAULT_MIN_COSINE,
@@ -284,7 +305,7 @@ def spectral_network(spectra: Spectra, *, min_cosine: float = DEFAULT_MIN_COSINE
     from matchms import Spectrum
     from matchms.similarity import CosineGreedy
 
-    pairs = candidate_pairs(spectra, min_matched_peaks, tolerance)
+    pairs = candidate_pairs(spectra, min_matched_peaks, min_cosine, tolerance)
     source = (f"{spectra.source} (matchms CosineGreedy >= {min_cosine:g}, >= {min_matched_peaks} matched peaks, "
               f"tolerance {tolerance:g} Da)")
     if not len(pairs):
