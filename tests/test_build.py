@@ -199,7 +199,8 @@ def test_cli_files_end_to_end(tmp_path, capsys):
                                     "--seed", "3", "--split", "0.6,0.2,0.2"], capsys)
     assert code == 0, stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"nodes", "edges", "splits", "absent"}
+    assert set(summary) == {"nodes", "edges", "splits", "molecule_features", "absent"}
+    assert summary["molecule_features"]["source"] == "embeddings" and summary["molecule_features"]["width"] == 4
     assert summary["absent"] == {schema.IS_SIMILAR_TO: "no molecular network or spectra"}
     assert summary["nodes"] == {"Sample": 10, "Molecule": 6, "Food": 3, "Nutrient": 5}
     assert summary["edges"][schema.CONTAINS] == 20 and summary["edges"][schema.HAS_NUTRIENT] == 14

@@ -31,6 +31,16 @@ Inputs, one of:
                                 in place of the feature table and metadata
   with either, --network F      GNPS molecular networking edges (CLUSTERID1, CLUSTERID2, Cosine)
                                 -> (Molecule, is_similar_to, Molecule) with the cosine as attribute
+  with either, --spectra F.mgf  MS/MS spectra exported by GNPS FBMN beside the quant table
+                                (FEATURE_ID or SCANS = 'row ID'; needs matchms:
+                                pip install -e ".[spectra]"), cleaned with matchms, binned (1 Da),
+                                sqrt-scaled and reduced by truncated SVD to <= 64 dims: the Molecule
+                                input features (in place of --molecule-embeddings; a molecule
+                                without a spectrum gets a zero row)
+    [--spectra-network [--min-cosine X] [--min-matched-peaks N]]
+                                also link molecules whose spectra have a matchms CosineGreedy score
+                                >= X (default 0.7) with >= N matched peaks (default 6): the
+                                is_similar_to relation, as --network would (in place of --network)
   --upstream-json F             the intermediate JSON of the PyTorch project (compatibility mode:
                                 the same graph it builds; also writes hetero_graph_mappings.json)
 
@@ -67,6 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     files.add_argument("--network", metavar="F",
                        help="GNPS molecular networking edge file (CLUSTERID1, CLUSTERID2, Cosine): "
                             "Molecule-is_similar_to-Molecule edges")
+    files.add_argument("--spectra", metavar="F.mgf",
+                       help="MS/MS spectra (MGF; FEATURE_ID or SCANS = row ID) as Molecule input features; "
+                            "needs matchms: pip install -e \".[spectra]\"")
+    files.add_argument("--spectra-network", action="store_true",
+                       help="with --spectra: is_similar_to edges between molecules whose spectra match "
+                            "(matchms CosineGreedy, see --min-cosine and --min-matched-peaks)")
+    files.add_argument("--min-cosine", type=float, default=None, metavar="X",
+                       help="--spectra-network: lowest cosine score of an edge [default: 0.7]")
+    files.add_argument("--min-matched-peaks", type=int, default=None, metavar="N",
+                       help="--spectra-network: fewest matched peaks of an edge [default: 6]")
     files.add_argument("--label-column", default=None, metavar="C",
                        help="metadata column holding the food label [default: sample_type_group5]")
     files.add_argument("--mwtab", metavar="F",
@@ -88,7 +108,8 @@ def _check_args(args) -> str:
     if args.upstream_json:
         given = [f"--{n}" for n, v in (("feature-table", args.feature_table), ("metadata", args.metadata),
                                        ("nutrients", args.nutrients), ("molecule-embeddings", args.molecule_embeddings),
-                                       ("network", args.network), ("mwtab", args.mwtab),
+                                       ("network", args.network), ("spectra", args.spectra),
+                                       ("mwtab", args.mwtab),
                                        ("label-column", args.label_column), ("split", args.split)) if v]
         if given:
             raise UserError(f"--upstream-json cannot be combined with {', '.join(given)} "
@@ -96,6 +117,14 @@ def _check_args(args) -> str:
         return "upstream"
     if args.per_unit:
         raise UserError("--per-unit applies only with --upstream-json")
+    if args.spectra and args.molecule_embeddings:
+        raise UserError("--spectra and --molecule-embeddings both give Molecule features; give one of them")
+    if args.spectra_network and not args.spectra:
+        raise UserError("--spectra-network needs --spectra (the MGF whose spectra are compared)")
+    if args.spectra_network and args.network:
+        raise UserError("--spectra-network and --network both give is_similar_to edges; give one of them")
+    if (args.min_cosine is not None or args.min_matched_peaks is not None) and not args.spectra_network:
+        raise UserError("--min-cosine and --min-matched-peaks apply only with --spectra-network")
     if args.mwtab:
         if args.feature_table or args.metadata:
             raise UserError("--mwtab replaces --feature-table and --metadata (the study file has both)")
@@ -106,8 +135,9 @@ def _check_args(args) -> str:
             raise UserError(f"missing {', '.join(missing)} (--feature-table and --metadata go together; "
                             "--nutrients is optional)")
         return "files"
-    if args.molecule_embeddings or args.label_column or args.network:
-        raise UserError("--molecule-embeddings, --network and --label-column need --feature-table and --metadata")
+    if args.molecule_embeddings or args.label_column or args.network or args.spectra:
+        raise UserError("--molecule-embeddings, --network, --spectra and --label-column need --feature-table and "
+                        "--metadata")
     return "default"
 
 
@@ -116,6 +146,9 @@ def format_summary(summary: dict) -> str:
     rows = [("node type", "count")] + [(t, str(n)) for t, n in summary["nodes"].items()]
     rows += [("", ""), ("relation", "edges")] + [(k, str(n)) for k, n in summary["edges"].items()]
     rows += [("", ""), ("split", "samples")] + [(k, str(n)) for k, n in summary["splits"].items()]
+    features = summary.get("molecule_features")
+    if features:
+        rows += [("", ""), (f"Molecule features ({features.get('source', 'given')})", str(features["width"]))]
     rows += [("", "")] + [(f"{what}: absent", why) for what, why in summary.get("absent", {}).items()]
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b:>8}" if a else "" for a, b in rows).rstrip()
@@ -152,6 +185,14 @@ def run(args) -> int:
                                  molecule_embeddings=args.molecule_embeddings,
                                  label_column=args.label_column or (None if args.mwtab else DEFAULT_LABEL_COLUMN),
                                  molecule_ids=args.molecule_ids, network=args.network, mwtab=args.mwtab)
+            if args.spectra:
+                from jaxfood.data import spectra
+
+                tables = spectra.with_spectra(
+                    tables, args.spectra, network=args.spectra_network,
+                    min_cosine=spectra.DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine,
+                    min_matched_peaks=(spectra.DEFAULT_MIN_MATCHED_PEAKS if args.min_matched_peaks is None
+                                       else args.min_matched_peaks))
             graph = build_graph(tables, seed=args.seed, split_fractions=fractions)
         else:
             from jaxfood.data.default import build_default_graph

@@ -24,8 +24,9 @@ the same scale later):
   input features) the value is imputed with the nutrient's mean, i.e. 0 after z-scoring. A food
   without any nutrients has an all-zero row.
 
-Input features: ``Molecule`` = spectral embeddings where given (zero vector for molecules
-without one), ``Food`` = its normalised nutrient profile ``food_nutrients`` [F, N].
+Input features: ``Molecule`` = spectral embeddings or features made from spectra
+(:mod:`jaxfood.data.spectra`) where given (zero vector for molecules without one; described in
+``meta.extra["molecule_features"]``), ``Food`` = its normalised nutrient profile ``food_nutrients`` [F, N].
 ``food_category`` comes from the nutrient table's ``food_category`` column, else from the
 metadata hierarchy column one level above the label column (``sample_type_group4`` for
 ``sample_type_group5``) where every food has a single value.
@@ -282,10 +283,10 @@ def build_graph(tables: RawTables, *, seed: int = 0,
         n_missing = int((rows_e < 0).sum())
         if n_missing:
             lacking = [m for m, r in zip(ft.molecule_ids, rows_e) if r < 0]
-            _warn(f"{emb.source}: {n_missing} of {M} molecule(s) of {ft.source} have no embedding "
+            _warn(f"{emb.source}: {n_missing} of {M} molecule(s) of {ft.source} have no {emb.kind} "
                   f"({_examples(lacking)}); they get a zero vector")
         node_features[schema.MOLECULE] = mol_x
-        feature_names[schema.MOLECULE] = [f"embedding_{i}" for i in range(mol_x.shape[1])]
+        feature_names[schema.MOLECULE] = [f"{emb.kind}_{i}" for i in range(mol_x.shape[1])]
     if N:
         node_features[schema.FOOD] = food_nutrients
         feature_names[schema.FOOD] = list(nutrient_names)
@@ -328,7 +329,8 @@ def build_graph(tables: RawTables, *, seed: int = 0,
         extra={
             "mode": "native",
             "sources": {"feature_table": ft.source, "metadata": md.source, "nutrients": nt.source if nt is not None else None,
-                        "molecule_embeddings": emb.source if emb is not None else None,
+                        "molecule_embeddings": emb.source if emb is not None and emb.kind == "embedding" else None,
+                        "spectra": emb.source if emb is not None and emb.kind == "spectrum" else None,
                         "molecular_network": tables.similarity.source if tables.similarity is not None else None},
             "label_column": md.label_column,
             "food_category_source": category_source,
@@ -336,6 +338,9 @@ def build_graph(tables: RawTables, *, seed: int = 0,
             "split_fractions": [float(x) for x in split_fractions],
         },
     )
+    if emb is not None:
+        meta.extra["molecule_features"] = {"source": "embeddings", "file": emb.source, **emb.record,
+                                           "molecules_without_features": n_missing}
     graph = HeteroGraph(
         node_features=node_features,
         edges=edges,

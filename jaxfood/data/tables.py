@@ -62,11 +62,18 @@ class NutrientTable:
 
 @dataclasses.dataclass
 class MoleculeEmbeddings:
-    """Spectral embeddings computed elsewhere (dreaMS, spec2vec): ``vectors`` [K, d]."""
+    """Molecule input features: ``vectors`` [K, d] of ``molecule_ids``.
+
+    Spectral embeddings computed elsewhere (dreaMS, spec2vec; ``kind`` "embedding") or features
+    made from an MGF by :mod:`jaxfood.data.spectra` (``kind`` "spectrum"). ``record`` describes
+    them for ``summary.json`` (source, file, how they were made).
+    """
 
     molecule_ids: list[str]
     vectors: np.ndarray
     source: str = "molecule embeddings"
+    kind: str = "embedding"
+    record: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

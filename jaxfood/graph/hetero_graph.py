@@ -332,7 +332,9 @@ def molecule_label(graph: HeteroGraph, index: int) -> str:
 
 # ---- summary, save, load ----------------------------------------------------------------------
 def summary(graph: HeteroGraph) -> dict[str, Any]:
-    """The ``summary.json`` content: node counts, edge counts per relation, split sizes, and
+    """The ``summary.json`` content: node counts, edge counts per relation, split sizes,
+    ``molecule_features`` (only when molecules have input features: ``width`` and, for graphs
+    built from files, ``source`` "embeddings" or "spectra", ``file`` and how they were made), and
     ``absent``: optional parts of the schema the graph lacks -> why (what it turns off)."""
     split = np.asarray(graph.sample_split)
     out = {
@@ -340,6 +342,9 @@ def summary(graph: HeteroGraph) -> dict[str, Any]:
         "edges": {k: int(e.num_edges) for k, e in graph.edges.items()},
         "splits": {name: int(np.sum(split == code)) for name, code in SPLIT_CODES.items()},
     }
+    if schema.MOLECULE in graph.node_features:
+        out["molecule_features"] = {**graph.meta.extra.get("molecule_features", {}),
+                                    "width": int(np.shape(graph.node_features[schema.MOLECULE])[1])}
     out["absent"] = absent_parts(graph)
     return out
 
