@@ -38,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxfood.data.readers import DataWarning, _check_file, _examples
+from jaxfood.data.csv_input import DataWarning
+from jaxfood.data.csv_input import check_file as _check_file
+from jaxfood.data.csv_input import examples as _examples
 from jaxfood.data.tables import MoleculeEmbeddings, MoleculeSimilarity, RawTables
 from jaxfood.errors import UserError
 
