@@ -125,3 +125,24 @@ def test_top_k_mask_and_straight_through_gate():
     np.testing.assert_array_equal(np.asarray(mask), [False, True, True, False, True, False, True])
     gate = straight_through_topk(scores, mask, seg, 2, temperature=0.1)
     np.testing.assert_allclose(np.asarray(gate), np.asarray(mask, np.float32), atol=1e-6)  # hard forward
+
+
+def test_fit_linear_classifier_is_sklearns_l2_logistic_regression():
+    """mean CE + l2 ||W||^2 without intercept is sklearn's multinomial LogisticRegression with
+    C = 1 / (2 n l2), fit_intercept=False: same unique optimum."""
+    from sklearn.linear_model import LogisticRegression
+
+    from jaxfood.train.food_classification import fit_linear_classifier
+
+    rng = np.random.default_rng(0)
+    n, d, c = 120, 8, 3
+    centers = rng.normal(0, 1.5, (c, d))
+    y = rng.integers(0, c, n)
+    x = centers[y] + rng.normal(0, 1.0, (n, d))
+    mask = np.ones(n, bool)
+    mask[:10] = False  # not in the fit
+    l2 = 0.01
+    kernel = np.asarray(fit_linear_classifier(x, y, mask, c, l2, steps=3000, learning_rate=0.02))
+    ref = LogisticRegression(C=1.0 / (2 * mask.sum() * l2), fit_intercept=False, max_iter=5000, tol=1e-10)
+    ref.fit(x[mask], y[mask])
+    np.testing.assert_allclose(kernel, ref.coef_.T, atol=2e-3)

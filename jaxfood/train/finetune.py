@@ -85,6 +85,10 @@ class FinetuneConfig:
     stopping and the kept checkpoint. ``patience``: evaluations without improvement before stopping
     (0 = never). ``encoder``: used when starting from scratch; a pretrained checkpoint brings its own.
     ``task_gradient_scope``: representation | encoder (see :func:`multitask.make_train_step`).
+    ``wide_init``: the classifier's linear path starts at 0 (``zeros``) or at the multinomial
+    logistic regression of the training samples' intensity profiles with the same L2 (``fit``, see
+    :func:`jaxfood.train.food_classification.fit_linear_classifier`): the baseline is then where
+    training starts, not where it has to arrive in ``steps``.
     ``salient_k``: k of precision/recall@k and fidelity; ``salient_scorer``: scorer of the headline
     salient-molecule numbers; ``scorers``: all scorers evaluated (reported under ``per_scorer``).
     ``stability_*``: ``stability_jaccard`` of the headline scorer, the mean top-k Jaccard overlap of
@@ -115,6 +119,7 @@ class FinetuneConfig:
     prng_impl: Literal["rbg", "threefry2x32"] = "rbg"
     tensorboard: bool = True
     figures: bool = True
+    wide_init: Literal["zeros", "fit"] = "zeros"
 
 
 def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -247,6 +252,20 @@ def _check_encoder_params(pretrained_params, init_params, source) -> None:
         raise CheckpointError(f"{source}: unexpected encoder parameter {extra[0]} (encoder configuration mismatch)")
 
 
+def _fitted_wide_kernel(model: MultiTaskModel, graph: HeteroGraph, cfg: FinetuneConfig, shape) -> Any:
+    """The classifier's ``wide_kernel`` [M, F] fitted as a logistic regression on the training
+    samples' standardised intensity profiles (``loss.wide_l2``, ``loss.label_smoothing``)."""
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
+    from jaxfood.train.food_classification import fit_linear_classifier
+
+    profile = model.profile(graph)
+    features = profile.linear(jnp.eye(profile.num_molecules, dtype=jnp.float32))  # [S, M]
+    labels = jnp.asarray(graph.sample_food)
+    train = (jnp.asarray(graph.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
+    kernel = fit_linear_classifier(features, labels, train, shape[1], cfg.loss.wide_l2, cfg.loss.label_smoothing)
+    return kernel.astype(jnp.float32)
+
+
 def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGraph, pretrained,
                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a fine-tuning checkpoint records besides its state: kind, configs, the graph's id maps."""
@@ -328,6 +347,10 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     if enc_params is not None:
         _check_encoder_params(enc_params, state.params["encoder"], pretrained)
         params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
+        state = state.replace(params=params, opt_state=tx.init(params))
+    if cfg.wide_init == "fit" and cfg.heads.wide:
+        params = dict(state.params, classifier=dict(state.params["classifier"], wide_kernel=_fitted_wide_kernel(
+            model, example, cfg, state.params["classifier"]["wide_kernel"].shape)))
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
     initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0, class_weights=None):
@@ -46,3 +47,27 @@ def accuracy(logits, labels, mask=None):
     mask = valid if mask is None else (jnp.asarray(mask) & valid)
     hit = (jnp.argmax(logits, -1) == labels) & mask
     return jnp.sum(hit) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def fit_linear_classifier(features, labels, mask, num_classes: int, l2: float, label_smoothing: float = 0.0,
+                          steps: int = 300, learning_rate: float = 0.05):
+    """``W`` [D, C] minimising ``cross_entropy(features @ W) + l2 * ||W||^2`` over the samples in
+    ``mask`` (full batch, Adam, a convex problem: the multinomial logistic regression without
+    intercept). ``features`` [S, D], ``labels`` [S] (-1 = unknown), ``mask`` [S] bool."""
+    features = jnp.asarray(features, jnp.float32)
+
+    def objective(kernel):
+        logits = features @ kernel
+        return cross_entropy_loss(logits, labels, mask, label_smoothing) + l2 * jnp.sum(kernel * kernel)
+
+    tx = optax.adam(learning_rate)
+    kernel = jnp.zeros((features.shape[1], num_classes), jnp.float32)
+
+    def body(_, carry):
+        kernel, opt_state = carry
+        grads = jax.grad(objective)(kernel)
+        updates, opt_state = tx.update(grads, opt_state, kernel)
+        return optax.apply_updates(kernel, updates), opt_state
+
+    kernel, _ = jax.lax.fori_loop(0, steps, body, (kernel, tx.init(kernel)))
+    return kernel
