@@ -12,9 +12,10 @@ import pytest
 from conftest import make_toy_graph
 
 from jaxfood.graph import schema
-from jaxfood.models import heads as heads_mod
+from jaxfood.models import pooling
 from jaxfood.models.encoder import EncoderConfig
-from jaxfood.models.heads import GatedAttentionPool, HeadsConfig, make_multitask_model
+from jaxfood.models.heads import HeadsConfig, make_multitask_model
+from jaxfood.models.pooling import GatedAttentionPool
 from jaxfood.train import multitask as mt
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.finetune import prepare_graph
@@ -70,7 +71,7 @@ def test_gated_attention_pool_matches_numpy_and_respects_masks(monkeypatch):
     np.testing.assert_allclose(w_masked[[0, 2]], e / e.sum(), rtol=1e-5)
 
     # The segment-sum path for large graphs gives the same result as the dense one.
-    monkeypatch.setattr(heads_mod, "DENSE_POOL_LIMIT", 0)
+    monkeypatch.setattr(pooling, "DENSE_POOL_LIMIT", 0)
     pooled_seg, _, _ = pool.apply({"params": params}, mol, senders, receivers, x, 3)
     np.testing.assert_allclose(np.asarray(pooled_seg), np.asarray(pooled), rtol=1e-5, atol=1e-6)
 

@@ -18,8 +18,10 @@ from jaxfood.eval.evaluator import Evaluator
 from jaxfood.graph import schema
 from jaxfood.graph.splits import prepare_graph
 from jaxfood.models import heads as heads_mod
+from jaxfood.models import pooling
 from jaxfood.models.encoder import EncoderConfig
-from jaxfood.models.heads import ClassAttentionPool, HeadsConfig, branch_weights, make_multitask_model
+from jaxfood.models.heads import HeadsConfig, make_multitask_model
+from jaxfood.models.pooling import ClassAttentionPool, branch_weights
 
 SENDERS = np.array([0, 0, 0, 1, 1, 2], np.int32)
 RECEIVERS = np.array([0, 2, 3, 1, 2, 3], np.int32)
@@ -81,7 +83,7 @@ def test_class_attention_pool_matches_numpy_masks_and_paths(readout, monkeypatch
     np.testing.assert_allclose(np.asarray(w_m), alpha_m[np.arange(6), np.asarray(explain)[SENDERS]], rtol=1e-5,
                                atol=1e-6)
     # The segment-sum path for large graphs gives the same logits.
-    monkeypatch.setattr(heads_mod, "DENSE_POOL_LIMIT", 0)
+    monkeypatch.setattr(pooling, "DENSE_POOL_LIMIT", 0)
     logits_seg, _ = pool.apply({"params": params}, mol, SENDERS, RECEIVERS, x, 3)
     np.testing.assert_allclose(np.asarray(logits_seg), np.asarray(logits), rtol=1e-5, atol=1e-5)
 

@@ -11,7 +11,7 @@ the model's, without the task-weighting parameters):
   intensity, through every path of the model;
 
 * ``class_attention`` -- the weights of each sample's own food's branch of the class-attention
-  pooling (CLAM, Lu et al. 2021; see :class:`jaxfood.models.heads.ClassAttentionPool`);
+  pooling (CLAM, Lu et al. 2021; see :class:`jaxfood.models.pooling.ClassAttentionPool`);
 * ``attention`` -- the importances the model reports for its predicted food: that food's
   class-attention branch, or without class attention the gated attention pooling (Ilse et al. 2018);
 * ``gat_attention`` -- the last encoder layer's attention on ``Molecule|rev_contains_molecule|Sample``
@@ -41,7 +41,7 @@ from jaxfood.eval.metrics import jaccard_at_k
 from jaxfood.graph import schema
 from jaxfood.graph.edge_masks import REV_CONTAINS, contains_edge_masks, merge_edge_masks
 from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph
-from jaxfood.models.heads import segment_topk_mask
+from jaxfood.models.pooling import segment_topk_mask
 
 
 # ---- scorers -------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def class_attention_scorer(model, params, graph: HeteroGraph, edge_masks=None):
     the model was not trained on enters a score. Without class attention: the plain pooling weights.
 
     GraphFramEx's "phenomenon" explanation: why is this sample its food -- the molecules that
-    food's branch reads its logit from (see :class:`jaxfood.models.heads.ClassAttentionPool`).
+    food's branch reads its logit from (see :class:`jaxfood.models.pooling.ClassAttentionPool`).
     """
     out = model.apply(params, graph, edge_masks=edge_masks, explain_class=training_labels(graph))
     return out.molecule_weights

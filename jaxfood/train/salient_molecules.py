@@ -23,7 +23,7 @@ from jaxfood.graph.edge_masks import (  # noqa: F401 (re-exported: the losses' e
     merge_edge_masks,
 )
 from jaxfood.graph.hetero_graph import HeteroGraph
-from jaxfood.models.heads import (  # noqa: F401 (re-exported: the salient-molecule toolbox)
+from jaxfood.models.pooling import (  # noqa: F401 (re-exported: the salient-molecule toolbox)
     restricted_softmax,
     segment_softmax,
     segment_topk_mask,
