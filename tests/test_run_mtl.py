@@ -55,8 +55,8 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     }  # stability_jaccard: the main result only (checked below)
     for section, keys in required.items():
         assert keys <= set(metrics[section]), section
-        # The ablations carry the same nested sections and keys as the main result.
-        for ablation in ("pretrained_probe", "from_scratch"):
+        # The ablations and the untrained control carry the same nested sections and keys as the main result.
+        for ablation in ("pretrained_probe", "from_scratch", "untrained"):
             assert keys <= set(metrics[ablation][section]), (ablation, section)
     assert {"logreg_accuracy", "logreg_weighted_f1", "rf_accuracy", "ridge_nutrient_r2",
             "fold_change_precision_at_10", "random_precision_at_10"} <= set(metrics["baselines"])
