@@ -118,11 +118,11 @@ def absent_intensity(graph: HeteroGraph):
     """[M] the normalised ``contains_molecule`` intensity of a molecule that is not detected
     (``log1p(0)`` through the graph's z-score statistics; without them the smallest intensity)."""
     stats = (graph.meta.normalisation or {}).get("contains_molecule", {})
-    z = jnp.asarray(graph.edges[schema.CONTAINS].attributes, jnp.float32)[:, 0]
     if stats.get("transform") == "log1p" and "mean" in stats and "std" in stats:
         mean = jnp.asarray(np.asarray(stats["mean"], np.float32))
         std = jnp.asarray(np.asarray(stats["std"], np.float32))
         return -mean / jnp.where(std > 0, std, 1.0)
+    z = jnp.asarray(graph.edges[schema.CONTAINS].attributes, jnp.float32)[:, 0]
     return jnp.full((graph.num_nodes[schema.MOLECULE],), jnp.min(z) if z.shape[0] else 0.0)
 
 

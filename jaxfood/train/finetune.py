@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxfood.config import config_from_dict, config_to_dict, dump_config
 from jaxfood.errors import CheckpointError, ConfigError
-from jaxfood.graph.hetero_graph import HeteroGraph, summary
+from jaxfood.graph.hetero_graph import SPLIT_CODES, HeteroGraph, summary
 from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
 from jaxfood.graph.splits import check_split_matches, prepare_graph, split_fingerprint
 from jaxfood.io_utils import write_text
@@ -42,6 +42,7 @@ from jaxfood.train import task_weighting as tw
 from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
 from jaxfood.train.data_parallel import ShardLayout, data_parallel
 from jaxfood.train.finetune_step import multitask_step_fn, train_state_to_dict
+from jaxfood.train.food_classification import fit_linear_classifier
 from jaxfood.train.graphcl import default_encoder_config as graphcl_encoder_config
 from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
 from jaxfood.train.monitoring import TensorBoard, flatten_metrics
@@ -255,9 +256,6 @@ def _check_encoder_params(pretrained_params, init_params, source) -> None:
 def _fitted_wide_kernel(model: MultiTaskModel, graph: HeteroGraph, cfg: FinetuneConfig, shape) -> Any:
     """The classifier's ``wide_kernel`` [M, F] fitted as a logistic regression on the training
     samples' standardised intensity profiles (``loss.wide_l2``, ``loss.label_smoothing``)."""
-    from jaxfood.graph.hetero_graph import SPLIT_CODES
-    from jaxfood.train.food_classification import fit_linear_classifier
-
     profile = model.profile(graph)
     features = profile.linear(jnp.eye(profile.num_molecules, dtype=jnp.float32))  # [S, M]
     labels = jnp.asarray(graph.sample_food)
