@@ -84,7 +84,11 @@ def main(argv=None) -> int:
             table[name][0].append(m)
             table[name][1].append(b)
             line.append(f"{name} {m:.3f}/{b:.3f}")
-        print(f"[seed {seed}, {time.perf_counter() - start:.0f} s] " + "; ".join(line), flush=True)
+        print(f"[seed {seed}, {time.perf_counter() - start:.0f} s, kept step {result.best_step}] " + "; ".join(line),
+              flush=True)
+        print("  validation (step: accuracy / nutrient R2): " + ", ".join(
+            f"{row['step']}: {row.get('food_classification/accuracy', float('nan')):.3f} / "
+            f"{row.get('nutrition/nutrient_r2', float('nan')):.3f}" for row in result.history["val"]), flush=True)
     print(f"{'metric':<14}{'model':>16}{'baseline':>16}")
     for name, (m, b) in table.items():
         print(f"{name:<14}{np.mean(m):>9.3f} ± {np.std(m):.3f}{np.mean(b):>9.3f} ± {np.std(b):.3f}")

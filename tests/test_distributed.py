@@ -375,3 +375,18 @@ def test_loop_preempted_then_rerun_ends_where_an_uninterrupted_run_does(tmp_path
     assert float(second.state["w"]) == float(reference.state["w"])
     assert [row["step"] for row in second.history["train"]] == list(range(1, 8))
     assert not (tmp_path / "b" / "resume").exists()  # a completed run leaves no snapshots behind
+
+
+def test_loop_evaluates_the_initial_state_and_keeps_it_when_no_step_beats_it(tmp_path):
+    from jaxfood.train.checkpoint import restore_checkpoint
+    from jaxfood.train.loop import LoopConfig, train_loop
+
+    scores = iter([5.0, 1.0, 3.0, 2.0])
+    loop = LoopConfig(num_steps=6, checkpoint_dir=tmp_path / "kept", eval_every=2, patience=0, eval_initial=True)
+    result = train_loop(_toy_step(), {"w": np.float32(0.5)}, _toy_batch, loop,
+                        evaluate=lambda state, step: (next(scores), {"w": float(state["w"])}), meta={"kind": "toy"})
+    assert [row["step"] for row in result.history["val"]] == [0, 2, 4, 6]
+    assert result.best_step == 0 and result.best_score == 5.0 and not result.stopped_early
+    kept, meta = restore_checkpoint(tmp_path / "kept")
+    assert meta["step"] == 0 and meta["best_step"] == 0
+    assert float(kept["w"]) == pytest.approx(0.5) and float(result.state["w"]) != pytest.approx(0.5)

@@ -142,7 +142,17 @@ def test_fit_linear_classifier_is_sklearns_l2_logistic_regression():
     mask = np.ones(n, bool)
     mask[:10] = False  # not in the fit
     l2 = 0.01
-    kernel = np.asarray(fit_linear_classifier(x, y, mask, c, l2, steps=3000, learning_rate=0.02))
+    kernel, bias = fit_linear_classifier(x, y, mask, c, l2, steps=3000, learning_rate=0.02, intercept=False)
     ref = LogisticRegression(C=1.0 / (2 * mask.sum() * l2), fit_intercept=False, max_iter=5000, tol=1e-10)
     ref.fit(x[mask], y[mask])
-    np.testing.assert_allclose(kernel, ref.coef_.T, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(kernel), ref.coef_.T, atol=2e-3)
+    np.testing.assert_array_equal(np.asarray(bias), 0.0)
+
+    # With an (unpenalised) intercept: sklearn's default model; classes of unequal size need one.
+    y = np.where(rng.uniform(size=n) < 0.6, 0, y)
+    x = centers[y] + rng.normal(0, 1.0, (n, d))
+    kernel, bias = fit_linear_classifier(x, y, mask, c, l2, steps=3000, learning_rate=0.02)
+    ref = LogisticRegression(C=1.0 / (2 * mask.sum() * l2), max_iter=5000, tol=1e-10).fit(x[mask], y[mask])
+    np.testing.assert_allclose(np.asarray(kernel), ref.coef_.T, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(bias), ref.intercept_ - ref.intercept_.mean(), atol=2e-3)
+    assert np.abs(ref.intercept_ - ref.intercept_.mean()).max() > 0.1  # the intercept matters here

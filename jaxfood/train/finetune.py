@@ -36,7 +36,13 @@ from jaxfood.graph.sampling import NeighbourSampler, SamplerConfig
 from jaxfood.graph.splits import check_split_matches, prepare_graph, split_fingerprint
 from jaxfood.io_utils import write_text
 from jaxfood.models.encoder import EncoderConfig
-from jaxfood.models.heads import SCORER_NAMES, HeadsConfig, MultiTaskModel, make_multitask_model
+from jaxfood.models.heads import (
+    CLASS_ATTENTION,
+    SCORER_NAMES,
+    HeadsConfig,
+    MultiTaskModel,
+    make_multitask_model,
+)
 from jaxfood.train import multitask as mt
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
@@ -89,7 +95,12 @@ class FinetuneConfig:
     ``wide_init``: the classifier's linear path starts at 0 (``zeros``) or at the multinomial
     logistic regression of the training samples' intensity profiles with the same L2 (``fit``, see
     :func:`jaxfood.train.food_classification.fit_linear_classifier`): the baseline is then where
-    training starts, not where it has to arrive in ``steps``.
+    training starts, not where it has to arrive in ``steps``. The starting state is then evaluated
+    (step 0) and a trained state replaces it only when its selection score is higher by more than
+    ``start_margin`` (None: the largest standard error of a validation accuracy, ``0.5 /
+    sqrt(validation samples)`` times the accuracy's selection weight -- the one-standard-error rule:
+    with a few samples per food the validation split is noisy, and the simpler model is kept
+    unless training clearly beats it; docs/experiments.md §5).
     ``salient_k``: k of precision/recall@k and fidelity; ``salient_scorer``: scorer of the headline
     salient-molecule numbers; ``scorers``: all scorers evaluated (reported under ``per_scorer``).
     ``stability_*``: ``stability_jaccard`` of the headline scorer, the mean top-k Jaccard overlap of
@@ -120,7 +131,8 @@ class FinetuneConfig:
     prng_impl: Literal["rbg", "threefry2x32"] = "rbg"
     tensorboard: bool = True
     figures: bool = True
-    wide_init: Literal["zeros", "fit"] = "zeros"
+    wide_init: Literal["zeros", "fit"] = "fit"
+    start_margin: float | None = None
 
 
 def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -135,6 +147,9 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if not 0.0 < cfg.loss.supervised_fraction <= 1.0:
         raise ConfigError(f"finetune config: key 'loss.supervised_fraction' = {cfg.loss.supervised_fraction}: "
                           "expected a number in (0, 1]")
+    if cfg.start_margin is not None and not (math.isfinite(cfg.start_margin) and cfg.start_margin >= 0):
+        raise ConfigError(f"finetune config: key 'start_margin' = {cfg.start_margin}: expected a number >= 0 "
+                          "or null (one standard error of the validation accuracy)")
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
         raise ConfigError(f"finetune config: key 'loss.label_smoothing' = {cfg.loss.label_smoothing}: "
                           "expected a number in [0, 1)")
@@ -181,6 +196,16 @@ def selection_score(metrics: Mapping[str, Any], selection: Mapping[str, float]) 
         value = float(value) if value is not None else math.nan
         score += weight * (value if math.isfinite(value) else 0.0)
     return score
+
+
+def start_margin(cfg: FinetuneConfig, graph: HeteroGraph) -> float:
+    """What a trained state's selection score must exceed the fitted starting state's by (see
+    :class:`FinetuneConfig` ``start_margin``)."""
+    if cfg.start_margin is not None:
+        return float(cfg.start_margin)
+    split, labels = np.asarray(graph.sample_split), np.asarray(graph.sample_food)
+    num_val = int(np.sum((split == SPLIT_CODES["val"]) & (labels >= 0)))
+    return float(cfg.selection.get("food_classification.accuracy", 0.0)) * 0.5 / math.sqrt(max(num_val, 1))
 
 
 def task_weight_summary(cfg: tw.WeightingConfig, params) -> dict[str, Any]:
@@ -253,15 +278,48 @@ def _check_encoder_params(pretrained_params, init_params, source) -> None:
         raise CheckpointError(f"{source}: unexpected encoder parameter {extra[0]} (encoder configuration mismatch)")
 
 
-def _fitted_wide_kernel(model: MultiTaskModel, graph: HeteroGraph, cfg: FinetuneConfig, shape) -> Any:
-    """The classifier's ``wide_kernel`` [M, F] fitted as a logistic regression on the training
-    samples' standardised intensity profiles (``loss.wide_l2``, ``loss.label_smoothing``)."""
+def _fitted_linear_model(model: MultiTaskModel, graph: HeteroGraph, cfg: FinetuneConfig, num_classes: int):
+    """``(kernel [M, F], bias [F])``: the logistic regression of the training samples' standardised
+    intensity profiles (L2 ``loss.wide_l2`` on the kernel, an unpenalised intercept, no label
+    smoothing), the classifier's wide path and output bias when training starts there."""
     profile = model.profile(graph)
     features = profile.linear(jnp.eye(profile.num_molecules, dtype=jnp.float32))  # [S, M]
     labels = jnp.asarray(graph.sample_food)
     train = (jnp.asarray(graph.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
-    kernel = fit_linear_classifier(features, labels, train, shape[1], cfg.loss.wide_l2, cfg.loss.label_smoothing)
-    return kernel.astype(jnp.float32)
+    # No label smoothing: it moves the fit away from the logistic regression (docs/experiments.md §5).
+    kernel, bias = fit_linear_classifier(features, labels, train, num_classes, cfg.loss.wide_l2)
+    return kernel.astype(jnp.float32), bias.astype(jnp.float32)
+
+
+#: ``logit_log_scale`` of the class-attention branches when training starts at the linear model:
+#: their standardised logits enter at ``exp(-3)`` ~ 0.05 of their own scale, and grow where they help.
+CLASS_LOGITS_START = -3.0
+
+
+def _start_at_linear_model(params, wide_kernel, bias):
+    """The parameters with the classifier's wide path at ``wide_kernel``, its output bias at ``bias``
+    and the deep paths' outputs silenced: the classifier MLP's and the nutrient MLP's output layers at 0 (but
+    for that bias), the class-attention
+    branches' logit scale at :data:`CLASS_LOGITS_START`. The food logits are then (nearly) the
+    logistic regression's, the nutrient profile the one expected under its posterior; the deep
+    paths still receive gradients (their hidden layers are not 0) and enter where they help."""
+
+    def silence(head):
+        out = head["mlp"]["out"]
+        return dict(head, mlp=dict(head["mlp"], out=jax.tree_util.tree_map(jnp.zeros_like, out)))
+
+    classifier = silence(params["classifier"])
+    out = classifier["mlp"]["out"]
+    classifier = dict(classifier, wide_kernel=wide_kernel,
+                      mlp=dict(classifier["mlp"], out=dict(out, bias=jnp.zeros_like(out["bias"]).at[:bias.shape[0]].set(bias))))
+    params = dict(params, classifier=classifier,
+                  nutrient_head=silence(params["nutrient_head"]))
+    pool = params["salient_pool"]
+    if CLASS_ATTENTION in pool and "logit_log_scale" in pool[CLASS_ATTENTION]:
+        branches = pool[CLASS_ATTENTION]
+        scale = jnp.full_like(branches["logit_log_scale"], CLASS_LOGITS_START)
+        params["salient_pool"] = dict(pool, **{CLASS_ATTENTION: dict(branches, logit_log_scale=scale)})
+    return params
 
 
 def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGraph, pretrained,
@@ -347,8 +405,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
         state = state.replace(params=params, opt_state=tx.init(params))
     if cfg.wide_init == "fit" and cfg.heads.wide:
-        params = dict(state.params, classifier=dict(state.params["classifier"], wide_kernel=_fitted_wide_kernel(
-            model, example, cfg, state.params["classifier"]["wide_kernel"].shape)))
+        params = _start_at_linear_model(state.params, *_fitted_linear_model(
+            model, example, cfg, state.params["classifier"]["wide_kernel"].shape[1]))
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
     initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch
@@ -360,7 +418,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     meta = checkpoint_meta(cfg, enc_cfg, graph, pretrained, dict(meta_extra or {}, data_parallel=spread))
 
     loop = LoopConfig(num_steps=cfg.steps, checkpoint_dir=workdir / "checkpoints", resume_dir=workdir / "resume",
-                      checkpoint_every=options.checkpoint_every, eval_every=cfg.eval_every, patience=cfg.patience)
+                      checkpoint_every=options.checkpoint_every, eval_every=cfg.eval_every, patience=cfg.patience,
+                      eval_initial=cfg.wide_init == "fit" and cfg.heads.wide)
     tb_dir = workdir / "tb"
     prepare_run(loop, stale=[tb_dir])
     tensorboard = TensorBoard(tb_dir if cfg.tensorboard and primary else None)
@@ -373,10 +432,15 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         tensorboard.write(done, row)
         return row
 
+    margin = start_margin(cfg, full) if loop.eval_initial else 0.0
+
     def evaluate(state, done: int) -> tuple[float, dict[str, float]]:
         val = validate(model, jax.tree_util.tree_map(jnp.asarray, state["params"]))
         score = selection_score(val, cfg.selection)
         row = flatten_metrics(val)
+        if done > 0 and margin:  # a trained state must beat the fitted start by more than the margin
+            row["selection_margin"] = margin
+            score -= margin
         tensorboard.write(done, dict(row, selection_score=score), "val/")
         log(f"step {done}: validation score {score:.4f} "
             f"(accuracy {row.get('food_classification/accuracy', math.nan):.3f})")

@@ -50,24 +50,26 @@ def accuracy(logits, labels, mask=None):
 
 
 def fit_linear_classifier(features, labels, mask, num_classes: int, l2: float, label_smoothing: float = 0.0,
-                          steps: int = 300, learning_rate: float = 0.05):
-    """``W`` [D, C] minimising ``cross_entropy(features @ W) + l2 * ||W||^2`` over the samples in
-    ``mask`` (full batch, Adam, a convex problem: the multinomial logistic regression without
-    intercept). ``features`` [S, D], ``labels`` [S] (-1 = unknown), ``mask`` [S] bool."""
+                          steps: int = 300, learning_rate: float = 0.05, intercept: bool = True):
+    """``(W [D, C], b [C])`` minimising ``cross_entropy(features @ W + b) + l2 * ||W||^2`` over the
+    samples in ``mask`` (full batch, Adam, a convex problem: the multinomial logistic regression;
+    the intercept ``b`` is not penalised, as in scikit-learn, and stays 0 without ``intercept``).
+    ``features`` [S, D], ``labels`` [S] (-1 = unknown), ``mask`` [S] bool."""
     features = jnp.asarray(features, jnp.float32)
 
-    def objective(kernel):
-        logits = features @ kernel
+    def objective(params):
+        kernel, bias = params
+        logits = features @ kernel + (bias if intercept else 0.0)
         return cross_entropy_loss(logits, labels, mask, label_smoothing) + l2 * jnp.sum(kernel * kernel)
 
     tx = optax.adam(learning_rate)
-    kernel = jnp.zeros((features.shape[1], num_classes), jnp.float32)
+    params = (jnp.zeros((features.shape[1], num_classes), jnp.float32), jnp.zeros((num_classes,), jnp.float32))
 
     def body(_, carry):
-        kernel, opt_state = carry
-        grads = jax.grad(objective)(kernel)
-        updates, opt_state = tx.update(grads, opt_state, kernel)
-        return optax.apply_updates(kernel, updates), opt_state
+        params, opt_state = carry
+        grads = jax.grad(objective)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
-    kernel, _ = jax.lax.fori_loop(0, steps, body, (kernel, tx.init(kernel)))
-    return kernel
+    (kernel, bias), _ = jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))
+    return kernel, (bias - jnp.mean(bias)) if intercept else bias

@@ -7,8 +7,10 @@ batch, rng) -> (state, metrics)`` under ``pmap(vmap)``; one device is a mesh of 
 
 * evaluation: every ``eval_every`` steps (and after the last) an ``evaluate(state, step) ->
   (score, row)`` hook passed in by the caller (training never imports evaluation) scores the
-  state; the best score's state is kept in ``checkpoint_dir``; ``patience`` evaluations without
-  improvement stop the run early. Without a hook the last step's state is kept.
+  state (with ``eval_initial`` also the state before the first step, step 0: a model that starts
+  at a fitted baseline is kept when no step beats it); the best score's state is kept in
+  ``checkpoint_dir``; ``patience`` evaluations without improvement stop the run early. Without a
+  hook the last step's state is kept.
 * resume: every ``checkpoint_every`` steps and when preempted (SIGTERM, see
   :mod:`jaxfood.train.preemption`) the training state, the history and the early-stopping
   bookkeeping go to ``resume_dir``; rerun, the loop continues from there and ends where an
@@ -55,6 +57,7 @@ class LoopConfig:
     eval_every: int = 0                              # evaluate every N steps and after the last (with a hook)
     patience: int = 0                                # evaluations without improvement before stopping (0: never)
     log_every: int = 1                               # fetch and log metrics every N steps
+    eval_initial: bool = False                       # also evaluate (and possibly keep) the state before step 1
 
 
 @dataclasses.dataclass
@@ -134,6 +137,25 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
         done, preempted, stopped_early, edges, t0 = start, False, False, 0.0, None
         bar = tqdm(total=loop.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (progress and is_primary()), leave=False)
+
+        def consider(host, done: int) -> bool:
+            """Evaluates ``host`` after ``done`` steps, keeps it if best; True when patience runs out."""
+            nonlocal best_step, best_score, stale
+            score, row = evaluate(host, done)
+            # The mean over processes: every process takes the same decision below.
+            score = aggregate_metrics({"score": score})["score"]
+            history["val"].append(dict(row, selection_score=score, step=done))
+            if best_score is None or score > best_score:
+                best_step, best_score, stale = done, score, 0
+                if kept is not None:
+                    kept.save(done, host, dict(meta, best_step=done, selection_score=_finite(score),
+                                               validation={k: _finite(v) for k, v in row.items()}))
+                return False
+            stale += 1
+            return bool(loop.patience and stale >= loop.patience)
+
+        if evaluate is not None and loop.eval_initial and start == 0:
+            consider(state_host, 0)
         with PreemptionGuard() as guard:
             for i in range(start, loop.num_steps):
                 batch = fixed if fixed is not None else local_batch(make_shard, i, layout)
@@ -152,21 +174,9 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(logged.items())[:3]}, refresh=False)
                 last = done == loop.num_steps
                 if evaluate is not None and (last or (loop.eval_every and done % loop.eval_every == 0)):
-                    host = unreplicate(state)
-                    score, row = evaluate(host, done)
-                    # The mean over processes: every process takes the same decision below.
-                    score = aggregate_metrics({"score": score})["score"]
-                    history["val"].append(dict(row, selection_score=score, step=done))
-                    if best_score is None or score > best_score:
-                        best_step, best_score, stale = done, score, 0
-                        if kept is not None:
-                            kept.save(done, host, dict(meta, best_step=done, selection_score=_finite(score),
-                                                       validation={k: _finite(v) for k, v in row.items()}))
-                    else:
-                        stale += 1
-                        if loop.patience and stale >= loop.patience and not last:
-                            log(f"early stop at step {done}: no improvement for {loop.patience} evaluations")
-                            stopped_early = True
+                    if consider(unreplicate(state), done) and not last:
+                        log(f"early stop at step {done}: no improvement for {loop.patience} evaluations")
+                        stopped_early = True
                 elif evaluate is None and last:
                     best_step = done
                     if kept is not None:

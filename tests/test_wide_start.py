@@ -1,0 +1,79 @@
+"""``wide_init=fit``: fine-tuning starts at the logistic regression of the training samples'
+intensity profiles, with the deep paths silenced, and the loop evaluates that starting state."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from conftest import TINY_FINETUNE, make_toy_graph
+
+from jaxfood.graph.hetero_graph import SPLIT_CODES
+
+
+def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path):
+    from jaxfood.config import load_config
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.models.heads import CLASS_ATTENTION, make_multitask_model
+    from jaxfood.train.finetune import CLASS_LOGITS_START, FinetuneConfig
+    from jaxfood.train.food_classification import fit_linear_classifier
+    from jaxfood.workflows import finetune
+
+    graph = make_toy_graph(num_samples=40, num_molecules=30, num_foods=4)
+    cfg = load_config(FinetuneConfig(), None, [*TINY_FINETUNE, "wide_init=fit", "eval_every=3"])
+    result = finetune(graph, cfg, tmp_path / "run", progress=False)
+    init = result.initial_params
+
+    # The classifier's and the nutrient head's deep outputs start at 0 (but for the classifier's
+    # intercept), the class branches small.
+    for leaf in init["nutrient_head"]["mlp"]["out"].values():
+        assert np.all(np.asarray(leaf) == 0)
+    assert np.all(np.asarray(init["classifier"]["mlp"]["out"]["kernel"]) == 0)
+    np.testing.assert_array_equal(init["salient_pool"][CLASS_ATTENTION]["logit_log_scale"], CLASS_LOGITS_START)
+
+    # The wide kernel is the L2 logistic regression of the training samples' profiles.
+    prepared = prepare_graph(graph).to_numpy()
+    model = make_multitask_model(prepared, result.encoder_config, cfg.heads)
+    profile = model.profile(prepared)
+    features = profile.linear(jnp.eye(profile.num_molecules))
+    labels = np.asarray(prepared.sample_food)
+    train = (np.asarray(prepared.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
+    expected, bias = fit_linear_classifier(features, labels, train, 4, cfg.loss.wide_l2)
+    np.testing.assert_allclose(init["classifier"]["wide_kernel"], expected, atol=1e-5)
+    np.testing.assert_allclose(init["classifier"]["mlp"]["out"]["bias"], bias, atol=1e-5)
+    assert float(np.abs(expected).max()) > 1e-2  # a fitted kernel, not the zeros it replaces
+
+    # The starting model is that logistic regression plus at most exp(-3) of standardised class logits.
+    out = model.apply(jax_tree(init), prepared)
+    deep = np.asarray(out.food_logits - out.wide_food_logits) - np.asarray(bias)
+    assert np.all(np.std(deep, axis=0) <= 1.01 * np.exp(CLASS_LOGITS_START))
+    np.testing.assert_allclose(out.wide_food_logits, np.asarray(features) @ np.asarray(expected), atol=1e-4)
+    train_accuracy = np.mean(np.argmax(np.asarray(out.food_logits)[train], -1) == labels[train])
+    assert train_accuracy == 1.0  # the toy foods are separable by their marker molecules
+
+    # The starting state is evaluated (step 0) beside the later steps, which pay one standard error
+    # of the validation accuracy (0.5 / sqrt(validation samples)) to replace it.
+    val = result.history["val"]
+    assert [row["step"] for row in val] == [0, 3]
+    num_val = int(np.sum((np.asarray(prepared.sample_split) == SPLIT_CODES["val"]) & (labels >= 0)))
+    assert "selection_margin" not in val[0]
+    assert np.isclose(val[1]["selection_margin"], 0.5 / np.sqrt(num_val))
+    kept = 0 if val[0]["selection_score"] >= val[1]["selection_score"] else 3
+    assert result.best_step == kept
+
+
+def test_start_margin_is_a_number_or_null():
+    import pytest
+
+    from jaxfood.config import load_config
+    from jaxfood.errors import ConfigError
+    from jaxfood.train.finetune import FinetuneConfig, check_config
+
+    assert check_config(load_config(FinetuneConfig(), None, ["start_margin=0.1"])).start_margin == 0.1
+    with pytest.raises(ConfigError, match="start_margin.*expected a number >= 0"):
+        check_config(load_config(FinetuneConfig(), None, ["start_margin=-1"]))
+
+
+def jax_tree(params):
+    import jax
+
+    return jax.tree_util.tree_map(jnp.asarray, params)
