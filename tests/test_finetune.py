@@ -130,10 +130,11 @@ def test_tensorboard_has_every_task(runs):
     for tag in ("loss/total", "learning_rate/encoder", "learning_rate/classifier", "grad_norm/encoder",
                 "task_grad_cosine/food_classification__nutrition", "val/food_classification/accuracy"):
         assert tag in scalars, tag
-    # Validation covers all three tasks, at every evaluation (eval_every=2 of 4 steps).
+    # Validation covers all three tasks, at every evaluation (the fitted start, step 0, and
+    # eval_every=2 of 4 steps).
     # (the tiny graph has too few foods to hold any out: its Food-level figures are the in-sample ones)
     for tag in ("val/nutrition/spearman_in_sample", "val/salient_molecules/precision_at_3", "val/salient_molecules/fidelity_plus"):
-        assert [step for step, _ in scalars[tag]] == [2, 4], tag
+        assert [step for step, _ in scalars[tag]] == [0, 2, 4], tag
 
 
 def test_bad_config_key_and_checkpoint_are_one_line_errors(tmp_path, capsys):
