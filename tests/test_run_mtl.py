@@ -35,13 +35,26 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, arg
     assert not workdir.exists()
 
 
+#: The embedded default graph (its 65 foods and 33 nutrients are checked below) with a tiny model:
+#: the test checks that every output is written, not what the model learns. The fine-tuned model
+#: and the from-scratch ablation take their encoder from pretrain.encoder; one stability
+#: perturbation still computes stability_jaccard; every scorer is kept.
+TINY_MODEL = [
+    "pretrain.encoder.hidden_dim=8", "pretrain.encoder.num_heads=2", "pretrain.encoder.embedding_dim=8",
+    "pretrain.encoder.num_layers=1",
+    "pretrain.batch_size=32", "pretrain.val_views=1", "pretrain.projection_hidden=8", "pretrain.projection_dim=4",
+    "finetune.heads.hidden_dim=8", "finetune.heads.pool_dim=8", "finetune.heads.attention_dim=4",
+    "finetune.heads.projection_dim=4", "finetune.stability_perturbations=1",
+]
+
+
 @pytest.mark.slow
 def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     from jaxfood.train.monitoring import read_scalars
 
     workdir = tmp_path / "w"
     code = _run_mtl().main([
-        "--workdir", str(workdir), "--no-progress",
+        "--workdir", str(workdir), "--no-progress", *[arg for item in TINY_MODEL for arg in ("--set", item)],
         "--set", "pretrain.epochs=1", "--set", "pretrain.steps_per_epoch=2",
         "--set", "finetune.steps=4", "--set", "finetune.eval_every=2", "--set", "evaluation.rf_estimators=5",
     ])
