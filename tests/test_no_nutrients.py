@@ -30,7 +30,7 @@ pretrain:
   batch_size: 32
   projection_hidden: 8
   projection_dim: 4
-  encoder: {hidden_dim: 8, num_heads: 2, embedding_dim: 8}
+  encoder: {hidden_dim: 8, num_heads: 2, embedding_dim: 8, num_layers: 1}
 finetune:
   steps: 2
   eval_every: 2
