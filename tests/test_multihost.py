@@ -110,7 +110,10 @@ def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path
     one = np.load(tmp_path / "final_single_0.npz")
     assert one.files == final[0].files
     for name in one.files:
-        np.testing.assert_allclose(final[0][name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        # (6 Adam steps turn the all-reduce's float-order differences, ~1e-7 in a gradient, into up
+        # to ~1e-5 in a weight; a process missing from the mean changes the updates by up to the
+        # learning rate, 1e-3 and more)
+        np.testing.assert_allclose(final[0][name], one[name], rtol=1e-4, atol=5e-5, err_msg=name)
     # ...from the same start, and well beyond that tolerance away from it (the comparisons can fail).
     initial, initial_one = np.load(tmp_path / "initial_0.npz"), np.load(tmp_path / "initial_single_0.npz")
     assert initial.files == final[0].files

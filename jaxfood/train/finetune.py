@@ -297,12 +297,12 @@ CLASS_LOGITS_START = -3.0
 
 
 def _start_at_linear_model(params, wide_kernel, bias):
-    """The parameters with the classifier's wide path at ``wide_kernel``, its output bias at ``bias``
-    and the deep paths' outputs silenced: the classifier MLP's and the nutrient MLP's output layers at 0 (but
-    for that bias), the class-attention
-    branches' logit scale at :data:`CLASS_LOGITS_START`. The food logits are then (nearly) the
-    logistic regression's, the nutrient profile the one expected under its posterior; the deep
-    paths still receive gradients (their hidden layers are not 0) and enter where they help."""
+    """The parameters with the classifier's wide path at ``wide_kernel``, its output bias at
+    ``bias`` and the deep paths' outputs silenced: the classifier MLP's and the nutrient MLP's
+    output layers at 0 (but for that bias), the class-attention branches' logit scale at
+    :data:`CLASS_LOGITS_START`. The food logits are then (nearly) the logistic regression's, the
+    nutrient profile the one expected under its posterior; the deep paths still receive gradients
+    (their hidden layers are not 0) and enter where they help."""
 
     def silence(head):
         out = head["mlp"]["out"]
