@@ -304,15 +304,13 @@ def _start_at_linear_model(params, wide_kernel, bias):
     nutrient profile the one expected under its posterior; the deep paths still receive gradients
     (their hidden layers are not 0) and enter where they help."""
 
-    def silence(head):
+    def silence(head, bias=None):
         out = head["mlp"]["out"]
-        return dict(head, mlp=dict(head["mlp"], out=jax.tree_util.tree_map(jnp.zeros_like, out)))
+        zeros = jnp.zeros_like(out["bias"])
+        out = {"kernel": jnp.zeros_like(out["kernel"]), "bias": zeros if bias is None else zeros.at[:bias.shape[0]].set(bias)}
+        return dict(head, mlp=dict(head["mlp"], out=out))
 
-    classifier = silence(params["classifier"])
-    out = classifier["mlp"]["out"]
-    classifier = dict(classifier, wide_kernel=wide_kernel,
-                      mlp=dict(classifier["mlp"], out=dict(out, bias=jnp.zeros_like(out["bias"]).at[:bias.shape[0]].set(bias))))
-    params = dict(params, classifier=classifier,
+    params = dict(params, classifier=dict(silence(params["classifier"], bias), wide_kernel=wide_kernel),
                   nutrient_head=silence(params["nutrient_head"]))
     pool = params["salient_pool"]
     if CLASS_ATTENTION in pool and "logit_log_scale" in pool[CLASS_ATTENTION]:
