@@ -82,11 +82,13 @@ def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig, temperature: floa
                      stability_settings(cfg), temperature)
 
 
-def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int) -> dict[str, Any]:
+def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int,
+                  composed_step: int | None = None) -> dict[str, Any]:
     """The metrics.json of a kept state: test split, every scorer, stability, task weights."""
     metrics = evaluator.evaluate(params, "test", reference)
     metrics["task_weights"] = task_weight_summary(cfg.weighting, params)
     metrics["best_step"] = int(best_step)
+    metrics["composed_step"] = composed_step
     return metrics
 
 
@@ -127,7 +129,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     params = jax.tree_util.tree_map(jnp.asarray, result.params)
     evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)
     evaluator.temperature = result.temperature  # calibrated on val with the kept state
-    result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step)
+    result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step,
+                                   result.composed_step)
     if is_primary():
         write_json(workdir / "metrics.json", result.metrics)
         write_json(workdir / "history.json", result.history)
@@ -167,6 +170,7 @@ def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: s
                                                                                         reference)
     metrics["task_weights"] = task_weight_summary(loaded.config.weighting, loaded.params)
     metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
+    metrics["composed_step"] = loaded.meta.get("composed_step")
     return metrics
 
 

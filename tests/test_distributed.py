@@ -321,11 +321,12 @@ def test_sampled_graphcl_pmap_over_4_devices_equals_one_device_on_the_same_4_sub
 
 
 # ---- the loop (one device, a toy step: what is tested is the bookkeeping) -------------------------
-def _toy_step():
-    """``w <- w + mean over shards of (batch + noise)``: depends on the step's batch and key."""
+def _toy_step(keep=()):
+    """``w <- w + mean over shards of (batch + noise)``: depends on the step's batch and key; the
+    ``keep`` entries of the state pass through unchanged."""
     def step(state, batch, rng):
         delta = jax.lax.pmean(batch["x"] + 0.01 * jax.random.normal(rng, ()), dp.DATA_AXES)
-        return {"w": state["w"] + delta}, {"loss": delta}
+        return {"w": state["w"] + delta, **{k: state[k] for k in keep}}, {"loss": delta}
 
     return dp.data_parallel(step, dp.ShardLayout(0, 1, 1, 1), seed=3)
 
@@ -390,3 +391,56 @@ def test_loop_evaluates_the_initial_state_and_keeps_it_when_no_step_beats_it(tmp
     kept, meta = restore_checkpoint(tmp_path / "kept")
     assert meta["step"] == 0 and meta["best_step"] == 0
     assert float(kept["w"]) == pytest.approx(0.5) and float(result.state["w"]) != pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+def test_kept_start_takes_the_parts_compose_picks_from_the_best_trained_state(tmp_path, preempt):
+    """While the start is kept, the best-scoring trained state (here step 4 of 2/4/6) is composed into
+    it; a preempted and resumed run ends with the same kept state and the same bookkeeping."""
+    import os
+    import signal
+
+    from jaxfood.train.checkpoint import restore_checkpoint
+    from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
+
+    score_of = {0: 5.0, 2: 1.0, 4: 3.0, 6: 2.0}
+    seen: dict[int, float] = {}
+
+    def evaluate(state, step):
+        seen[step] = float(state["w"])
+        return score_of[step], {"w": float(state["w"])}
+
+    def run(stop_at=None):
+        loop = LoopConfig(num_steps=6, checkpoint_dir=tmp_path / "kept", resume_dir=tmp_path / "resume",
+                          eval_every=2, eval_initial=True, checkpoint_every=0)
+        if stop_at is None and not (tmp_path / "resume").exists():
+            prepare_run(loop)
+
+        def on_train(step, metrics):
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return None
+
+        return train_loop(_toy_step(keep=("v",)), {"w": np.float32(0.5), "v": np.float32(7.0)}, _toy_batch, loop,
+                          evaluate=evaluate, meta={"kind": "toy"}, on_train=on_train,
+                          compose=lambda start, trained: dict(start, w=trained["w"]))
+
+    if preempt:
+        assert run(stop_at=5).preempted
+    result = run()
+    assert result.best_step == 0 and result.composed_step == 4
+    kept, meta = restore_checkpoint(tmp_path / "kept")
+    assert meta["best_step"] == 0 and meta["composed_step"] == 4 and meta["validation"] == {"w": 0.5}
+    assert float(kept["v"]) == 7.0  # the start's own part
+    assert float(kept["w"]) == pytest.approx(seen[4]) and seen[4] != pytest.approx(0.5)  # the trained part
+
+    # A trained state that beats the start replaces it whole: nothing is composed.
+    score_of.update({6: 9.0})
+    for path in ("kept", "resume"):
+        if (tmp_path / path).exists():
+            import shutil
+            shutil.rmtree(tmp_path / path)
+    result = run()
+    assert result.best_step == 6 and result.composed_step is None
+    kept, meta = restore_checkpoint(tmp_path / "kept")
+    assert "composed_step" not in meta and float(kept["w"]) == pytest.approx(seen[6])

@@ -3,6 +3,7 @@ intensity profiles, with the deep paths silenced, and the loop evaluates that st
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import TINY_FINETUNE, make_toy_graph
@@ -59,6 +60,18 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
     assert np.isclose(val[1]["selection_margin"], 0.5 / np.sqrt(num_val))
     kept = 0 if val[0]["selection_score"] >= val[1]["selection_score"] else 3
     assert result.best_step == kept
+
+    # A kept start carries the trained representation (encoder, Food projection) of step 3 and its own heads.
+    from jaxfood.train.checkpoint import restore_checkpoint
+
+    state, meta = restore_checkpoint(result.checkpoint_dir)
+    assert result.composed_step == meta.get("composed_step") == (3 if kept == 0 else None)
+    assert result.metrics["composed_step"] == result.composed_step
+    changed = {name: not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state["params"][name]),
+                                                                  jax.tree_util.tree_leaves(init[name])))
+               for name in ("encoder", "food_projection", "classifier", "nutrient_head", "salient_pool")}
+    assert changed == {"encoder": True, "food_projection": True, "classifier": kept != 0,
+                       "nutrient_head": kept != 0, "salient_pool": kept != 0}
 
 
 def test_start_margin_is_a_number_or_null():

@@ -239,6 +239,8 @@ class FinetuneResult:
     initial_params: dict[str, Any] | None = None
     #: Temperature that calibrates the kept state's food probabilities (fitted on val; 1: none).
     temperature: float = 1.0
+    #: The kept start (``best_step`` 0) carries the representation of this trained step (None: its own).
+    composed_step: int | None = None
 
 
 #: Key of the calibration temperature in a checkpoint's ``validation`` meta (the evaluation hook's
@@ -318,6 +320,19 @@ def _start_at_linear_model(params, wide_kernel, bias):
         scale = jnp.full_like(branches["logit_log_scale"], CLASS_LOGITS_START)
         params["salient_pool"] = dict(pool, **{CLASS_ATTENTION: dict(branches, logit_log_scale=scale)})
     return params
+
+
+#: What the fitted start takes from the best trained state when no trained state beats it: the
+#: representation (encoder and Food projection). The heads stay the start's, so the kept food
+#: probabilities and nutrient estimates are (up to the class-attention branch, at exp(-3)) the
+#: start's, while the Food embeddings have been through the nutrient-alignment loss.
+REPRESENTATION_PARAMS = ("encoder", "food_projection")
+
+
+def with_trained_representation(start: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
+    """The host train state ``start`` with the :data:`REPRESENTATION_PARAMS` of ``trained``."""
+    params = dict(start["params"], **{k: trained["params"][k] for k in REPRESENTATION_PARAMS if k in trained["params"]})
+    return dict(start, params=params)
 
 
 def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGraph, pretrained,
@@ -447,7 +462,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     try:
         result = train_loop(step, state, make_shard, loop, fixed_batch=not options.sampled,
                             evaluate=evaluate if validate is not None else None, meta=meta,
-                            on_train=on_train, count_edges=count_edges, progress=progress, log=log)
+                            on_train=on_train, count_edges=count_edges, progress=progress, log=log,
+                            compose=with_trained_representation if loop.eval_initial else None)
     finally:
         tensorboard.close()
     if result.preempted:
@@ -458,7 +474,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
                           metrics={}, best_step=result.best_step, checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
                           num_step_compilations=step.compile_count(), config=cfg, encoder_config=enc_cfg,
                           figures={}, start_step=result.start_step, edges_per_second=result.edges_per_second,
-                          spread=spread, initial_params=initial_params)
+                          spread=spread, initial_params=initial_params, composed_step=kept_meta.get("composed_step"))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

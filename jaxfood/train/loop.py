@@ -8,8 +8,9 @@ batch, rng) -> (state, metrics)`` under ``pmap(vmap)``; one device is a mesh of 
 * evaluation: every ``eval_every`` steps (and after the last) an ``evaluate(state, step) ->
   (score, row)`` hook passed in by the caller (training never imports evaluation) scores the
   state (with ``eval_initial`` also the state before the first step, step 0: a model that starts
-  at a fitted baseline is kept when no step beats it); the best score's state is kept in
-  ``checkpoint_dir``; ``patience`` evaluations without improvement stop the run early. Without a
+  at a fitted baseline is kept when no step beats it; a ``compose`` hook then gives that kept start
+  what it takes from the best-scoring trained state, e.g. its encoder); the best score's state is
+  kept in ``checkpoint_dir``; ``patience`` evaluations without improvement stop the run early. Without a
   hook the last step's state is kept.
 * resume: every ``checkpoint_every`` steps and when preempted (SIGTERM, see
   :mod:`jaxfood.train.preemption`) the training state, the history and the early-stopping
@@ -44,6 +45,8 @@ from jaxfood.train.processes import aggregate_metrics, barrier, host_sum, is_pri
 PyTree = Any
 #: ``(host state, step) -> (score, row)``: higher scores are better; ``row`` (flat numbers) goes to the history.
 EvaluateFn = Callable[[PyTree, int], tuple[float, dict[str, float]]]
+#: ``(start host state, trained host state) -> host state``: the kept start with parts of a trained state.
+ComposeFn = Callable[[PyTree, PyTree], PyTree]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,8 @@ class LoopResult:
     stopped_early: bool
     edges_per_second: float = 0.0
     seconds: float = 0.0
+    #: With ``compose``: the trained step whose parts the kept start took (None: none taken).
+    composed_step: int | None = None
 
 
 def prepare_run(loop: LoopConfig, stale: Sequence[str | os.PathLike] = ()) -> int:
@@ -101,7 +106,7 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
                meta: Mapping[str, Any] | None = None,
                on_train: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
                count_edges: Callable[[PyTree], int] | None = None, progress: bool = False,
-               log: Callable[[str], None] | None = None) -> LoopResult:
+               log: Callable[[str], None] | None = None, compose: ComposeFn | None = None) -> LoopResult:
     """Trains ``loop.num_steps`` steps (see the module docstring).
 
     Args:
@@ -117,11 +122,16 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
         steps (logging; may raise to stop a diverged run); the row it returns (default: the
         metrics) goes to the history.
       count_edges: real edges of one local batch (throughput); default: none counted.
+      compose: with ``loop.eval_initial``: while the start (step 0) is the kept state, each trained
+        state that scores best among the trained ones is composed into it, ``compose(init_state,
+        trained)``, and saved as the kept state (as checkpoint step ``done``, meta ``best_step`` 0 and
+        ``composed_step`` ``done``; its ``validation`` row stays the start's).
     """
     layout, meta = step.layout, dict(meta or {})
     log = log or (lambda _msg: None)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
     start, best_step, best_score, stale = 0, 0, None, 0
+    composed_step, composed_score, kept_row = None, None, {}
     resume = Checkpointer(loop.resume_dir, max_to_keep=1) if loop.resume_dir is not None else None
     kept = Checkpointer(loop.checkpoint_dir, max_to_keep=1) if loop.checkpoint_dir is not None else None
     state_host = init_state
@@ -131,6 +141,8 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
             start = int(saved["step"])
             history = {k: list(v) for k, v in saved["history"].items()}
             best_step, best_score, stale = int(saved["best_step"]), saved["best_score"], int(saved["stale"])
+            composed_step, composed_score = saved.get("composed_step"), saved.get("composed_score")
+            kept_row = dict(saved.get("kept_validation") or {})
             log(f"resumed from step {start}")
         state = replicate(state_host, layout.local_devices)
         fixed = put_local_batch(local_batch(make_shard, 0, layout), layout) if fixed_batch else None
@@ -140,17 +152,25 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
 
         def consider(host, done: int) -> bool:
             """Evaluates ``host`` after ``done`` steps, keeps it if best; True when patience runs out."""
-            nonlocal best_step, best_score, stale
+            nonlocal best_step, best_score, stale, composed_step, composed_score, kept_row
             score, row = evaluate(host, done)
             # The mean over processes: every process takes the same decision below.
             score = aggregate_metrics({"score": score})["score"]
             history["val"].append(dict(row, selection_score=score, step=done))
             if best_score is None or score > best_score:
                 best_step, best_score, stale = done, score, 0
+                composed_step, composed_score = None, None
+                kept_row = {k: _finite(v) for k, v in row.items()}
                 if kept is not None:
                     kept.save(done, host, dict(meta, best_step=done, selection_score=_finite(score),
-                                               validation={k: _finite(v) for k, v in row.items()}))
+                                               validation=kept_row))
                 return False
+            if (compose is not None and best_step == 0 and done > 0
+                    and (composed_score is None or score > composed_score)):
+                composed_step, composed_score = done, score
+                if kept is not None:
+                    kept.save(done, compose(init_state, host), dict(meta, best_step=0, selection_score=_finite(best_score),
+                                                                    validation=kept_row, composed_step=done))
             stale += 1
             return bool(loop.patience and stale >= loop.patience)
 
@@ -185,7 +205,10 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
                 if resume is not None and (stop or (loop.checkpoint_every and done % loop.checkpoint_every == 0
                                                     and not last)):
                     resume.save(done, unreplicate(state), dict(meta, history=history, best_step=best_step,
-                                                               best_score=best_score, stale=stale))
+                                                               best_score=best_score, stale=stale,
+                                                               composed_step=composed_step,
+                                                               composed_score=composed_score,
+                                                               kept_validation=kept_row))
                 if stop:
                     preempted = True
                     break
@@ -205,7 +228,8 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
             _remove_local(checkpoint_path(loop.resume_dir))
     return LoopResult(state=unreplicate(state), history=history, start_step=start, end_step=done,
                       best_step=best_step, best_score=best_score, preempted=preempted, stopped_early=stopped_early,
-                      edges_per_second=total_edges / seconds if seconds > 0 else 0.0, seconds=seconds)
+                      edges_per_second=total_edges / seconds if seconds > 0 else 0.0, seconds=seconds,
+                      composed_step=composed_step)
 
 
 def _finite(x: float | None) -> float | None:
