@@ -99,3 +99,17 @@ def test_a_url_collapsed_by_pathlib_is_refused():
         ck.save_checkpoint(collapsed, 1, STATE, META)
     with pytest.raises(CheckpointError, match="collapsed"):
         ck.latest_step(collapsed)
+
+
+def test_read_meta_is_the_restored_meta_without_reading_the_state(tmp_path):
+    read_meta, restore_checkpoint, save_checkpoint = ck.read_meta, ck.restore_checkpoint, ck.save_checkpoint
+
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_checkpoint(tmp_path / "c", 3, state, {"kind": "toy", "x": [1, 2]}, max_to_keep=None)
+    save_checkpoint(tmp_path / "c", 7, state, {"kind": "toy", "x": [3]}, max_to_keep=None)
+    assert read_meta(tmp_path / "c") == restore_checkpoint(tmp_path / "c")[1]
+    assert read_meta(tmp_path / "c")["step"] == 7 and read_meta(tmp_path / "c", 3)["x"] == [1, 2]
+    # A damaged meta file is not trusted: the full restore reports it.
+    (tmp_path / "c" / "7" / "meta" / "metadata").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+        read_meta(tmp_path / "c")

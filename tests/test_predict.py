@@ -243,3 +243,14 @@ def test_out_of_library_known_samples_were_never_in_the_graph():
     # At least one sample of every food left in the graph, never all of them.
     per_food = {f: sum(labels[s] == f for s in known) for f in set(labels[s] for s in in_graph)}
     assert min(per_food.values()) >= 1
+
+
+@pytest.mark.parametrize("n,d", [(5, 64), (300, 8), (40, 40)])
+def test_ledoit_wolf_covariance_is_scikit_learns(n, d):
+    from sklearn.covariance import LedoitWolf
+
+    from jaxfood.eval.predict import ledoit_wolf_covariance
+
+    rng = np.random.default_rng(n * d)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d) + 1.0
+    np.testing.assert_allclose(ledoit_wolf_covariance(x), LedoitWolf().fit(x).covariance_, rtol=1e-10, atol=1e-12)

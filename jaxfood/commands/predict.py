@@ -132,7 +132,7 @@ def _json_ready(x):
 
 def run(args) -> int:
     from jaxfood.eval.predict import predict_samples, read_sample_file
-    from jaxfood.train.checkpoint import restore_checkpoint
+    from jaxfood.train.checkpoint import read_meta
     from jaxfood.train.finetune import load_finetuned
 
     if args.top_k < 1 or args.top_molecules < 0:
@@ -141,7 +141,7 @@ def run(args) -> int:
     if not checkpoint.is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: checkpoint directory not found")
     table = read_sample_file(args.sample)
-    _, meta = restore_checkpoint(checkpoint)
+    meta = read_meta(checkpoint)  # the state is read once, by load_finetuned
     graph, graph_desc = resolve_graph(checkpoint, args.graph, meta)
     loaded = load_finetuned(checkpoint, graph)  # checks the graph against the checkpoint's id maps
     result = predict_samples(loaded, graph, table, top_k=args.top_k, top_molecules=args.top_molecules,

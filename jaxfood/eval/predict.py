@@ -267,15 +267,31 @@ def fit_class_gaussians(features, labels) -> tuple[np.ndarray, np.ndarray, np.nd
 
     The covariance of the class-centred features is Ledoit-Wolf shrunk: with ~5 samples per food
     and d = hidden the plain estimate is singular."""
-    from sklearn.covariance import LedoitWolf
-
     x = np.asarray(features, np.float64)
     y = np.asarray(labels)
     classes = np.unique(y)
     means = np.stack([x[y == c].mean(0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
-    covariance = LedoitWolf().fit(centred).covariance_ if x.shape[0] > 1 else np.eye(x.shape[1])
+    covariance = ledoit_wolf_covariance(centred) if x.shape[0] > 1 else np.eye(x.shape[1])
     return classes, means, np.linalg.pinv(covariance, hermitian=True)
+
+
+def ledoit_wolf_covariance(x) -> np.ndarray:
+    """[n, d] -> [d, d] Ledoit-Wolf shrunk covariance (Ledoit & Wolf 2004; what scikit-learn's
+    ``LedoitWolf().fit(x).covariance_`` gives) in numpy: ``jaxfood predict`` does not import
+    scikit-learn (2 s) for it."""
+    x = np.asarray(x, np.float64)
+    x = x - x.mean(0)
+    n, d = x.shape
+    cov = x.T @ x / n
+    mu = np.trace(cov) / d
+    x2 = x ** 2
+    beta_sum = np.sum(x2.T @ x2)
+    delta_sum = np.sum(cov ** 2)  # = sum((x^T x)^2) / n^2
+    beta = (beta_sum / n - delta_sum) / (n * d)
+    delta = (delta_sum - 2.0 * mu * np.trace(cov) + d * mu ** 2) / d
+    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
+    return (1.0 - shrinkage) * cov + shrinkage * mu * np.eye(d)
 
 
 def mahalanobis_scores(features, means, precision) -> np.ndarray:
