@@ -53,6 +53,9 @@ def run(tmp_path_factory):
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
     params = model.init(jax.random.key(1), dgraph)
+    # The linear path starts at 0 (no attribution to rank by): a random one, as after training.
+    kernel = params["classifier"]["wide_kernel"]
+    params["classifier"]["wide_kernel"] = jax.random.normal(jax.random.key(2), kernel.shape, kernel.dtype)
     ckpt = root / "checkpoints"
     save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
     return root, graph, ckpt
@@ -111,13 +114,25 @@ def test_new_sample_reproduces_in_graph_prediction(run, tmp_path, capsys):
     want = np.maximum(want, 0.0)
     np.testing.assert_allclose([s["nutrients_per_100g"][n] for n in graph.meta.nutrient_names], want,
                                rtol=1e-4, atol=1e-4)
-    # Driving molecules: the in-graph attention-pooling weights of that sample.
-    contains = graph.edges[schema.CONTAINS]
-    mine = np.nonzero(np.asarray(prepare_graph(graph).edges[schema.CONTAINS].senders) == test)[0]
-    w = np.asarray(own.molecule_weights)[mine]
-    top = graph.meta.node_ids[schema.MOLECULE][int(np.asarray(contains.receivers)[mine][np.argmax(w)])]
-    assert s["top_molecules"][0]["molecule_id"] == top
-    np.testing.assert_allclose(s["top_molecules"][0]["weight"], w.max(), rtol=1e-4)
+    # Driving molecules: the headline scorer's in-graph attributions of that sample (to its
+    # predicted food: a test sample has no training label), largest first, with their
+    # attention-pooling weights beside them.
+    from jaxfood.eval.molecules import intensity_attribution_scorer
+
+    assert out["molecule_ranking"] == "intensity_attribution"
+    dgraph = prepare_graph(graph)
+    contains = dgraph.edges[schema.CONTAINS]
+    mine = np.nonzero(np.asarray(contains.senders) == test)[0]
+    attribution = np.asarray(intensity_attribution_scorer(loaded.model, loaded.params, dgraph))[mine]
+    order = np.argsort(-attribution, kind="stable")[:len(s["top_molecules"])]
+    ids = graph.meta.node_ids[schema.MOLECULE]
+    assert [m["molecule_id"] for m in s["top_molecules"]] == [ids[int(np.asarray(contains.receivers)[mine][i])]
+                                                              for i in order]
+    np.testing.assert_allclose([m["attribution"] for m in s["top_molecules"]], attribution[order], rtol=1e-4,
+                               atol=1e-6)
+    assert attribution[order[0]] > attribution[order[-1]]  # a ranking, not ties
+    np.testing.assert_allclose([m["weight"] for m in s["top_molecules"]],
+                               np.asarray(own.molecule_weights)[mine][order], rtol=1e-4, atol=1e-7)
 
     # Out-of-library: squared Mahalanobis distance of the in-graph embedding to the nearest food mean,
     # Gaussians fitted on the training samples' embeddings with their label edges switched off.

@@ -23,8 +23,10 @@ samples. Molecule ids the graph lacks are counted, reported and ignored; a sampl
 is an error.
 
 Per sample: the top-k foods with probabilities, the estimated nutrient profile in real units per
-100 g (de-normalised with the graph's nutrient statistics), the molecules with the largest
-attention-pooling weights (those that drove the prediction), and an out-of-library score: high
+100 g (de-normalised with the graph's nutrient statistics), the molecules that drove the
+prediction (ranked by the model's headline attribution: each measured intensity's share of the
+predicted food's logit through the classifier's linear path, positive = for that food; models
+without that path rank by their attention-pooling weights), and an out-of-library score: high
 when the sample looks like no food the model was trained on. It is flagged above the 95th
 percentile of the scores of the graph's validation samples (about 5% false alarms by design).
 
@@ -40,10 +42,12 @@ detects 5/40/2.5% with 1.7/3.3/5% false alarms (AUROC 0.60/0.74/0.41).
 Graph: --graph, else CHECKPOINT/../graph (saved by experiments/run_mtl.py), else the embedded
 default graph with the seed recorded in the checkpoint; it must match the checkpoint's node ids.
 
---json prints {"checkpoint", "graph", "source", "num_samples", "out_of_library": {score, method,
+--json prints {"checkpoint", "graph", "source", "num_samples", "molecule_ranking"
+("intensity_attribution" or "attention"), "out_of_library": {score, method,
 threshold, quantile, calibration}, "samples": [{sample_id, molecules_detected, molecules_known,
 molecules_unknown, unknown_examples, top_foods: [{food, probability}], nutrients_per_100g: {name:
-value}, nutrients_outside_training_range: [name], top_molecules: [{molecule_id, weight, intensity}],
+value}, nutrients_outside_training_range: [name], top_molecules: [{molecule_id, mz, rt, annotation
+(null where the table lacks them), attribution, weight, intensity}],
 out_of_library_score, out_of_library}], "nutrient_training_range": {name: [low, high]}}.
 Nutrient amounts are >= 0; an estimate outside the range of the foods with training samples is an
 extrapolation and is flagged."""
@@ -114,9 +118,12 @@ def print_table(result: dict, out=None) -> None:
                 note = f"  ** outside the training foods' range {lo:.4g}-{hi:.4g}: an extrapolation **"
             print(f"  {name[:40]:<40} {v:.4g}{note}", file=out)
         if s["top_molecules"]:
-            print(f"  {'driving molecule':<40} weight", file=out)
+            by_attribution = result.get("molecule_ranking") == "intensity_attribution"
+            print(f"  {'driving molecule':<40} {'attribution' if by_attribution else 'weight'}", file=out)
             for m in s["top_molecules"]:
-                print(f"  {m['molecule_id'][:40]:<40} {m['weight']:.3f}", file=out)
+                value = m["attribution"] if by_attribution else m["weight"]
+                print(f"  {m['molecule_id'][:40]:<40} {value:+.3f}" if by_attribution else
+                      f"  {m['molecule_id'][:40]:<40} {value:.3f}", file=out)
 
 
 def _json_ready(x):

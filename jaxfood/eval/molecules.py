@@ -175,11 +175,17 @@ def intensity_attribution_scorer(model, params, graph: HeteroGraph, edge_masks=N
     """
     if not model.heads_config.wide:
         return input_gradient_scorer(model, params, graph, edge_masks)
-    contains = graph.edges[schema.CONTAINS]
     mask = None if edge_masks is None else edge_masks.get(schema.CONTAINS)
     logits = model.apply(params, graph, edge_masks=edge_masks).food_logits
     explain = training_labels(graph)
-    chosen = jnp.where(explain >= 0, explain, jnp.argmax(logits, -1))
+    return wide_attribution(model, params, graph, jnp.where(explain >= 0, explain, jnp.argmax(logits, -1)), mask)
+
+
+def wide_attribution(model, params, graph: HeteroGraph, chosen, mask=None):
+    """[E_contains] ``x_sm / scale_m * W_wide[m, chosen[s]]`` normalised by each sample's total
+    |score| (see :func:`intensity_attribution_scorer`); ``chosen`` [S] the food explained for each
+    sample; ``mask`` [E_contains] the detected (pooled) edges. Needs ``heads_config.wide``."""
+    contains = graph.edges[schema.CONTAINS]
     profile = model.profile(graph, mask)  # edges in the forward contains_molecule order
     kernel = params["classifier"]["wide_kernel"].astype(jnp.float32)
     terms = profile.values / profile.scale[profile.molecules] * kernel[profile.molecules, chosen[profile.samples]]

@@ -325,24 +325,31 @@ def score_samples(outputs, reference_outputs, train_index, train_labels,
 
 
 def _forward_fn(model):
-    """Jitted forward pass ``(params, graph, edge_masks, stats_mask) -> outputs`` with the pooling
-    on every edge; one compilation serves the prediction and the reference pass."""
+    """Jitted forward pass ``(params, graph, edge_masks, stats_mask) -> (outputs, attribution)``
+    with the pooling on every edge; one compilation serves the prediction and the reference pass.
+    ``attribution`` [E_contains]: each measured intensity's share of the predicted food's logit
+    through the classifier's linear path (the headline scorer, :func:`~jaxfood.eval.molecules.wide_attribution`);
+    None without the wide path."""
     import jax
     import jax.numpy as jnp
+
+    from jaxfood.eval.molecules import wide_attribution
 
     @jax.jit
     def forward(params, graph, edge_masks, stats_mask):
         pool_mask = jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool)  # pooling sees every edge
-        return model.apply(params, graph, edge_masks=edge_masks, pool_mask=pool_mask, stats_mask=stats_mask)
+        out = model.apply(params, graph, edge_masks=edge_masks, pool_mask=pool_mask, stats_mask=stats_mask)
+        if not model.heads_config.wide:
+            return out, None
+        return out, wide_attribution(model, params, graph, jnp.argmax(out.food_logits, -1), pool_mask)
 
     return forward
 
 
 def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisation: dict[str, Any],
                    reference: bool = False):
-    """``(outputs, S, matched, new_edges, reference_outputs)``: the model's outputs on the graph
-    extended with the samples of ``table`` (rows ``S:`` of the per-sample arrays; ``new_edges``
-    their edges) and, when ``reference``, the same pass with every training sample's label edges
+    """:class:`PredictArrays`: the model's outputs on the graph extended with the samples of
+    ``table`` and, when ``reference``, the same pass with every training sample's label edges
     masked (the view of a training sample a new sample is compared with; else None)."""
     import jax
     import jax.numpy as jnp
@@ -363,13 +370,27 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     masks = {k: jnp.asarray(v) for k, v in edge_masks.items()}
     masks[label_key] = jnp.ones(ext.edges[label_key].senders.shape, bool)
     masks[rev_label_key] = jnp.ones(ext.edges[rev_label_key].senders.shape, bool)
-    out = jax.device_get(forward(params, ext, masks, jnp.asarray(stats_mask)))
+    out, attribution = jax.device_get(forward(params, ext, masks, jnp.asarray(stats_mask)))
     ref_out = None
     if reference:
         train = jnp.asarray(np.asarray(ext.sample_split) == SPLIT_CODES["train"])
         hidden = {label_key: ~train[ext.edges[label_key].senders], rev_label_key: ~train[ext.edges[rev_label_key].receivers]}
-        ref_out = jax.device_get(forward(params, ext, {**masks, **hidden}, jnp.asarray(stats_mask)))
-    return out, int(dgraph.num_nodes[schema.SAMPLE]), matched, new_edges, ref_out
+        ref_out, _ = jax.device_get(forward(params, ext, {**masks, **hidden}, jnp.asarray(stats_mask)))
+    return PredictArrays(out, attribution, int(dgraph.num_nodes[schema.SAMPLE]), matched, new_edges, ref_out)
+
+
+@dataclasses.dataclass
+class PredictArrays:
+    """What :func:`predict_arrays` computes: ``outputs`` (rows ``num_graph_samples:`` of the
+    per-sample arrays are the new samples, ``new_edges`` their ``contains_molecule`` edges),
+    ``attribution`` [E] (None without the wide path), ``reference_outputs`` (or None)."""
+
+    outputs: Any
+    attribution: Any
+    num_graph_samples: int
+    matched: Any
+    new_edges: Any
+    reference_outputs: Any
 
 
 def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int = 5, top_molecules: int = 10,
@@ -391,8 +412,9 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
         raise UserError(f"--ool-score {ool_score}: expected one of {', '.join(OOL_SCORES)}")
     labels, split = np.asarray(graph.sample_food), np.asarray(graph.sample_split)
     train = np.nonzero((split == SPLIT_CODES["train"]) & (labels >= 0))[0]
-    out, S, matched, new_edges, ref_out = predict_arrays(loaded, graph, table, norm,
-                                                         reference=ool_score in ("mahalanobis", "knn"))
+    arrays = predict_arrays(loaded, graph, table, norm, reference=ool_score in ("mahalanobis", "knn"))
+    out, S, matched, new_edges, ref_out = (arrays.outputs, arrays.num_graph_samples, arrays.matched,
+                                           arrays.new_edges, arrays.reference_outputs)
     logits = np.asarray(out.food_logits, np.float64)
     scores = score_samples(out, ref_out, train, labels[train], ool_score)
     val = np.nonzero((split == SPLIT_CODES["val"]) & (labels >= 0))[0]
@@ -408,12 +430,16 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
     low, high = nutrient_training_range(graph, n_mean, n_std)
     weights = np.asarray(out.molecule_weights, np.float64)[new_edges]
+    # The molecules that drove the prediction: the headline attribution to the predicted food
+    # where the model has the linear path, else the attention pooling's weights.
+    attribution = None if arrays.attribution is None else np.asarray(arrays.attribution, np.float64)[new_edges]
+    ranking = weights if attribution is None else attribution
     k = max(1, min(int(top_k), len(foods)))
     samples = []
     for j, sid in enumerate(matched.sample_ids):
         order = np.argsort(-proba[j], kind="stable")[:k]
         mine = np.nonzero(matched.sample_index == j)[0]
-        top = mine[np.argsort(-weights[mine], kind="stable")[:top_molecules]]
+        top = mine[np.argsort(-ranking[mine], kind="stable")[:top_molecules]]
         score = float(scores[S + j])
         samples.append({
             "sample_id": sid,
@@ -425,14 +451,16 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
             "nutrients_per_100g": {name: float(v) for name, v in zip(names, nutrients[j])},
             "nutrients_outside_training_range": [
                 name for name, v, lo, hi in zip(names, nutrients[j], low, high) if not lo - 1e-9 <= v <= hi + 1e-9],
-            "top_molecules": [{**molecule_details(graph, int(matched.molecule_index[e])), "weight": float(weights[e]),
-                               "intensity": float(matched.intensity[e])} for e in top],
+            "top_molecules": [{**molecule_details(graph, int(matched.molecule_index[e])),
+                               "attribution": None if attribution is None else float(attribution[e]),
+                               "weight": float(weights[e]), "intensity": float(matched.intensity[e])} for e in top],
             "out_of_library_score": score,
             "out_of_library": bool(score > threshold) if math.isfinite(threshold) else None,
         })
     return {
         "source": table.source,
         "num_samples": len(samples),
+        "molecule_ranking": "attention" if attribution is None else "intensity_attribution",
         "out_of_library": {"score": OOL_SCORES[ool_score], "method": ool_score, "threshold": threshold,
                            "quantile": quantile,
                            "calibration": f"quantile {quantile} of the scores of {val.size} validation samples"},
@@ -548,7 +576,8 @@ def out_of_library_rates(tables, fit, num_held_out: int = 5, seed: int = 0,
     val = np.nonzero((split == SPLIT_CODES["val"]) & (labels >= 0))[0]
     groups: dict[str, dict[str, np.ndarray]] = {}
     for name, ft_new in (("unknown", unknown), ("known", known)):
-        out, S, _, _, ref_out = predict_arrays(loaded, graph, ft_new, norm, reference=True)
+        arrays = predict_arrays(loaded, graph, ft_new, norm, reference=True)
+        out, S, ref_out = arrays.outputs, arrays.num_graph_samples, arrays.reference_outputs
         all_scores = {key: score_samples(out, ref_out, train, labels[train], key) for key in OOL_SCORES}
         groups[name] = {k: v[S:] for k, v in all_scores.items()}
         groups["val"] = {k: v[val] for k, v in all_scores.items()}  # identical in both passes
