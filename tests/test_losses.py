@@ -127,32 +127,28 @@ def test_top_k_mask_and_straight_through_gate():
     np.testing.assert_allclose(np.asarray(gate), np.asarray(mask, np.float32), atol=1e-6)  # hard forward
 
 
-def test_fit_linear_classifier_is_sklearns_l2_logistic_regression():
-    """mean CE + l2 ||W||^2 without intercept is sklearn's multinomial LogisticRegression with
-    C = 1 / (2 n l2), fit_intercept=False: same unique optimum."""
-    from sklearn.linear_model import LogisticRegression
+@pytest.mark.parametrize("num_present", [3, 2])
+def test_fitted_start_predicts_what_the_logistic_regression_baseline_predicts(num_present):
+    """``fit_logistic_regression`` on standardised features gives the probabilities of the
+    baseline (:func:`jaxfood.eval.baselines.logreg_baseline`), for many classes and for
+    scikit-learn's binary form; a class without training rows gets probability ~0, as there."""
+    from jaxfood.eval.baselines import logreg_baseline
+    from jaxfood.train.food_classification import fit_logistic_regression
 
-    from jaxfood.train.food_classification import fit_linear_classifier
-
-    rng = np.random.default_rng(0)
-    n, d, c = 120, 8, 3
+    rng = np.random.default_rng(num_present)
+    n, d, c = 120, 8, 4
     centers = rng.normal(0, 1.5, (c, d))
-    y = rng.integers(0, c, n)
+    y = rng.integers(0, num_present, n)  # class 3 (and 2) never seen in training
     x = centers[y] + rng.normal(0, 1.0, (n, d))
-    mask = np.ones(n, bool)
-    mask[:10] = False  # not in the fit
-    l2 = 0.01
-    kernel, bias = fit_linear_classifier(x, y, mask, c, l2, steps=3000, learning_rate=0.02, intercept=False)
-    ref = LogisticRegression(C=1.0 / (2 * mask.sum() * l2), fit_intercept=False, max_iter=5000, tol=1e-10)
-    ref.fit(x[mask], y[mask])
-    np.testing.assert_allclose(np.asarray(kernel), ref.coef_.T, atol=2e-3)
-    np.testing.assert_array_equal(np.asarray(bias), 0.0)
-
-    # With an (unpenalised) intercept: sklearn's default model; classes of unequal size need one.
-    y = np.where(rng.uniform(size=n) < 0.6, 0, y)
-    x = centers[y] + rng.normal(0, 1.0, (n, d))
-    kernel, bias = fit_linear_classifier(x, y, mask, c, l2, steps=3000, learning_rate=0.02)
-    ref = LogisticRegression(C=1.0 / (2 * mask.sum() * l2), max_iter=5000, tol=1e-10).fit(x[mask], y[mask])
-    np.testing.assert_allclose(np.asarray(kernel), ref.coef_.T, atol=2e-3)
-    np.testing.assert_allclose(np.asarray(bias), ref.intercept_ - ref.intercept_.mean(), atol=2e-3)
-    assert np.abs(ref.intercept_ - ref.intercept_.mean()).max() > 0.1  # the intercept matters here
+    train = np.arange(n) < 90
+    # standardised on the training rows, as the model's profile is (the baseline's scaler is then the identity)
+    x = (x - x[train].mean(0)) / x[train].std(0)
+    y_test = np.where(train, -1, y)
+    kernel, bias = fit_logistic_regression(x, np.where(train, y, -1), train, c)
+    logits = x @ kernel + bias
+    proba = np.exp(logits - logits.max(1, keepdims=True))
+    proba /= proba.sum(1, keepdims=True)
+    want = logreg_baseline(x[train], y[train], x[~train], y_test[~train], n_classes=c)["proba"]
+    np.testing.assert_allclose(proba[~train], want, atol=1e-5)
+    assert np.all(proba[:, num_present:] < 1e-10) and np.all(kernel[:, num_present:] == 0)
+    assert 0.3 < float(np.mean(np.argmax(proba[~train], 1) == y[~train]))  # a fit, not a constant

@@ -16,7 +16,6 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
     from jaxfood.graph.splits import prepare_graph
     from jaxfood.models.heads import CLASS_ATTENTION, make_multitask_model
     from jaxfood.train.finetune import CLASS_LOGITS_START, FinetuneConfig
-    from jaxfood.train.food_classification import fit_linear_classifier
     from jaxfood.workflows import finetune
 
     graph = make_toy_graph(num_samples=40, num_molecules=30, num_foods=4)
@@ -31,23 +30,28 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
     assert np.all(np.asarray(init["classifier"]["mlp"]["out"]["kernel"]) == 0)
     np.testing.assert_array_equal(init["salient_pool"][CLASS_ATTENTION]["logit_log_scale"], CLASS_LOGITS_START)
 
-    # The wide kernel is the L2 logistic regression of the training samples' profiles.
+    # The classifier starts at the logistic-regression baseline: the baseline's own function, on its
+    # own features (raw peak areas -> TIC -> log1p -> standardised), predicts the same foods.
+    from jaxfood.eval.baselines import logreg_baseline, preprocess_intensities
+    from jaxfood.eval.pipeline import raw_peak_areas
+
     prepared = prepare_graph(graph).to_numpy()
     model = make_multitask_model(prepared, result.encoder_config, cfg.heads)
-    profile = model.profile(prepared)
-    features = profile.linear(jnp.eye(profile.num_molecules))
     labels = np.asarray(prepared.sample_food)
-    train = (np.asarray(prepared.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
-    expected, bias = fit_linear_classifier(features, labels, train, 4, cfg.loss.wide_l2)
-    np.testing.assert_allclose(init["classifier"]["wide_kernel"], expected, atol=1e-5)
-    np.testing.assert_allclose(init["classifier"]["mlp"]["out"]["bias"], bias, atol=1e-5)
-    assert float(np.abs(expected).max()) > 1e-2  # a fitted kernel, not the zeros it replaces
+    split = np.asarray(prepared.sample_split)
+    train = (split == SPLIT_CODES["train"]) & (labels >= 0)
+    others = (split != SPLIT_CODES["train"]) & (labels >= 0)
+    x = preprocess_intensities(raw_peak_areas(graph))
+    want = logreg_baseline(x[train], labels[train], x[others], labels[others], n_classes=4)["proba"]
+    out = model.apply(jax_tree(init), prepared)
+    wide = np.asarray(out.wide_food_logits) + np.asarray(init["classifier"]["mlp"]["out"]["bias"])
+    proba = np.exp(wide - wide.max(1, keepdims=True))
+    np.testing.assert_allclose((proba / proba.sum(1, keepdims=True))[others], want, atol=1e-4)
+    assert float(np.abs(init["classifier"]["wide_kernel"]).max()) > 1e-2  # a fitted kernel, not the zeros it replaces
 
     # The starting model is that logistic regression plus at most exp(-3) of standardised class logits.
-    out = model.apply(jax_tree(init), prepared)
-    deep = np.asarray(out.food_logits - out.wide_food_logits) - np.asarray(bias)
+    deep = np.asarray(out.food_logits - out.wide_food_logits) - np.asarray(init["classifier"]["mlp"]["out"]["bias"])
     assert np.all(np.std(deep, axis=0) <= 1.01 * np.exp(CLASS_LOGITS_START))
-    np.testing.assert_allclose(out.wide_food_logits, np.asarray(features) @ np.asarray(expected), atol=1e-4)
     train_accuracy = np.mean(np.argmax(np.asarray(out.food_logits)[train], -1) == labels[train])
     assert train_accuracy == 1.0  # the toy foods are separable by their marker molecules
 
@@ -84,6 +88,8 @@ def test_start_margin_is_a_number_or_null():
     assert check_config(load_config(FinetuneConfig(), None, ["start_margin=0.1"])).start_margin == 0.1
     with pytest.raises(ConfigError, match="start_margin.*expected a number >= 0"):
         check_config(load_config(FinetuneConfig(), None, ["start_margin=-1"]))
+    with pytest.raises(ConfigError, match="wide_init_c.*expected a number > 0"):
+        check_config(load_config(FinetuneConfig(), None, ["wide_init_c=0"]))
 
 
 def jax_tree(params):

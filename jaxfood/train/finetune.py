@@ -48,7 +48,7 @@ from jaxfood.train import task_weighting as tw
 from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
 from jaxfood.train.data_parallel import ShardLayout, data_parallel
 from jaxfood.train.finetune_step import multitask_step_fn, train_state_to_dict
-from jaxfood.train.food_classification import fit_linear_classifier
+from jaxfood.train.food_classification import fit_logistic_regression
 from jaxfood.train.graphcl import default_encoder_config as graphcl_encoder_config
 from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
 from jaxfood.train.monitoring import TensorBoard, flatten_metrics
@@ -93,9 +93,10 @@ class FinetuneConfig:
     (0 = never). ``encoder``: used when starting from scratch; a pretrained checkpoint brings its own.
     ``task_gradient_scope``: representation | encoder (see :func:`multitask.make_train_step`).
     ``wide_init``: the classifier's linear path starts at 0 (``zeros``) or at the multinomial
-    logistic regression of the training samples' intensity profiles with the same L2 (``fit``, see
-    :func:`jaxfood.train.food_classification.fit_linear_classifier`): the baseline is then where
-    training starts, not where it has to arrive in ``steps``. The starting state is then evaluated
+    logistic regression of the training samples' intensity profiles (``fit``), fitted as the
+    logistic-regression baseline is, with inverse L2 strength ``wide_init_c`` (scikit-learn's
+    ``C``; see :func:`jaxfood.train.food_classification.fit_logistic_regression`): the baseline is
+    then where training starts, not where it has to arrive in ``steps``. The starting state is then evaluated
     (step 0) and a trained state replaces it only when its selection score is higher by more than
     ``start_margin`` (None: the largest standard error of a validation accuracy, ``0.5 /
     sqrt(validation samples)`` times the accuracy's selection weight -- the one-standard-error rule:
@@ -133,6 +134,7 @@ class FinetuneConfig:
     figures: bool = True
     wide_init: Literal["zeros", "fit"] = "fit"
     start_margin: float | None = None
+    wide_init_c: float = 1.0
 
 
 def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -147,6 +149,9 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
     if not 0.0 < cfg.loss.supervised_fraction <= 1.0:
         raise ConfigError(f"finetune config: key 'loss.supervised_fraction' = {cfg.loss.supervised_fraction}: "
                           "expected a number in (0, 1]")
+    if not (math.isfinite(cfg.wide_init_c) and cfg.wide_init_c > 0):
+        raise ConfigError(f"finetune config: key 'wide_init_c' = {cfg.wide_init_c}: expected a number > 0 "
+                          "(scikit-learn's C of the fitted start)")
     if cfg.start_margin is not None and not (math.isfinite(cfg.start_margin) and cfg.start_margin >= 0):
         raise ConfigError(f"finetune config: key 'start_margin' = {cfg.start_margin}: expected a number >= 0 "
                           "or null (one standard error of the validation accuracy)")
@@ -282,15 +287,14 @@ def _check_encoder_params(pretrained_params, init_params, source) -> None:
 
 def _fitted_linear_model(model: MultiTaskModel, graph: HeteroGraph, cfg: FinetuneConfig, num_classes: int):
     """``(kernel [M, F], bias [F])``: the logistic regression of the training samples' standardised
-    intensity profiles (L2 ``loss.wide_l2`` on the kernel, an unpenalised intercept, no label
-    smoothing), the classifier's wide path and output bias when training starts there."""
+    intensity profiles, fitted as the baseline fits it (:func:`fit_logistic_regression`, C =
+    ``wide_init_c``): the classifier's wide path and output bias when training starts there."""
     profile = model.profile(graph)
     features = profile.linear(jnp.eye(profile.num_molecules, dtype=jnp.float32))  # [S, M]
-    labels = jnp.asarray(graph.sample_food)
-    train = (jnp.asarray(graph.sample_split) == SPLIT_CODES["train"]) & (labels >= 0)
-    # No label smoothing: it moves the fit away from the logistic regression (docs/experiments.md §5).
-    kernel, bias = fit_linear_classifier(features, labels, train, num_classes, cfg.loss.wide_l2)
-    return kernel.astype(jnp.float32), bias.astype(jnp.float32)
+    labels = np.asarray(graph.sample_food)
+    train = np.asarray(graph.sample_split) == SPLIT_CODES["train"]
+    kernel, bias = fit_logistic_regression(features, labels, train, num_classes, cfg.wide_init_c)
+    return jnp.asarray(kernel), jnp.asarray(bias)
 
 
 #: ``logit_log_scale`` of the class-attention branches when training starts at the linear model:
