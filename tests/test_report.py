@@ -193,3 +193,13 @@ def test_nutrient_choice_values_and_representative_foods():
     assert representative_foods(graph, {"f4": {"m1"}}, 2) == ["f4", "f1"]
 
 
+
+
+def test_figures_that_print_the_same_are_a_tie_not_a_loss():
+    metrics = {**METRICS, "food_classification": {**METRICS["food_classification"], "accuracy": 0.7996},
+               "from_scratch": {"food_classification": {"accuracy": 0.8004}},
+               "nutrition": {**METRICS["nutrition"], "nutrient_r2": 0.1994}}
+    text = render_report(metrics)
+    assert "behind the logistic regression baseline" not in text  # 0.800 vs 0.800
+    assert "behind training from scratch" not in text
+    assert "jaxfood (0.199) is behind the ridge regression baseline (0.200)" in text  # 0.199 < 0.200

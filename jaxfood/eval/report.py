@@ -73,10 +73,13 @@ def _get(metrics: Mapping[str, Any], *path: str) -> Any:
     return node
 
 
-def _behind(model: Any, other: Any, higher_is_better: bool, tol: float = 1e-9) -> bool:
+def _behind(model: Any, other: Any, higher_is_better: bool) -> bool:
+    """Behind at the precision the report shows (3 decimals): figures that print the same are a tie,
+    not a loss (0.7214 vs 0.7209 would read "0.721 is behind 0.721")."""
     if not isinstance(model, (int, float)) or not isinstance(other, (int, float)):
         return False
-    return model < other - tol if higher_is_better else model > other + tol
+    model, other = round(float(model), 3), round(float(other), 3)
+    return model < other if higher_is_better else model > other
 
 
 def objective_table(metrics: Mapping[str, Any], section: str) -> tuple[str, list[str]]:
