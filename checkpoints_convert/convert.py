@@ -224,7 +224,8 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
                 skipped[orig] = f"encoder-like tensor outside '{enc_prefix}'; not converted"
             else:
                 problems.append(Problem("unexpected", orig, found=_shape(value),
-                                        why="not a HeteroGATEncoder tensor (embeddings.<Type>.weight or "
+                                        why="not a HeteroGATEncoder tensor (embeddings.<Type>.weight, "
+                                            "inputs.<Type>.weight|bias, shared.<Type>, profile.<Type> or "
                                             "layers.<i>.convs.<Src___rel___Dst>.<param>)"))
             continue
         if p.kind == "embedding":

@@ -571,6 +571,7 @@ def test_export_of_mixed_input_modes_runs_like_the_pyg_reference(mixed_encoder):
 
 def test_mixed_input_modes_round_trip_jax_torch_jax_bit_identical(mixed_encoder, workdir):
     from checkpoints_convert.convert import convert_checkpoint
+    from checkpoints_convert.errors import ConvertError
     from checkpoints_convert.export import export_object, write_torch
     from checkpoints_convert.load import load_checkpoint
     from jaxfood.config import config_to_dict
@@ -589,6 +590,11 @@ def test_mixed_input_modes_round_trip_jax_torch_jax_bit_identical(mixed_encoder,
     with_graph = convert_checkpoint(load_checkpoint(path), graph=graph)
     assert with_graph.report["initialised"] == [] and not with_graph.report["problems"]
     assert_bit_identical(params, with_graph.params)
+    # what cannot be expressed is one clear error naming the checkpoint and the tensor
+    with pytest.raises(ConvertError, match=r"mixed_lib\.pt: 'encoder\.profile\.Sample' has one row per molecule.*--mappings"):
+        convert_checkpoint(load_checkpoint(path), graph=graph, mappings={"feature_ids": graph.meta.node_ids["Molecule"]})
+    with pytest.raises(ConvertError, match=r"^cfg: encoder_config aggr = 'max'; the original uses 'sum'$"):
+        export_object(params, {**config_to_dict(cfg), "aggr": "max"}, None, source="cfg")
 
 
 def test_mixed_input_modes_cli_to_torch_convert_back_and_verify(mixed_encoder, workdir, capsys):
