@@ -27,6 +27,8 @@ from jaxfood.graph import schema
 
 #: Conversion is correct when every node type agrees to this (float32 rounding is ~1e-7).
 TOLERANCE = 1e-5
+#: Samples of the random verification graph when their input is their intensity profile.
+PROFILE_SAMPLES = 64
 
 
 def checkpoint_order_params(conversion: Conversion) -> dict[str, Any]:
@@ -160,7 +162,10 @@ def run_verify(conversion: Conversion, ckpt: TorchCheckpoint, graph=None, seed: 
                 sizes.setdefault(schema.MOLECULE, int(np.shape(params[f"profile_{t}"])[0]))
         for k in relations:  # node types without a table: any count (the shapes do not depend on it)
             for t in (schema.split_key(k)[0], schema.split_key(k)[2]):
-                sizes.setdefault(t, int(arch.num_nodes.get(t) or 7))
+                # profile inputs: enough samples that the per-molecule standardisation is well
+                # conditioned (with a handful, a molecule near-constant over the training samples
+                # makes float32 itself, in jaxfood as in torch, unreliable beyond ~1e-5)
+                sizes.setdefault(t, PROFILE_SAMPLES if f"profile_{t}" in params else int(arch.num_nodes.get(t) or 7))
         graph = random_graph(sizes, relations, arch.edge_dims, seed, feature_dims)
     else:
         where = str(graph.meta.extra.get("sources", {}).get("upstream_json", "given graph"))
