@@ -11,6 +11,10 @@ plus ``DIR/conversion_report.json``. Export a jaxfood checkpoint back::
 
     python -m checkpoints_convert DIR --to-torch OUT.pt
 
+Encoders in any jaxfood input mode export: node types not in mode ``embedding`` get the input
+layers of :func:`checkpoints_convert.reference.build_reference_encoder` (``inputs.<T>`` Linear,
+``shared.<T>``, ``profile.<T>``), which convert back to the same mode.
+
 Exit status: 0 ok; 2 a bad input (one ``error:`` line naming the file, key and both shapes;
 nothing written); 1 ``--verify`` above tolerance (nothing written) or an inexact round trip.
 """
@@ -38,6 +42,10 @@ model's state dict (encoder + heads: the heads are listed in the report as not c
 bare encoder state dict; keys with or without "module." (DistributedDataParallel) and in the
 new (convs.<Src___rel___Dst>) or older (convs.Src__rel__Dst) PyG style. Files are read with
 torch.load(weights_only=True); files whose unpickling would run code are refused.
+
+Input modes: "embeddings.<T>.weight" (mode embedding, the original's); jaxfood's other modes as
+"inputs.<T>.weight|bias" (features; with an embedding: both), "shared.<T>" (shared) and
+"profile.<T>" (profile, Sample), the layout of checkpoints_convert/reference.py.
 
 Default renames: Feature=Molecule, Sample|Contains|Feature=Sample|contains_molecule|Molecule,
 Food|Contains|Nutrient=Food|has_nutrient|Nutrient, Is_of_type=is_instance_of (and rev_...).
@@ -75,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-json", metavar="F", help="verify on the graph this intermediate JSON builds "
                    "(compatibility mode) instead of a random graph; implies --verify")
     p.add_argument("--to-torch", metavar="OUT.pt", help="also export the (converted) jaxfood encoder back to "
-                   "the original state-dict layout; exact for an unchanged converted checkpoint")
+                   "the original state-dict layout (input modes other than 'embedding' as the input layers "
+                   "of checkpoints_convert/reference.py); exact for an unchanged converted checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the random verification graph and of fresh "
                    "initialisations (--allow-partial)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -164,6 +173,9 @@ def run(args) -> int:
     lines.append(f"architecture: {arch.num_layers} layers, {arch.num_heads} heads x {arch.head_channels} channels "
                  f"(hidden {arch.hidden_dim}), embedding {arch.embedding_dim}; nodes "
                  + ", ".join(f"{t} {n}" for t, n in arch.num_nodes.items()))
+    other = {t: m for t, m in arch.input_modes.items() if m != "embedding"}
+    if other:
+        lines.append("input modes: " + ", ".join(f"{t} {m}" for t, m in other.items()))
     for key, why in list(report["skipped"].items())[:10]:
         lines.append(f"  not converted: {key}: {why}")
     if len(report["skipped"]) > 10:

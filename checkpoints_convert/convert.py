@@ -7,6 +7,11 @@ checked against the checkpoint's ``config`` and, when given, against a jaxfood g
 tensor is mapped (PyG ``Linear.weight`` [out, in] -> Flax ``kernel`` [in, out]; ``att_*``
 [1, H, C] -> [H, C]; embeddings and biases as they are).
 
+Input layers of jaxfood's other input modes (the keys of
+:func:`checkpoints_convert.reference.build_reference_encoder`: ``inputs.<T>.weight|bias``,
+``shared.<T>``, ``profile.<T>``) set the node type's input mode: ``inputs`` alone ``features``,
+with an embedding ``both``; ``shared`` and ``profile`` (Sample only) as named.
+
 Tensors of relations without edge attributes (``edge_dim=0`` in the original: PyG keeps a lazy,
 possibly uninitialised ``lin_edge`` and an ``att_edge`` it never uses) are *inert*: they do not
 enter the jaxfood params, but are kept in the checkpoint's meta so ``--to-torch`` can write the
@@ -27,6 +32,7 @@ from checkpoints_convert.load import UNINITIALIZED, TorchCheckpoint
 from checkpoints_convert.mapping import (
     EDGE_GAT_PARAMS,
     GAT_PARAMS,
+    INPUT_PARAMS,
     REQUIRED_GAT_PARAMS,
     RESIDUAL_GAT_PARAMS,
     NameMap,
@@ -75,6 +81,8 @@ class Architecture:
     num_nodes: dict[str, int]
     relations: list[str]
     edge_dims: dict[str, int]
+    input_modes: dict[str, str] = dataclasses.field(default_factory=dict)
+    feature_dims: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def hidden_dim(self) -> int:
@@ -83,7 +91,8 @@ class Architecture:
     def to_json(self) -> dict[str, Any]:
         return {"embedding_dim": self.embedding_dim, "hidden_dim": self.hidden_dim, "num_heads": self.num_heads,
                 "head_channels": self.head_channels, "num_layers": self.num_layers, "num_nodes": self.num_nodes,
-                "relations": self.relations, "edge_dims": self.edge_dims}
+                "relations": self.relations, "edge_dims": self.edge_dims, "input_modes": self.input_modes,
+                "feature_dims": self.feature_dims}
 
 
 @dataclasses.dataclass
@@ -98,7 +107,8 @@ class Conversion:
       torch_source: what :func:`checkpoints_convert.export.export_state_dict` needs to write the
         original file back exactly (stored in the orbax meta).
       located: original key -> where it sits in the encoder, for the mapped and inert tensors:
-        ``{"kind": "embedding", "node_type": T}`` or ``{"kind": "conv", "layer": i, "relation":
+        ``{"kind": "embedding", "node_type": T}``, ``{"kind": "input"|"shared"|"profile",
+        "node_type": T, "param": "weight"|"bias"|None}`` or ``{"kind": "conv", "layer": i, "relation":
         "Src|rel|Dst", "param": "lin_src.weight"}`` (canonical names).
     """
 
@@ -199,6 +209,7 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
     problems: list[Problem] = []
     skipped: dict[str, str] = {}
     emb: dict[str, tuple[str, Any]] = {}
+    inp: dict[tuple[str, str, str | None], tuple[str, Any]] = {}  # (type, kind, param) -> (key, value)
     conv: dict[tuple[int, str, str], tuple[str, Any]] = {}
     parsed: dict[str, ParsedKey] = {}
     located: dict[str, dict[str, Any]] = {}
@@ -213,7 +224,8 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
                 skipped[orig] = f"encoder-like tensor outside '{enc_prefix}'; not converted"
             else:
                 problems.append(Problem("unexpected", orig, found=_shape(value),
-                                        why="not a HeteroGATEncoder tensor (embeddings.<Type>.weight or "
+                                        why="not a HeteroGATEncoder tensor (embeddings.<Type>.weight, "
+                                            "inputs.<Type>.weight|bias, shared.<Type>, profile.<Type> or "
                                             "layers.<i>.convs.<Src___rel___Dst>.<param>)"))
             continue
         if p.kind == "embedding":
@@ -229,6 +241,20 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
             emb[t] = (orig, value)
             original_names[t] = p.node_type
             located[orig] = {"kind": "embedding", "node_type": t}
+        elif p.kind in ("input", "shared", "profile"):
+            t = names.node_type(p.node_type)
+            if t not in schema.NODE_TYPES:
+                problems.append(Problem("unexpected", orig, found=_shape(value),
+                                        why=f"node type '{p.node_type}' is not a jaxfood node type; map it with "
+                                            f"--rename {p.node_type}=<one of {', '.join(schema.NODE_TYPES)}>"))
+                continue
+            loc = (t, p.kind, p.param)
+            if loc in inp:
+                problems.append(Problem("duplicate", orig, why=f"'{inp[loc][0]}' also maps to node type '{t}'"))
+                continue
+            inp[loc] = (orig, value)
+            original_names.setdefault(t, p.node_type)
+            located[orig] = {"kind": p.kind, "node_type": t, "param": p.param}
         else:
             rel = p.relation
             key = names.relation(rel.src, rel.rel, rel.dst)
@@ -246,8 +272,12 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
             located[orig] = {"kind": "conv", "layer": p.layer, "relation": key, "param": p.param}
         parsed[orig] = p
 
-    arch = _infer_architecture(emb, conv, graph, mappings, src, problems)
+    arch = _infer_architecture(emb, conv, graph, mappings, src, problems, inp)
     H, C, d, L = arch.num_heads, arch.head_channels, arch.embedding_dim, arch.num_layers
+    if "profile" in arch.input_modes.values() and mappings is not None and "feature_ids" in mappings:
+        key = next(o for (_, kind, _), (o, _) in inp.items() if kind == "profile")
+        raise ConvertError(f"{src}: '{key}' has one row per molecule; reordering its rows by --mappings "
+                           "'feature_ids' is not supported (convert without --mappings)")
     HC = H * C
     _check_config(ckpt.config, arch, problems)
 
@@ -256,9 +286,44 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
     ok_conv: dict[tuple[int, str, str], np.ndarray] = {}
     inert: dict[str, str] = {}
     types_needed = {t for k in arch.relations for t in (schema.split_key(k)[0], schema.split_key(k)[2])}
-    for t in sorted(types_needed | set(emb), key=_type_rank):
+    ok_inp: dict[tuple[str, str, str | None], np.ndarray] = {}
+    for t in sorted(types_needed | set(emb) | {t for t, _, _ in inp}, key=_type_rank):
         rows = arch.num_nodes.get(t)
         expected = f"[{rows}, {d}]"
+        mode = arch.input_modes.get(t, "embedding")
+        for (it, kind, param), (orig, value) in inp.items():
+            if it != t:
+                continue
+            if kind == "input":
+                f = arch.feature_dims.get(t)
+                want = (d, f) if param == "weight" else (d,)
+                why = "--graph node_features width" if graph is not None and param == "weight" else None
+            elif kind == "shared":
+                want, why = (1, d), None
+            else:
+                want = (arch.num_nodes.get(schema.MOLECULE), d)
+                why = f"one row per '{schema.MOLECULE}' node"
+            if mode == "invalid":
+                continue
+            if value is UNINITIALIZED or tuple(np.shape(value)) != want:
+                problems.append(Problem("shape", orig, expected=str(list(want)).replace("None", "?"),
+                                        found=_shape(value), why=why))
+                continue
+            ok_inp[(it, kind, param)] = value
+        if mode == "invalid":
+            keys = ([emb[t][0]] if t in emb else []) + [o for (it, _, _), (o, _) in inp.items() if it == t]
+            problems.append(Problem("unexpected", keys[-1], why=f"node type '{t}' has the input tensors {keys}, "
+                                    "which no jaxfood input mode combines (embedding; inputs (features); "
+                                    f"embedding + inputs (both); shared; profile, '{schema.SAMPLE}' only)"))
+            continue
+        if mode in ("features", "both"):
+            for param in ("weight", "bias"):
+                if (t, "input", param) not in inp:
+                    problems.append(Problem("missing", f"{enc_prefix}inputs.{_orig_type(t, names)}.{param}",
+                                            expected=str([d, arch.feature_dims.get(t, "?")] if param == "weight"
+                                                         else [d])))
+        if mode not in ("embedding", "both"):
+            continue
         if t not in emb:
             problems.append(Problem("missing", f"{enc_prefix}embeddings.{_orig_type(t, names)}.weight", expected=expected))
             continue
@@ -341,9 +406,17 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
     params: dict[str, Any] = {}
     mapped: dict[str, str] = {}
     source_keys: list[dict[str, Any]] = []
+    transforms: dict[str, str] = {}
     for t, value in ok_emb.items():
         params[f"embed_{t}"] = {"embedding": np.ascontiguousarray(value, dtype=np.float32)}
         mapped[emb[t][0]] = f"embed_{t}/embedding"
+    for (t, kind, param), value in ok_inp.items():
+        path, transform = INPUT_PARAMS[(kind, param)]
+        path = path.format(t)
+        x = np.asarray(value).T if transform == "transpose" else np.asarray(value)
+        _set_path(params, path, np.ascontiguousarray(x, dtype=np.float32))
+        mapped[inp[(t, kind, param)][0]] = path
+        transforms[inp[(t, kind, param)][0]] = transform
     for (layer, key, param), value in ok_conv.items():
         if key not in complete and graph is None:
             skipped.setdefault(conv[(layer, key, param)][0],
@@ -368,11 +441,13 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
 
     node_types = sorted({t for k in relations_out for t in (schema.split_key(k)[0], schema.split_key(k)[2])},
                         key=_type_rank)
+
     cfg_json = ckpt.config or {}
     dropout = cfg_json.get("dropout", EncoderConfig.dropout)
     encoder_config = EncoderConfig(hidden_dim=HC, num_heads=H, num_layers=L, embedding_dim=d,
                                    dropout=float(dropout) if isinstance(dropout, (int, float)) else EncoderConfig.dropout,
-                                   aggr="sum", input_modes={t: "embedding" for t in node_types},
+                                   aggr="sum", input_modes={t: _config_mode(arch.input_modes.get(t))
+                                                            for t in node_types},
                                    compute_dtype="float32", residual=residual)
     initialised: list[str] = []
     if graph is not None:
@@ -384,7 +459,8 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
         if orig in mapped:
             p = parsed[orig]
             source_keys.append({"key": orig, "dtype": ckpt.dtypes[orig], "path": mapped[orig],
-                                "transform": _transform(p.param) if p.kind == "conv" else "none"})
+                                "transform": _transform(p.param) if p.kind == "conv" else
+                                transforms.get(orig, "none")})
         elif orig in inert:
             value = ckpt.state[orig]
             entry: dict[str, Any] = {"key": orig, "dtype": ckpt.dtypes[orig]}
@@ -445,8 +521,33 @@ def _orig_conv_key(prefix: str, list_name: str, style: str, layer: int, key: str
     return f"{prefix}{list_name}.{layer}.convs.{rel.module_key()}.{param}"
 
 
-def _infer_architecture(emb, conv, graph, mappings, src: str, problems: list[Problem]) -> Architecture:
+def _config_mode(mode: str | None) -> str:
+    return "embedding" if mode in (None, "invalid") else mode
+
+
+def _input_modes(emb, inp) -> dict[str, str]:
+    """Node type -> jaxfood input mode, from which input tensors it has ("invalid": no mode fits)."""
+    modes = {}
+    for t in sorted(set(emb) | {t for t, _, _ in inp}, key=_type_rank):
+        kinds = {kind for it, kind, _ in inp if it == t}
+        if not kinds:
+            modes[t] = "embedding"
+        elif kinds == {"input"}:
+            modes[t] = "both" if t in emb else "features"
+        elif kinds == {"shared"} and t not in emb:
+            modes[t] = "shared"
+        elif kinds == {"profile"} and t not in emb and t == schema.SAMPLE:
+            modes[t] = "profile"
+        else:
+            modes[t] = "invalid"
+    return modes
+
+
+def _infer_architecture(emb, conv, graph, mappings, src: str, problems: list[Problem], inp=None) -> Architecture:
+    inp = inp or {}
+    ok = [(k, v) for k, (_, v) in inp.items() if v is not UNINITIALIZED and np.ndim(v) == 2]
     emb_dims = [int(np.shape(v)[1]) for _, v in emb.values() if v is not UNINITIALIZED and np.ndim(v) == 2]
+    emb_dims += [int(np.shape(v)[0]) if kind == "input" else int(np.shape(v)[1]) for (_, kind, _), v in ok]
     att_shapes = [tuple(np.shape(v)[1:]) for (_, _, p), (_, v) in conv.items()
                   if p.startswith("att_") and v is not UNINITIALIZED and np.ndim(v) == 3 and np.shape(v)[0] == 1]
     if not att_shapes:
@@ -477,8 +578,23 @@ def _infer_architecture(emb, conv, graph, mappings, src: str, problems: list[Pro
             for field, t in MAPPING_FIELDS.items():
                 if field in mappings:
                     num_nodes[t] = len(mappings[field])
+    feature_dims = {t: int(np.shape(v)[1]) for (t, kind, param), v in ok if kind == "input" and param == "weight"}
+    profile_rows = [int(np.shape(v)[0]) for (_, kind, _), v in ok if kind == "profile"]
+    if profile_rows and schema.MOLECULE not in num_nodes:
+        num_nodes[schema.MOLECULE] = profile_rows[0]
+    modes = _input_modes(emb, inp)
+    if graph is not None:
+        for t, mode in modes.items():
+            if mode in ("features", "both"):
+                if t in graph.node_features:
+                    feature_dims[t] = int(np.shape(graph.node_features[t])[1])
+                else:
+                    problems.append(Problem("config", f"input mode of '{t}'", expected=repr(mode),
+                                            found="a graph without node_features for it",
+                                            why=f"'inputs.{t}.weight' projects node features"))
     return Architecture(embedding_dim=int(d), num_heads=int(H), head_channels=int(C), num_layers=int(L),
-                        num_nodes=num_nodes, relations=relations, edge_dims=edge_dims)
+                        num_nodes=num_nodes, relations=relations, edge_dims=edge_dims,
+                        input_modes={t: m for t, m in modes.items()}, feature_dims=feature_dims)
 
 
 def _check_config(config: Mapping[str, Any] | None, arch: Architecture, problems: list[Problem]) -> None:

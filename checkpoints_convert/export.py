@@ -9,7 +9,10 @@ original's default layout: a GraphCL dict ``{"encoder_state", "config", "graph_p
 ``encoder.embeddings.<Type>.weight`` and ``encoder.layers.<i>.convs.<Src___rel___Dst>.<param>``
 in the original's names (``Feature``, ``Contains``, ``Is_of_type``, ``rev_...``); relations
 without edge attributes get the ``lin_edge.weight`` [H*C, 0] and ``att_edge`` (zeros) that
-PyG's ``GATConv(edge_dim=0)`` has.
+PyG's ``GATConv(edge_dim=0)`` has. Node types in jaxfood's other input modes get the input layers
+of :func:`checkpoints_convert.reference.build_reference_encoder`: ``encoder.inputs.<Type>.weight``
+/ ``.bias`` (``project_<Type>``, features/both), ``encoder.shared.<Type>`` (``shared_<Type>``),
+``encoder.profile.<Type>`` (``profile_<Type>``); the file loads strictly into that module.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from checkpoints_convert.load import UNINITIALIZED, numpy_to_tensor, require_tor
 from checkpoints_convert.mapping import GAT_PARAMS, RelationName, export_node_name, export_relation_name
 
 _PARAM_BY_PATH = {"/".join(v): k for k, v in GAT_PARAMS.items()}
+#: Top-level names of jaxfood encoder params.
+_TOP_LEVEL = ("embed_", "project_", "shared_", "profile_", "layer_")
 
 
 def _get_path(tree: Mapping, path: str, source: str) -> np.ndarray:
@@ -70,14 +75,19 @@ def _restore_rows(table: np.ndarray, rows: Mapping[str, Any], source: str, node_
 def state_dict_arrays(params: Mapping, encoder_config: Mapping[str, Any],
                       torch_source: Mapping[str, Any] | None, source: str = "checkpoint") -> tuple[dict, dict]:
     """``({key: numpy array or UNINITIALIZED}, {key: torch dtype})`` in the original layout."""
+    from checkpoints_convert.reference import INPUT_MODES
+
     modes = encoder_config.get("input_modes", {}) or {}
-    bad = {t: m for t, m in modes.items() if m != "embedding"}
-    if bad or any(k.startswith(("project_", "shared_")) for k in params):
-        raise ConvertError(f"{source}: input modes {bad or 'features/shared'} have no equivalent in the original "
-                           "PyTorch encoder (learned embeddings only); only encoders with input mode "
-                           "'embedding' for every node type can be exported")
+    bad = {t: m for t, m in modes.items() if m not in INPUT_MODES}
+    if bad:
+        raise ConvertError(f"{source}: encoder_config input_modes {bad} have no PyTorch equivalent "
+                           f"(known: {list(INPUT_MODES)})")
     if encoder_config.get("aggr", "sum") != "sum":
         raise ConvertError(f"{source}: encoder_config aggr = {encoder_config.get('aggr')!r}; the original uses 'sum'")
+    unknown = [k for k in params if not k.startswith(_TOP_LEVEL)]
+    if unknown:
+        raise ConvertError(f"{source}: encoder parameters {unknown[:4]} have no PyTorch equivalent (expected "
+                           "embed_/project_/shared_/profile_<Type> and layer_<i>)")
     arrays: dict[str, Any] = {}
     dtypes: dict[str, str] = {}
     if torch_source:
@@ -104,11 +114,24 @@ def state_dict_arrays(params: Mapping, encoder_config: Mapping[str, Any],
         return arrays, dtypes
     # default layout of the original project
     prefix = "encoder."
+    # in the order of the reference module: embeddings, inputs, profile, shared, layers
     for name in params:
         if name.startswith("embed_"):
             t = name[len("embed_"):]
             key = f"{prefix}embeddings.{export_node_name(t)}.weight"
-            arrays[key], dtypes[key] = np.asarray(params[name]["embedding"]), "float32"
+            arrays[key], dtypes[key] = np.asarray(_get_path(params, f"{name}/embedding", source)), "float32"
+    for name in params:
+        if name.startswith("project_"):
+            t = export_node_name(name[len("project_"):])
+            for param, path in (("weight", "kernel"), ("bias", "bias")):
+                key = f"{prefix}inputs.{t}.{param}"
+                x = np.asarray(_get_path(params, f"{name}/{path}", source))
+                arrays[key], dtypes[key] = (x.T if param == "weight" else x), "float32"
+    for kind in ("profile", "shared"):
+        for name in params:
+            if name.startswith(f"{kind}_"):
+                key = f"{prefix}{kind}.{export_node_name(name[len(kind) + 1:])}"
+                arrays[key], dtypes[key] = np.asarray(params[name]), "float32"
     heads = int(encoder_config["num_heads"])
     channels = int(encoder_config["hidden_dim"]) // heads
     for i in range(int(encoder_config["num_layers"])):

@@ -5,7 +5,11 @@ The original PyTorch project saves its ``HeteroGATEncoder`` as
 * ``[module.]*[encoder.]embeddings.<NodeType>.weight``  -- ``nn.Embedding`` tables [N, d];
 * ``[module.]*[encoder.]layers.<i>.convs.<Src___rel___Dst>.<param>`` -- one ``GATConv`` per
   relation inside a ``HeteroConv`` (PyG >= 2.4 ``ModuleDict`` key style; ``.`` in names is
-  stored as ``#``); older PyG wrote ``convs.Src__rel__Dst.<param>``.
+  stored as ``#``); older PyG wrote ``convs.Src__rel__Dst.<param>``;
+* for jaxfood's other input modes (:mod:`checkpoints_convert.reference`):
+  ``[encoder.]inputs.<NodeType>.weight|bias`` (``nn.Linear``, mode ``features``/``both``),
+  ``[encoder.]shared.<NodeType>`` [1, d] (mode ``shared``), ``[encoder.]profile.<NodeType>``
+  [M, d] (mode ``profile``).
 
 Node and relation names of the original (``Feature``, ``Contains``, ``Is_of_type``, ``rev_...``)
 are translated into the canonical jaxfood schema by :class:`NameMap`: a default alias table
@@ -50,6 +54,19 @@ UPSTREAM_RELATION_ALIASES: dict[str, str] = {
 
 _PARAM_RE = "|".join(re.escape(p) for p in GAT_PARAMS)
 _EMBED_RE = re.compile(r"^(?P<prefix>(?:.+\.)?)embeddings\.(?P<type>[^.]+)\.weight$")
+#: Input layers of jaxfood's other input modes: kind -> key pattern.
+_INPUT_RES = {
+    "input": re.compile(r"^(?P<prefix>(?:.+\.)?)inputs\.(?P<type>[^.]+)\.(?P<param>weight|bias)$"),
+    "shared": re.compile(r"^(?P<prefix>(?:.+\.)?)shared\.(?P<type>[^.]+)$"),
+    "profile": re.compile(r"^(?P<prefix>(?:.+\.)?)profile\.(?P<type>[^.]+)$"),
+}
+#: Input-layer kind (and param) -> jaxfood parameter path of node type ``T`` and the transform.
+INPUT_PARAMS: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("input", "weight"): ("project_{}/kernel", "transpose"),
+    ("input", "bias"): ("project_{}/bias", "none"),
+    ("shared", None): ("shared_{}", "none"),
+    ("profile", None): ("profile_{}", "none"),
+}
 _CONV_RE = re.compile(
     rf"^(?P<prefix>(?:.+\.)?)(?P<list>layers|convs)\.(?P<layer>\d+)\.convs\.(?P<rel>.+)\.(?P<param>{_PARAM_RE})$"
 )
@@ -108,12 +125,12 @@ class ParsedKey:
 
     key: str  # as stored in the file (with any module. prefix)
     prefix: str  # encoder prefix, e.g. "encoder." or ""
-    kind: str  # "embedding" | "conv"
-    node_type: str | None = None  # original node type (embeddings)
+    kind: str  # "embedding" | "conv" | "input" | "shared" | "profile"
+    node_type: str | None = None  # original node type (embeddings and input layers)
     layer: int | None = None
     list_name: str | None = None  # "layers" (or "convs" in some older code)
     relation: RelationName | None = None
-    param: str | None = None  # GATConv parameter, e.g. "lin_src.weight"
+    param: str | None = None  # GATConv parameter, e.g. "lin_src.weight"; "weight"/"bias" of inputs.<T>
 
 
 def parse_key(stripped: str, original: str) -> ParsedKey | None:
@@ -121,6 +138,11 @@ def parse_key(stripped: str, original: str) -> ParsedKey | None:
     m = _EMBED_RE.match(stripped)
     if m:
         return ParsedKey(original, m["prefix"], "embedding", node_type=m["type"])
+    for kind, pattern in _INPUT_RES.items():
+        m = pattern.match(stripped)
+        if m:
+            return ParsedKey(original, m["prefix"], kind, node_type=m["type"],
+                             param=m["param"] if kind == "input" else None)
     m = _CONV_RE.match(stripped)
     if m:
         rel = parse_relation(m["rel"])

@@ -243,6 +243,11 @@ MALFORMED = {
                              ["'encoder.embeddings.Food.weight' has shape [3, 6], expected [3, 8]"]),
     "wrong_config": (lambda o: o["config"].update(hidden_dim=16, num_layers=3),
                      ["config['hidden_dim'] = 16 but the tensors say 8", "config['num_layers'] = 3"]),
+    "shared_and_embedding": (lambda o: o["encoder_state"].__setitem__("encoder.shared.Food", torch.zeros(1, 8)),
+                             ["'encoder.shared.Food'", "no jaxfood input mode combines"]),
+    "wrong_input_width": (lambda o: o["encoder_state"].update({"encoder.inputs.Nutrient.weight": torch.zeros(6, 5),
+                                                               "encoder.inputs.Nutrient.bias": torch.zeros(8)}),
+                          ["'encoder.inputs.Nutrient.weight' has shape [6, 5], expected [8, 5]"]),
 }
 
 
@@ -461,3 +466,160 @@ def test_bad_rename_is_a_user_error(pair, text, original, workdir, capsys):
     rc, _, err = run_convert([src, "--out", workdir / "rename_err", "--rename", pair], capsys)
     assert rc == 2 and text in err
     assert not (workdir / "rename_err").exists()
+
+
+# ---- jaxfood's other input modes: features / both / shared / profile ---------------------------------
+MIXED_MODES = {"Sample": "profile", "Molecule": "both", "Food": "features", "Nutrient": "shared"}
+
+
+@pytest.fixture(scope="module")
+def mixed_encoder():
+    """``(graph, cfg, params, outputs)``: a toy graph (Molecule and Food node features, stored
+    log1p intensity statistics) and an encoder using every non-embedding input mode, with random
+    values everywhere (biases too), and its eval-mode outputs."""
+    import dataclasses
+
+    import jax
+    from conftest import make_toy_graph
+
+    from jaxfood.models.encoder import EncoderConfig, make_encoder
+
+    graph = make_toy_graph(num_samples=12, num_molecules=15, num_foods=3, num_nutrients=4, per_sample=5,
+                           molecule_dim=3)
+    rng = np.random.default_rng(7)
+    norm = {"contains_molecule": {"transform": "log1p", "mean": rng.normal(size=15).tolist(),
+                                  "std": rng.uniform(0.5, 2.0, 15).tolist()}}
+    graph = graph.replace(meta=dataclasses.replace(graph.meta, normalisation=norm))
+    assert set(np.asarray(graph.sample_split).tolist()) == {0, 1, 2}  # the profile statistics use train only
+    cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=2, embedding_dim=6, dropout=0.1,
+                        input_modes=dict(MIXED_MODES))
+    encoder = make_encoder(graph, cfg)
+    shapes = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), graph))["params"]
+    params = jax.tree_util.tree_map(lambda s: (0.4 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+    assert {"profile_Sample", "shared_Nutrient", "project_Food", "project_Molecule", "embed_Molecule"} <= set(params)
+    out = jax.jit(lambda p, g: encoder.apply({"params": p}, g, deterministic=True))(params, graph)
+    return graph, cfg, params, {t: np.asarray(v) for t, v in out.items()}
+
+
+def _flat(tree):
+    import jax
+
+    return {jax.tree_util.keystr(path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_bit_identical(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        assert fa[k].dtype == fb[k].dtype == np.float32 and fa[k].shape == fb[k].shape, k
+        assert np.array_equal(fa[k].view(np.uint32), fb[k].view(np.uint32)), k
+
+
+def _mixed_reference(graph, cfg, state):
+    """The PyG reference encoder in the original's names with ``state`` (exported keys) loaded."""
+    from checkpoints_convert.mapping import export_node_name, export_relation_name
+    from checkpoints_convert.reference import build_reference_encoder
+
+    rels = {k: export_relation_name(k) for k in graph.edges}
+    edge_index = {r: torch.from_numpy(np.stack([np.asarray(graph.edges[k].senders),
+                                                np.asarray(graph.edges[k].receivers)]).astype(np.int64))
+                  for k, r in rels.items()}
+    edge_attr = {r: torch.from_numpy(np.asarray(graph.edges[k].attributes, np.float32)) for k, r in rels.items()
+                 if graph.edges[k].attributes.shape[1] > 0}
+    module = build_reference_encoder(
+        {export_node_name(t): n for t, n in graph.num_nodes.items()}, list(rels.values()),
+        {r: edge_attr[r].shape[1] if r in edge_attr else 0 for r in rels.values()}, cfg.embedding_dim,
+        cfg.hidden_dim, cfg.num_heads, cfg.num_layers, cfg.dropout,
+        input_modes={export_node_name(t): m for t, m in cfg.input_modes.items()},
+        feature_dims={export_node_name(t): x.shape[1] for t, x in graph.node_features.items()})
+    module.load_state_dict({k[len("encoder."):]: v for k, v in state.items()}, strict=True)
+    module.eval()
+    x_dict = {export_node_name(t): torch.from_numpy(np.asarray(x)) for t, x in graph.node_features.items()}
+
+    def run(sample_split=np.asarray(graph.sample_split)):
+        with torch.no_grad():
+            out = module(edge_index, edge_attr, x_dict, None if sample_split is None else torch.from_numpy(sample_split),
+                         graph.meta.normalisation["contains_molecule"])
+        return {t: out[export_node_name(t)].numpy() for t in graph.num_nodes}
+
+    return run
+
+
+def test_export_of_mixed_input_modes_runs_like_the_pyg_reference(mixed_encoder):
+    """The exported file loads strictly into the PyG reference (original names) with input layers
+    for every mode, and gives the jaxfood encoder's outputs for every node type."""
+    from checkpoints_convert.export import export_object
+    from jaxfood.config import config_to_dict
+
+    graph, cfg, params, ours = mixed_encoder
+    state = export_object(params, config_to_dict(cfg), None)["encoder_state"]
+    for key in ("encoder.profile.Sample", "encoder.shared.Nutrient", "encoder.inputs.Food.weight",
+                "encoder.inputs.Food.bias", "encoder.inputs.Feature.weight", "encoder.embeddings.Feature.weight"):
+        assert key in state
+    assert not any(k.startswith(("encoder.embeddings.Sample", "encoder.embeddings.Food",
+                                 "encoder.embeddings.Nutrient")) for k in state)
+    run = _mixed_reference(graph, cfg, state)
+    theirs = run()
+    assert sorted(theirs) == sorted(ours)
+    for t in ours:
+        assert ours[t].shape == theirs[t].shape
+        np.testing.assert_allclose(ours[t], theirs[t], atol=1e-5, rtol=0, err_msg=t)
+    # the profile really is standardised over the training samples only
+    wrong = run(sample_split=None)
+    assert np.max(np.abs(wrong["Sample"] - ours["Sample"])) > 1e-3
+
+
+def test_mixed_input_modes_round_trip_jax_torch_jax_bit_identical(mixed_encoder, workdir):
+    from checkpoints_convert.convert import convert_checkpoint
+    from checkpoints_convert.errors import ConvertError
+    from checkpoints_convert.export import export_object, write_torch
+    from checkpoints_convert.load import load_checkpoint
+    from jaxfood.config import config_to_dict
+
+    graph, cfg, params, _ = mixed_encoder
+    obj = export_object(params, config_to_dict(cfg), None)
+    path = write_torch(obj, workdir / "mixed_lib.pt")
+    conversion = convert_checkpoint(load_checkpoint(path))
+    assert conversion.encoder_config["input_modes"] == MIXED_MODES
+    assert conversion.architecture.feature_dims == {"Molecule": 3, "Food": 4}
+    assert_bit_identical(params, conversion.params)
+    # and back again, through the layout it was converted from
+    again = export_object(conversion.params, conversion.encoder_config, conversion.torch_source)
+    assert_same_torch_object(obj, again)
+    # with the graph: same params, nothing freshly initialised
+    with_graph = convert_checkpoint(load_checkpoint(path), graph=graph)
+    assert with_graph.report["initialised"] == [] and not with_graph.report["problems"]
+    assert_bit_identical(params, with_graph.params)
+    # what cannot be expressed is one clear error naming the checkpoint and the tensor
+    with pytest.raises(ConvertError, match=r"mixed_lib\.pt: 'encoder\.profile\.Sample' has one row per molecule.*--mappings"):
+        convert_checkpoint(load_checkpoint(path), graph=graph, mappings={"feature_ids": graph.meta.node_ids["Molecule"]})
+    with pytest.raises(ConvertError, match=r"^cfg: encoder_config aggr = 'max'; the original uses 'sum'$"):
+        export_object(params, {**config_to_dict(cfg), "aggr": "max"}, None, source="cfg")
+
+
+def test_mixed_input_modes_cli_to_torch_convert_back_and_verify(mixed_encoder, workdir, capsys):
+    """``--to-torch`` of a jaxfood checkpoint, then converting that file back with ``--verify``
+    (random graph: node features, splits, no intensity statistics) and ``--to-torch`` again."""
+    from jaxfood.config import config_to_dict
+    from jaxfood.train.checkpoint import load_encoder, save_checkpoint
+
+    _, cfg, params, _ = mixed_encoder
+    native = workdir / "mixed_native"
+    save_checkpoint(native, 0, {"params": {"encoder": params}}, {"kind": "graphcl",
+                                                                 "encoder_config": config_to_dict(cfg)})
+    exported = workdir / "mixed.pt"
+    rc, stdout, err = run_convert([native, "--to-torch", exported], capsys)
+    assert rc == 0, err
+    assert "default layout" in stdout
+    out, back = workdir / "mixed_conv", workdir / "mixed_back.pt"
+    rc, stdout, err = run_convert([exported, "--out", out, "--verify", "--to-torch", back], capsys)
+    assert rc == 0, err
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["verify"]["passed"] and set(report["verify"]["max_abs_diff"]) == set(MIXED_MODES)
+    assert max(report["verify"]["max_abs_diff"].values()) < 1e-5
+    assert report["round_trip"]["exact"] and report["counts"]["skipped"] == 0
+    assert report["architecture"]["input_modes"] == MIXED_MODES
+    cfg_back, params_back, _ = load_encoder(out)
+    assert cfg_back["input_modes"] == MIXED_MODES
+    assert_bit_identical(params, params_back)
+    assert_same_torch_object(torch_load(exported), torch_load(back))
