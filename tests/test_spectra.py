@@ -9,6 +9,7 @@ left after cleaning (removed: zero row), 104 and 106 have no spectrum, 999 is no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -260,11 +261,12 @@ def test_every_command_runs_on_a_graph_with_spectra_and_spectral_network(graph_d
 
 
 @pytest.mark.slow
-def test_converter_round_trip_and_pyg_parity_with_the_spectral_network(graph_dir, tmp_path, capsys):
+@pytest.mark.parametrize("modes", ["embedding", "default"])
+def test_converter_round_trip_and_pyg_parity_with_the_spectral_network(graph_dir, tmp_path, capsys, modes):
     """An encoder of the graph (is_similar_to included) exports to the PyTorch layout and converts
-    back exactly; --verify runs the PyG original against it. The original has learned embeddings
-    only (no node input features), so the exported encoder uses input mode 'embedding' (as
-    ``checkpoints_convert`` requires for any graph with Molecule features, spectra or embeddings)."""
+    back exactly; --verify runs the PyG reference against it: with learned embeddings only (the
+    original project's encoder), and with the default model's input modes (the spectra as Molecule
+    features beside an embedding, Sample inputs from the intensity profile, residual layers)."""
     import jax
 
     from checkpoints_convert.cli import main as convert_main
@@ -275,6 +277,9 @@ def test_converter_round_trip_and_pyg_parity_with_the_spectral_network(graph_dir
 
     graph = load_graph(graph_dir)
     cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.1)
+    if modes == "default":
+        cfg = dataclasses.replace(cfg, residual=True, input_modes={
+            schema.SAMPLE: "profile", schema.MOLECULE: "both", schema.FOOD: "both"})
     encoder = make_encoder(graph, cfg)
     rng = np.random.default_rng(5)
     shapes = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), graph))["params"]
