@@ -203,3 +203,13 @@ def test_figures_that_print_the_same_are_a_tie_not_a_loss():
     assert "behind the logistic regression baseline" not in text  # 0.800 vs 0.800
     assert "behind training from scratch" not in text
     assert "jaxfood (0.199) is behind the ridge regression baseline (0.200)" in text  # 0.199 < 0.200
+
+
+def test_auroc_top3_and_calibration_rows_carry_the_logistic_regression():
+    baselines = {**METRICS["baselines"], "logreg_auroc_macro": 0.97, "logreg_top3_accuracy": 0.85, "logreg_ece": 0.02}
+    text = render_report({**METRICS, "baselines": baselines})
+    assert "| Macro AUROC (one-vs-rest) ↑ | **0.950** | – | – | – | 0.970 (logistic regression) |" in text
+    assert "jaxfood (0.950) is behind the logistic regression baseline (0.970)" in text
+    assert "| Top-3 accuracy ↑ | **0.900** |" in text and "0.850 (logistic regression)" in text
+    # lower is better: an ECE of 0.05 against 0.02 is behind
+    assert "On expected calibration error, jaxfood (0.050) is behind the logistic regression baseline (0.020)" in text

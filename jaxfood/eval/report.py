@@ -17,9 +17,9 @@ OBJECTIVE_ROWS: dict[str, list[tuple[str, str, str | None, bool]]] = {
     "food_classification": [
         ("accuracy", "Accuracy", "logreg_accuracy", True),
         ("weighted_f1", "Weighted F1", "logreg_weighted_f1", True),
-        ("auroc_macro", "Macro AUROC (one-vs-rest)", None, True),
-        ("top3_accuracy", "Top-3 accuracy", None, True),
-        ("ece", "Expected calibration error", None, False),
+        ("auroc_macro", "Macro AUROC (one-vs-rest)", "logreg_auroc_macro", True),
+        ("top3_accuracy", "Top-3 accuracy", "logreg_top3_accuracy", True),
+        ("ece", "Expected calibration error", "logreg_ece", False),
     ],
     "nutrition": [
         ("knn_purity", "k-NN purity of Food embeddings (USDA category; held-out foods)", None, True),
@@ -48,6 +48,9 @@ TITLES = {
 BASELINE_NAMES = {
     "logreg_accuracy": "logistic regression",
     "logreg_weighted_f1": "logistic regression",
+    "logreg_auroc_macro": "logistic regression",
+    "logreg_top3_accuracy": "logistic regression",
+    "logreg_ece": "logistic regression",
     "ridge_nutrient_r2": "ridge regression",
     "fold_change_precision_at_10": "fold change + PLS-DA VIP",
 }
