@@ -81,7 +81,11 @@ def test_a_rerun_in_the_same_workdir_replaces_the_earlier_run(runs, tmp_path):
     save_checkpoint(workdir / "checkpoints", 99, {"params": first.params}, {"kind": "finetune"})
     # The same configuration: the same compiled programs, no time spent compiling.
     result = finetune(load_graph(graph_dir), load_config(FinetuneConfig(), None, SMALL), workdir, progress=False)
-    assert latest_step(workdir / "checkpoints") == result.best_step == first.best_step
+    # The kept state is saved at its step, or, for a kept start that took a trained step's
+    # representation, at that step (meta best_step 0); either way the earlier run's step 99 is gone.
+    assert result.best_step == first.best_step and result.composed_step == first.composed_step
+    kept_at = result.best_step if result.composed_step is None else result.composed_step
+    assert latest_step(workdir / "checkpoints") == kept_at != 99
     assert json.loads((workdir / "metrics.json").read_text())["best_step"] == first.best_step
     assert len(list((workdir / "tb").iterdir())) == 1  # the earlier run's event file is gone
 
