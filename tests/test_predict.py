@@ -264,7 +264,7 @@ def test_out_of_library_known_samples_were_never_in_the_graph():
 def test_ledoit_wolf_covariance_is_scikit_learns(n, d):
     from sklearn.covariance import LedoitWolf
 
-    from jaxfood.eval.predict import ledoit_wolf_covariance
+    from jaxfood.eval.ool import ledoit_wolf_covariance
 
     rng = np.random.default_rng(n * d)
     x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d) + 1.0

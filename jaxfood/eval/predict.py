@@ -1,4 +1,4 @@
-"""Prediction for new samples, and the out-of-library score.
+"""Prediction for new samples, and its out-of-library flag (the scores: :mod:`jaxfood.eval.ool`).
 
 A new sample (or many, from a GNPS feature table) is appended to the graph a model was fine-tuned
 on as new ``Sample`` nodes with ``contains_molecule`` edges (and their reverse) and no label edge.
@@ -47,20 +47,12 @@ from jaxfood.data.csv_input import sniff_delimiter
 from jaxfood.data.readers import read_feature_table
 from jaxfood.data.tables import FeatureTable
 from jaxfood.errors import CheckpointError, UserError
+from jaxfood.eval.ool import DEFAULT_OOL_SCORE, OOL_SCORES, score_samples, softmax
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, EdgeSet, HeteroGraph, molecule_details
 from jaxfood.graph.splits import prepare_graph
 from jaxfood.models.encoder import INDUCTIVE_MODES
 
-#: Out-of-library scores: name -> description (the first is the default).
-OOL_SCORES = {
-    "mahalanobis": "Mahalanobis distance of the Sample embedding to the nearest food (shared covariance)",
-    "msp": "1 - max softmax probability",
-    "energy": "negative free energy -logsumexp(logits)",
-    "knn": "cosine distance of the Sample embedding to the 5th nearest training sample",
-}
-DEFAULT_OOL_SCORE = "mahalanobis"
-OOL_SCORE = OOL_SCORES[DEFAULT_OOL_SCORE]
 DEFAULT_QUANTILE = 0.95
 SAMPLE_COLUMNS = ("molecule_id", "intensity")
 GNPS_ROW_ID = "row ID"
@@ -227,103 +219,6 @@ def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.nd
     return graph, {schema.CONTAINS: keep_fwd}, stats_mask, np.arange(old_e, old_e + senders.size)
 
 
-def _softmax(logits):
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
-
-def ool_scores(logits) -> np.ndarray:
-    """[n, F] logits -> [n] out-of-library score ``1 - max softmax probability``."""
-    return 1.0 - _softmax(logits).max(-1)
-
-
-def energy_scores(logits) -> np.ndarray:
-    """[n, F] -> [n] negative free energy ``-logsumexp(logits)`` (Liu et al., NeurIPS 2020); higher =
-    more out-of-library. Reported by :func:`out_of_library_rates` for comparison."""
-    z = np.asarray(logits, np.float64)
-    m = z.max(-1)
-    return -(m + np.log(np.exp(z - m[:, None]).sum(-1)))
-
-
-def knn_distance_scores(features, reference, k: int = 5) -> np.ndarray:
-    """[n, d], [r, d] -> [n] cosine distance to the k-th nearest ``reference`` row (Sun et al., ICML
-    2022, deep nearest neighbours; a sample's distance to itself, if in ``reference``, is skipped
-    by taking the (k+1)-th when it is 0)."""
-    def unit(x):
-        x = np.asarray(x, np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    d = 1.0 - unit(features) @ unit(reference).T
-    d = np.sort(d, axis=1)
-    k = min(k, d.shape[1] - 1)
-    self_hit = d[:, 0] <= 1e-9
-    return np.where(self_hit, d[:, min(k, d.shape[1] - 1)], d[:, k - 1])
-
-
-def fit_class_gaussians(features, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(classes [C], means [C, d], precision [d, d])`` of class-conditional Gaussians with one
-    shared covariance (Lee et al. 2018) from ``features`` [n, d] and ``labels`` [n].
-
-    The covariance of the class-centred features is Ledoit-Wolf shrunk: with ~5 samples per food
-    and d = hidden the plain estimate is singular."""
-    x = np.asarray(features, np.float64)
-    y = np.asarray(labels)
-    classes = np.unique(y)
-    means = np.stack([x[y == c].mean(0) for c in classes])
-    centred = x - means[np.searchsorted(classes, y)]
-    covariance = ledoit_wolf_covariance(centred) if x.shape[0] > 1 else np.eye(x.shape[1])
-    return classes, means, np.linalg.pinv(covariance, hermitian=True)
-
-
-def ledoit_wolf_covariance(x) -> np.ndarray:
-    """[n, d] -> [d, d] Ledoit-Wolf shrunk covariance (Ledoit & Wolf 2004; what scikit-learn's
-    ``LedoitWolf().fit(x).covariance_`` gives) in numpy: ``jaxfood predict`` does not import
-    scikit-learn (2 s) for it."""
-    x = np.asarray(x, np.float64)
-    x = x - x.mean(0)
-    n, d = x.shape
-    cov = x.T @ x / n
-    mu = np.trace(cov) / d
-    x2 = x ** 2
-    beta_sum = np.sum(x2.T @ x2)
-    delta_sum = np.sum(cov ** 2)  # = sum((x^T x)^2) / n^2
-    beta = (beta_sum / n - delta_sum) / (n * d)
-    delta = (delta_sum - 2.0 * mu * np.trace(cov) + d * mu ** 2) / d
-    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
-    return (1.0 - shrinkage) * cov + shrinkage * mu * np.eye(d)
-
-
-def mahalanobis_scores(features, means, precision) -> np.ndarray:
-    """[n, d], [C, d], [d, d] -> [n] ``min_c (x - mu_c)^T P (x - mu_c)``: squared Mahalanobis
-    distance to the nearest class mean; higher = more out-of-library."""
-    d = np.asarray(features, np.float64)[:, None, :] - np.asarray(means, np.float64)[None]
-    return np.einsum("nkd,de,nke->nk", d, np.asarray(precision, np.float64), d).min(1)
-
-
-def score_samples(outputs, reference_outputs, train_index, train_labels,
-                  method: str = DEFAULT_OOL_SCORE) -> np.ndarray:
-    """[S'] out-of-library scores of every sample of ``outputs`` by ``method`` (see ``OOL_SCORES``).
-
-    ``reference_outputs``: the same forward pass with the training samples' label edges masked
-    (:func:`predict_arrays` with ``reference=True``); ``train_index`` [n] / ``train_labels`` [n]:
-    the training samples and their foods, the reference of ``mahalanobis`` and ``knn``.
-    """
-    index, labels = np.asarray(train_index), np.asarray(train_labels)
-    if method == "msp":
-        return ool_scores(outputs.food_logits)
-    if method == "energy":
-        return energy_scores(outputs.food_logits)
-    features = np.asarray(outputs.embeddings[schema.SAMPLE], np.float64)
-    reference = np.asarray(reference_outputs.embeddings[schema.SAMPLE], np.float64)[index]
-    if method == "knn":
-        return knn_distance_scores(features, reference)
-    if method == "mahalanobis":
-        _, means, precision = fit_class_gaussians(reference, labels)
-        return mahalanobis_scores(features, means, precision)
-    raise ValueError(f"unknown out-of-library score '{method}' (expected one of {list(OOL_SCORES)})")
-
-
 def _forward_fn(model):
     """Jitted forward pass ``(params, graph, edge_masks, stats_mask) -> (outputs, attribution)``
     with the pooling on every edge; one compilation serves the prediction and the reference pass.
@@ -425,7 +320,7 @@ def predict_samples(loaded, graph: HeteroGraph, table: FeatureTable, top_k: int 
     nstats = (norm or {}).get("has_nutrient") or {}
     n_mean = np.asarray(nstats.get("mean", np.zeros(len(names))), np.float64)
     n_std = np.asarray(nstats.get("std", np.ones(len(names))), np.float64)
-    proba = _softmax(logits[S:] / getattr(loaded, "temperature", 1.0))  # calibrated on val at training
+    proba = softmax(logits[S:] / getattr(loaded, "temperature", 1.0))  # calibrated on val at training
     # Amounts per 100 g are never negative; the head's de-normalised output can be (z * std + mean).
     nutrients = np.maximum(np.asarray(out.nutrient_profile, np.float64)[S:] * n_std + n_mean, 0.0)
     low, high = nutrient_training_range(graph, n_mean, n_std)
@@ -601,7 +496,7 @@ def out_of_library_rates(tables, fit, num_held_out: int = 5, seed: int = 0,
         "num_unknown_samples": int(groups["unknown"][DEFAULT_OOL_SCORE].size),
         "num_known_samples": int(groups["known"][DEFAULT_OOL_SCORE].size),
         **per_score[DEFAULT_OOL_SCORE],
-        "score": OOL_SCORE,
+        "score": OOL_SCORES[DEFAULT_OOL_SCORE],
         "method": DEFAULT_OOL_SCORE,
         "quantile": quantile,
         "known_samples": list(known.sample_ids),
