@@ -228,13 +228,14 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
                                             "inputs.<Type>.weight|bias, shared.<Type>, profile.<Type> or "
                                             "layers.<i>.convs.<Src___rel___Dst>.<param>)"))
             continue
-        if p.kind == "embedding":
+        if p.kind in ("embedding", "input", "shared", "profile"):  # a tensor of one node type
             t = names.node_type(p.node_type)
             if t not in schema.NODE_TYPES:
                 problems.append(Problem("unexpected", orig, found=_shape(value),
                                         why=f"node type '{p.node_type}' is not a jaxfood node type; map it with "
                                             f"--rename {p.node_type}=<one of {', '.join(schema.NODE_TYPES)}>"))
                 continue
+        if p.kind == "embedding":
             if t in emb:
                 problems.append(Problem("duplicate", orig, why=f"'{emb[t][0]}' also maps to node type '{t}'"))
                 continue
@@ -242,12 +243,6 @@ def convert_checkpoint(ckpt: TorchCheckpoint, *, renames: Mapping[str, str] | No
             original_names[t] = p.node_type
             located[orig] = {"kind": "embedding", "node_type": t}
         elif p.kind in ("input", "shared", "profile"):
-            t = names.node_type(p.node_type)
-            if t not in schema.NODE_TYPES:
-                problems.append(Problem("unexpected", orig, found=_shape(value),
-                                        why=f"node type '{p.node_type}' is not a jaxfood node type; map it with "
-                                            f"--rename {p.node_type}=<one of {', '.join(schema.NODE_TYPES)}>"))
-                continue
             loc = (t, p.kind, p.param)
             if loc in inp:
                 problems.append(Problem("duplicate", orig, why=f"'{inp[loc][0]}' also maps to node type '{t}'"))
