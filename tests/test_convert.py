@@ -96,6 +96,19 @@ def run_convert(args, capsys):
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
+def _export_encoder(params, cfg, ckpt_dir, out, capsys):
+    """Saves encoder ``params`` of ``cfg`` as a jaxfood checkpoint in ``ckpt_dir`` and exports it
+    to the PyTorch file ``out`` (default layout) with the CLI."""
+    from jaxfood.config import config_to_dict
+    from jaxfood.train.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt_dir, 0, {"params": {"encoder": params}}, {"kind": "graphcl",
+                                                                    "encoder_config": config_to_dict(cfg)})
+    rc, stdout, err = run_convert([ckpt_dir, "--to-torch", out], capsys)
+    assert rc == 0, err
+    assert "default layout" in stdout
+
+
 
 @pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "ddp"])
 def test_graphcl_checkpoint_converts_embeds_like_pyg_and_round_trips(prefix, original, upstream_json, workdir, capsys):
@@ -399,7 +412,6 @@ def test_export_of_a_native_jaxfood_encoder_loads_into_the_original(upstream_jso
 
     from jaxfood.data.upstream import build_graph_from_upstream_json
     from jaxfood.models.encoder import EncoderConfig, make_encoder
-    from jaxfood.train.checkpoint import save_checkpoint
 
     graph = build_graph_from_upstream_json(upstream_json)
     cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=2, embedding_dim=8, dropout=0.1)
@@ -407,15 +419,8 @@ def test_export_of_a_native_jaxfood_encoder_loads_into_the_original(upstream_jso
     rng = np.random.default_rng(5)  # random values everywhere (biases too); no slow RNG compile
     shapes = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), graph))["params"]
     params = jax.tree_util.tree_map(lambda s: (0.4 * rng.normal(size=s.shape)).astype(np.float32), shapes)
-    ckpt_dir = workdir / "native"
-    from jaxfood.config import config_to_dict
-
-    save_checkpoint(ckpt_dir, 0, {"params": {"encoder": params}}, {"kind": "graphcl",
-                                                                    "encoder_config": config_to_dict(cfg)})
-    out = workdir / "native.pt"
-    rc, stdout, err = run_convert([ckpt_dir, "--to-torch", out], capsys)
-    assert rc == 0, err
-    assert "default layout" in stdout
+    ckpt_dir, out = workdir / "native", workdir / "native.pt"
+    _export_encoder(params, cfg, ckpt_dir, out, capsys)
     obj = torch_load(out)
     assert obj["config"]["hidden_dim"] == 8
     num_nodes, ei, ea, _ = build_original_graph(upstream_json)
@@ -600,17 +605,11 @@ def test_mixed_input_modes_round_trip_jax_torch_jax_bit_identical(mixed_encoder,
 def test_mixed_input_modes_cli_to_torch_convert_back_and_verify(mixed_encoder, workdir, capsys):
     """``--to-torch`` of a jaxfood checkpoint, then converting that file back with ``--verify``
     (random graph: node features, splits, no intensity statistics) and ``--to-torch`` again."""
-    from jaxfood.config import config_to_dict
-    from jaxfood.train.checkpoint import load_encoder, save_checkpoint
+    from jaxfood.train.checkpoint import load_encoder
 
     _, cfg, params, _ = mixed_encoder
-    native = workdir / "mixed_native"
-    save_checkpoint(native, 0, {"params": {"encoder": params}}, {"kind": "graphcl",
-                                                                 "encoder_config": config_to_dict(cfg)})
-    exported = workdir / "mixed.pt"
-    rc, stdout, err = run_convert([native, "--to-torch", exported], capsys)
-    assert rc == 0, err
-    assert "default layout" in stdout
+    native, exported = workdir / "mixed_native", workdir / "mixed.pt"
+    _export_encoder(params, cfg, native, exported, capsys)
     out, back = workdir / "mixed_conv", workdir / "mixed_back.pt"
     rc, stdout, err = run_convert([exported, "--out", out, "--verify", "--to-torch", back], capsys)
     assert rc == 0, err
