@@ -12,7 +12,9 @@ on stderr with exit status 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import pkgutil
 import sys
 import traceback
@@ -100,5 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args._run, args, getattr(args, "debug", False))
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then the exit handlers (orbax, TensorBoard writers and
+    temporary files are closed there), then the process ends without the interpreter's teardown:
+    freeing JAX's compiled programs and every module one by one takes ~0.4 s, an eighth of a warm
+    ``jaxfood predict``. An uncaught exception (a bug) still ends the usual way, with its traceback."""
+    status = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -113,3 +114,32 @@ def test_read_meta_is_the_restored_meta_without_reading_the_state(tmp_path):
     (tmp_path / "c" / "7" / "meta" / "metadata").write_text("{not json", encoding="utf-8")
     with pytest.raises(CheckpointError, match="damaged or incomplete"):
         read_meta(tmp_path / "c")
+
+
+def test_restore_params_reads_only_the_params_as_the_full_restore_gives_them(tmp_path, monkeypatch):
+    state = {"params": {"encoder": {"layer_0": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+                        "task_weighting": {}, "head": {"bias": np.ones(4, np.float32)}},
+             "opt_state": {"mu": np.zeros(5, np.float32)}, "step": np.int32(9)}
+    ck.save_checkpoint(tmp_path / "c", 2, state, {"kind": "toy"})
+    full, meta = ck.restore_checkpoint(tmp_path / "c")
+
+    def no_full_restore(*args, **kwargs):
+        raise AssertionError("restore_params read the whole state")
+
+    with monkeypatch.context() as m:
+        m.setattr(ck, "restore_checkpoint", no_full_restore)
+        params, params_meta = ck.restore_params(tmp_path / "c")
+    assert params_meta == meta and meta["step"] == 2
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(full["params"])
+    assert params["task_weighting"] == {}
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(full["params"])):
+        assert isinstance(a, np.ndarray) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # A state without params: None (the loaders say what is missing); a damaged one: one line.
+    ck.save_checkpoint(tmp_path / "d", 1, {"w": np.ones(3, np.float32)}, {"kind": "toy"})
+    assert ck.restore_params(tmp_path / "d")[0] is None
+    for f in (tmp_path / "c" / "2" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+        ck.restore_params(tmp_path / "c")

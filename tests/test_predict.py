@@ -269,3 +269,80 @@ def test_ledoit_wolf_covariance_is_scikit_learns(n, d):
     rng = np.random.default_rng(n * d)
     x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d) + 1.0
     np.testing.assert_allclose(ledoit_wolf_covariance(x), LedoitWolf().fit(x).covariance_, rtol=1e-10, atol=1e-12)
+
+
+def _table(graph, samples):
+    """A FeatureTable of ``samples`` [(name, {molecule index: raw peak area})]."""
+    from jaxfood.data.tables import FeatureTable
+
+    ids = list(graph.meta.node_ids[schema.MOLECULE])
+    s, m, x = [], [], []
+    for j, (_, areas) in enumerate(samples):
+        for mol, area in areas.items():
+            s.append(j)
+            m.append(mol)
+            x.append(area)
+    return FeatureTable(molecule_ids=ids, sample_ids=[name for name, _ in samples], sample_index=np.asarray(s),
+                        molecule_index=np.asarray(m), intensity=np.asarray(x, np.float64))
+
+
+def test_padding_shares_one_program_across_sample_sizes_and_changes_no_real_output(run):
+    """New samples and their edges are padded to power-of-two sizes: samples of other sizes give the
+    same shapes (one compiled program), and a sample's outputs do not depend on the padding or on
+    the other samples predicted with it."""
+    import jax
+
+    from jaxfood.eval.predict import (
+        extend_graph,
+        match_molecules,
+        normalise_intensity,
+        padded_size,
+        predict_arrays,
+    )
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.train.finetune import load_finetuned
+
+    assert [padded_size(k, 64) for k in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    assert [padded_size(k, 2) for k in (1, 2, 3, 5)] == [2, 2, 4, 8]
+    root, graph, ckpt = run
+    loaded = load_finetuned(ckpt, graph)
+    norm = graph.meta.normalisation
+    rng = np.random.default_rng(0)
+    big = {int(i): float(a) for i, a in zip(rng.choice(400, 40, replace=False), rng.uniform(1e3, 1e6, 40))}
+    small = dict(list(big.items())[:7])
+    other = {int(i): 5e4 for i in rng.choice(400, 90, replace=False)}
+
+    dgraph = prepare_graph(graph)
+    S = int(dgraph.num_nodes[schema.SAMPLE])
+
+    def extended(samples):
+        table = _table(graph, samples)
+        matched = match_molecules(table, graph)
+        return extend_graph(dgraph, matched, normalise_intensity(matched.intensity, matched.molecule_index, norm))
+
+    shapes = [[np.shape(x) for x in jax.tree_util.tree_leaves(extended(samples)[:3])] for samples in
+              ([("big", big)], [("small", small)])]
+    assert shapes[0] == shapes[1]  # 40 and 7 molecules: the same padded shapes (the program's input shapes)
+    ext, masks, stats_mask, new_edges = extended([("big", big)])
+    assert ext.num_nodes[schema.SAMPLE] == S + 2 and new_edges.tolist() == list(range(new_edges[0], new_edges[0] + 40))
+    assert not masks[schema.CONTAINS][new_edges[0]:].any() and not stats_mask[S:].any()
+
+    alone = predict_arrays(loaded, graph, _table(graph, [("big", big)]), norm, reference=True)
+    together = predict_arrays(loaded, graph, _table(graph, [("other", other), ("big", big), ("small", small)]), norm,
+                              reference=True)
+    # Padding rows are dropped: one row per graph sample and new sample, one per real edge.
+    assert alone.outputs.food_logits.shape[0] == S + 1 and together.outputs.food_logits.shape[0] == S + 3
+    assert alone.attribution.shape[0] == alone.outputs.molecule_weights.shape[0] == alone.new_edges[-1] + 1
+    for field in ("food_logits", "nutrient_profile", "pooled"):
+        np.testing.assert_allclose(np.asarray(getattr(alone.outputs, field))[S],
+                                   np.asarray(getattr(together.outputs, field))[S + 1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alone.outputs.embeddings[schema.SAMPLE][:S + 1],
+                               np.delete(together.outputs.embeddings[schema.SAMPLE], [S, S + 2], 0)[:S + 1],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alone.reference_outputs.embeddings[schema.SAMPLE][:S],
+                               together.reference_outputs.embeddings[schema.SAMPLE][:S], rtol=1e-5, atol=1e-6)
+    mine = together.new_edges[together.matched.sample_index == 1]
+    np.testing.assert_allclose(np.asarray(alone.attribution)[alone.new_edges], np.asarray(together.attribution)[mine],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(alone.outputs.molecule_weights)[alone.new_edges],
+                               np.asarray(together.outputs.molecule_weights)[mine], rtol=1e-5, atol=1e-7)

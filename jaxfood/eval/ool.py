@@ -96,7 +96,7 @@ def mahalanobis_scores(features, means, precision) -> np.ndarray:
     """[n, d], [C, d], [d, d] -> [n] ``min_c (x - mu_c)^T P (x - mu_c)``: squared Mahalanobis
     distance to the nearest class mean; higher = more out-of-library."""
     d = np.asarray(features, np.float64)[:, None, :] - np.asarray(means, np.float64)[None]
-    return np.einsum("nkd,de,nke->nk", d, np.asarray(precision, np.float64), d).min(1)
+    return np.einsum("nkd,nkd->nk", d @ np.asarray(precision, np.float64), d).min(1)  # one matmul, not a d^2 loop
 
 
 def score_samples(outputs, reference_outputs, train_index, train_labels,

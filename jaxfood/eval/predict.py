@@ -174,21 +174,41 @@ def normalise_intensity(intensity, molecule_index, normalisation: dict[str, Any]
     return (np.log1p(np.asarray(intensity, np.float64)) - mean[molecule_index]) / std[molecule_index]
 
 
+def padded_size(k: int, least: int) -> int:
+    """The smallest power of two >= ``k`` and >= ``least``: new samples and their edges are padded
+    to these sizes, so that predicting samples of other sizes reuses one compiled program (a shape
+    never seen costs a compilation of ~5 s; the persistent cache keeps one per padded size)."""
+    size = max(int(least), 1)
+    while size < k:
+        size *= 2
+    return size
+
+
 def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.ndarray):
     """Appends the new samples to ``dgraph`` (a :func:`~jaxfood.graph.splits.prepare_graph` output).
 
     Returns ``(graph, edge_masks, stats_mask, new_edges)``: ``edge_masks`` switches off the
-    Sample -> Molecule edges of the new samples in the encoder (see the module docstring), ``stats_mask`` [S + n] the old samples,
-    ``new_edges`` [E_new] the positions of the new ``contains_molecule`` edges.
+    Sample -> Molecule edges of the new samples in the encoder (see the module docstring),
+    ``stats_mask`` [S + n'] the old samples, ``new_edges`` [E_new] the positions of the new
+    ``contains_molecule`` edges.
+
+    Padding: the ``n`` new samples are followed by ``n' - n >= 1`` padding samples
+    (:func:`padded_size`) that take the padding edges (to molecule 0, intensity 0; at least one
+    each) up to a padded edge count. Like the new samples', their Sample -> Molecule edges are
+    switched off, so a padding sample's messages reach no other node: the real nodes' outputs are
+    those without padding, and :func:`predict_arrays` drops the padding rows.
     """
     S = int(dgraph.num_nodes[schema.SAMPLE])
     n = len(matched.sample_ids)
+    n_pad = padded_size(n + 1, 2)
     rkey = schema.reverse_key(schema.CONTAINS)
     fwd, rev = dgraph.edges[schema.CONTAINS], dgraph.edges[rkey]
     old_e = int(np.asarray(fwd.senders).shape[0])
-    senders = (S + matched.sample_index).astype(np.int32)
-    receivers = matched.molecule_index.astype(np.int32)
-    attr = np.asarray(attributes, np.float32).reshape(-1, 1)
+    real_e = int(matched.sample_index.shape[0])
+    extra = padded_size(real_e + n_pad - n, 64) - real_e
+    senders = np.concatenate([S + matched.sample_index, S + n + np.arange(extra) % (n_pad - n)]).astype(np.int32)
+    receivers = np.concatenate([matched.molecule_index, np.zeros(extra)]).astype(np.int32)
+    attr = np.concatenate([np.asarray(attributes, np.float32).reshape(-1), np.zeros(extra, np.float32)])[:, None]
     if np.asarray(fwd.attributes).shape[1] != attr.shape[1]:
         raise CheckpointError(f"graph relation '{schema.CONTAINS}' has {np.asarray(fwd.attributes).shape[1]} "
                               "attribute columns, expected 1 (intensity)")
@@ -201,22 +221,36 @@ def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.nd
                           np.concatenate([np.asarray(rev.attributes), attr]))
     meta = dgraph.meta
     num_nodes = dict(meta.num_nodes)
-    num_nodes[schema.SAMPLE] = S + n
+    num_nodes[schema.SAMPLE] = S + n_pad
     node_ids = dict(meta.node_ids)
-    node_ids[schema.SAMPLE] = list(node_ids.get(schema.SAMPLE, [])) + [f"new:{s}" for s in matched.sample_ids]
+    node_ids[schema.SAMPLE] = (list(node_ids.get(schema.SAMPLE, [])) + [f"new:{s}" for s in matched.sample_ids]
+                               + [f"padding:{i}" for i in range(n_pad - n)])
     new_meta = dataclasses.replace(meta, num_nodes=num_nodes, node_ids=node_ids)
     node_features = dict(dgraph.node_features)
     if schema.SAMPLE in node_features:
         feats = np.asarray(node_features[schema.SAMPLE])
-        node_features[schema.SAMPLE] = np.concatenate([feats, np.zeros((n, feats.shape[1]), feats.dtype)])
+        node_features[schema.SAMPLE] = np.concatenate([feats, np.zeros((n_pad, feats.shape[1]), feats.dtype)])
     graph = dgraph.replace(
         edges=edges, node_features=node_features, meta=new_meta,
-        sample_food=np.concatenate([np.asarray(dgraph.sample_food), np.full(n, -1, np.int32)]),
-        sample_split=np.concatenate([np.asarray(dgraph.sample_split), np.full(n, SPLIT_CODES["test"], np.int32)]),
+        sample_food=np.concatenate([np.asarray(dgraph.sample_food), np.full(n_pad, -1, np.int32)]),
+        sample_split=np.concatenate([np.asarray(dgraph.sample_split), np.full(n_pad, SPLIT_CODES["test"], np.int32)]),
     )
     keep_fwd = np.concatenate([np.ones(old_e, bool), np.zeros(senders.size, bool)])
-    stats_mask = np.concatenate([np.ones(S, bool), np.zeros(n, bool)])
-    return graph, {schema.CONTAINS: keep_fwd}, stats_mask, np.arange(old_e, old_e + senders.size)
+    stats_mask = np.concatenate([np.ones(S, bool), np.zeros(n_pad, bool)])
+    return graph, {schema.CONTAINS: keep_fwd}, stats_mask, np.arange(old_e, old_e + real_e)
+
+
+def _without_padding(outputs, num_samples: int, num_edges: int):
+    """``outputs`` (a ``ModelOutputs``) with the padding rows of :func:`extend_graph` dropped: the
+    first ``num_samples`` rows of every per-sample array, ``num_edges`` of every per-edge one."""
+    if outputs is None:
+        return None
+    per_sample = {f: getattr(outputs, f)[:num_samples] for f in
+                  ("food_logits", "nutrient_profile", "pooled", "wide_food_logits", "wide_nutrient_profile")
+                  if getattr(outputs, f) is not None}
+    per_edge = {f: getattr(outputs, f)[:num_edges] for f in ("molecule_weights", "molecule_logits")}
+    embeddings = dict(outputs.embeddings, **{schema.SAMPLE: outputs.embeddings[schema.SAMPLE][:num_samples]})
+    return outputs.replace(embeddings=embeddings, **per_sample, **per_edge)
 
 
 def _forward_fn(model):
@@ -247,7 +281,6 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     ``table`` and, when ``reference``, the same pass with every training sample's label edges
     masked (the view of a training sample a new sample is compared with; else None)."""
     import jax
-    import jax.numpy as jnp
 
     if loaded.model.encoder_config.input_mode(schema.SAMPLE) not in INDUCTIVE_MODES:
         raise CheckpointError(f"the checkpoint's encoder reads Sample input mode "
@@ -261,17 +294,24 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     params = loaded.params  # the model ignores the task-weighting entries beside its own
     ext = jax.device_put(ext)
     label_key, rev_label_key = schema.IS_INSTANCE_OF, schema.reverse_key(schema.IS_INSTANCE_OF)
-    # The same mask keys in both passes (all-on here): one compilation.
-    masks = {k: jnp.asarray(v) for k, v in edge_masks.items()}
-    masks[label_key] = jnp.ones(ext.edges[label_key].senders.shape, bool)
-    masks[rev_label_key] = jnp.ones(ext.edges[rev_label_key].senders.shape, bool)
-    out, attribution = jax.device_get(forward(params, ext, masks, jnp.asarray(stats_mask)))
+    # The same mask keys in both passes (all-on here): one compilation. Masks are built in numpy:
+    # every eager jax operation would be a program of its own to look up (~20 ms each).
+    masks = {k: np.asarray(v) for k, v in edge_masks.items()}
+    masks[label_key] = np.ones(ext.edges[label_key].senders.shape, bool)
+    masks[rev_label_key] = np.ones(ext.edges[rev_label_key].senders.shape, bool)
+    out, attribution = jax.device_get(forward(params, ext, masks, stats_mask))
     ref_out = None
     if reference:
-        train = jnp.asarray(np.asarray(ext.sample_split) == SPLIT_CODES["train"])
-        hidden = {label_key: ~train[ext.edges[label_key].senders], rev_label_key: ~train[ext.edges[rev_label_key].receivers]}
-        ref_out, _ = jax.device_get(forward(params, ext, {**masks, **hidden}, jnp.asarray(stats_mask)))
-    return PredictArrays(out, attribution, int(dgraph.num_nodes[schema.SAMPLE]), matched, new_edges, ref_out)
+        train = np.asarray(ext.sample_split) == SPLIT_CODES["train"]
+        hidden = {label_key: ~train[np.asarray(ext.edges[label_key].senders)],
+                  rev_label_key: ~train[np.asarray(ext.edges[rev_label_key].receivers)]}
+        ref_out, _ = jax.device_get(forward(params, ext, {**masks, **hidden}, stats_mask))
+    S = int(dgraph.num_nodes[schema.SAMPLE])
+    num_edges = int(np.asarray(dgraph.edges[schema.CONTAINS].senders).shape[0]) + new_edges.size
+    out = _without_padding(out, S + len(matched.sample_ids), num_edges)
+    ref_out = _without_padding(ref_out, S + len(matched.sample_ids), num_edges)
+    attribution = None if attribution is None else attribution[:num_edges]
+    return PredictArrays(out, attribution, S, matched, new_edges, ref_out)
 
 
 @dataclasses.dataclass

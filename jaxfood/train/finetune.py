@@ -45,7 +45,7 @@ from jaxfood.models.heads import (
 )
 from jaxfood.train import multitask as mt
 from jaxfood.train import task_weighting as tw
-from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
+from jaxfood.train.checkpoint import load_encoder, restore_checkpoint, restore_params
 from jaxfood.train.data_parallel import ShardLayout, data_parallel
 from jaxfood.train.finetune_step import multitask_step_fn, train_state_to_dict
 from jaxfood.train.food_classification import fit_logistic_regression
@@ -512,7 +512,7 @@ def check_graph_matches(meta: Mapping[str, Any], graph: HeteroGraph, source: str
 
 def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = None) -> LoadedFinetune:
     """Model (built for ``graph``) and params of a fine-tuning checkpoint."""
-    state, meta = restore_checkpoint(ckpt_dir, step)
+    state_params, meta = restore_params(ckpt_dir, step)
     source = str(ckpt_dir)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{source}: meta 'kind' is {meta.get('kind')!r}, expected '{CHECKPOINT_KIND}' "
@@ -523,9 +523,9 @@ def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = 
     except (ConfigError, KeyError) as err:
         raise CheckpointError(str(err)) from None
     check_graph_matches(meta, graph, source)
-    if not isinstance(state, Mapping) or "params" not in state:
+    if not isinstance(state_params, Mapping):
         raise CheckpointError(f"{source}: state has no 'params'")
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, enc_cfg, cfg.heads)
-    params = jax.tree_util.tree_map(jnp.asarray, dict(state["params"]))
+    params = jax.tree_util.tree_map(jnp.asarray, dict(state_params))
     return LoadedFinetune(model=model, params=params, config=cfg, meta=meta)
