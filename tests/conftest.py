@@ -111,7 +111,7 @@ def tiny_run(tmp_path_factory):
     save_graph(graph, root / "graph")
     cfg = load_config(FinetuneConfig(), None, TINY_FINETUNE)
     dgraph = prepare_graph(graph)
-    params = make_multitask_model(dgraph, cfg.encoder, cfg.heads).init(jax.random.key(1), dgraph)
+    params = jax.jit(make_multitask_model(dgraph, cfg.encoder, cfg.heads).init)(jax.random.key(1), dgraph)
     ckpt = root / "checkpoints"
     save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
     return root, graph, ckpt, params

@@ -107,7 +107,7 @@ PRETRAIN_WORKER = """
     model = pretrain.make_model(pre_graph, cfg)
     import optax
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
-    params = model.init(jax.random.key(0), pre_graph)
+    params = jax.jit(model.init)(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
     step_fn = pretrain.make_pretrain_step(model, optimizer)
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
@@ -251,7 +251,7 @@ def test_padding_changes_nothing_for_the_real_nodes():
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
     # wide=False: the wide path reads whole-graph profiles and is off on sampled subgraphs (train.finetune).
     model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, wide=False))
-    params = model.init(jax.random.key(1), a.graph)
+    params = jax.jit(model.init)(jax.random.key(1), a.graph)
     out_a = model.apply(params, a.graph, node_index=a.node_index)
     out_b = model.apply(params, b.graph, node_index=b.node_index)
     assert b.graph.num_nodes[schema.SAMPLE] > a.graph.num_nodes[schema.SAMPLE]
@@ -285,7 +285,7 @@ SAMPLED_PRETRAIN_WORKER = """
     model = pretrain.make_model(pre_graph, cfg)
     views = pretrain.PretrainSampler(graph, cfg, SamplerConfig(batch_size=4, seed=3))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
-    params = model.init(jax.random.key(0), pre_graph)
+    params = jax.jit(model.init)(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
     step = data_parallel(pretrain.make_pretrain_step(model, optimizer), ShardLayout(0, 1, devices, per_device),

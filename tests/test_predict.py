@@ -52,7 +52,7 @@ def run(tmp_path_factory):
     cfg = load_config(FinetuneConfig(), None, TINY)
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
-    params = model.init(jax.random.key(1), dgraph)
+    params = jax.jit(model.init)(jax.random.key(1), dgraph)
     # The linear path starts at 0 (no attribution to rank by): a random one, as after training.
     kernel = params["classifier"]["wide_kernel"]
     params["classifier"]["wide_kernel"] = jax.random.normal(jax.random.key(2), kernel.shape, kernel.dtype)
@@ -242,7 +242,7 @@ def test_out_of_library_known_samples_were_never_in_the_graph():
         seen.append(graph)
         dgraph = prepare_graph(graph)
         model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
-        return _Loaded(model, model.init(jax.random.key(0), dgraph), {})
+        return _Loaded(model, jax.jit(model.init)(jax.random.key(0), dgraph), {})
 
     tables = _tables()
     rates = out_of_library_rates(tables, fit, num_held_out=4, seed=1)

@@ -86,7 +86,7 @@ def tiny_run(tmp_path_factory):
     reference = biomarkers_from_pairs(ds.biomarkers)
     cfg = load_config(FinetuneConfig(), None, TINY)
     model = make_multitask_model(prepare_graph(graph), cfg.encoder, cfg.heads)
-    params = model.init(jax.random.key(1), prepare_graph(graph))
+    params = jax.jit(model.init)(jax.random.key(1), prepare_graph(graph))
     save_checkpoint(root / "checkpoints", 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
     result = types.SimpleNamespace(params=params, config=cfg, encoder_config=cfg.encoder)
     return root, graph, reference, result, model

@@ -117,7 +117,7 @@ SMALL_HEADS = HeadsConfig(hidden_dim=16, pool_dim=16, attention_dim=8, projectio
 def toy_model():
     graph = prepare_graph(make_toy_graph())
     model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
-    params = model.init(jax.random.key(0), graph)
+    params = jax.jit(model.init)(jax.random.key(0), graph)
     return graph, model, params
 
 

@@ -130,8 +130,10 @@ def split_params(params):
 
 def init_train_state(model: MultiTaskModel, weighting: tw.WeightingConfig, tx: optax.GradientTransformation,
                      rng, graph: HeteroGraph, encoder_params=None) -> TrainState:
-    """Fresh state; ``encoder_params`` (pretrained) replaces the initial encoder where given."""
-    params = model.init(rng, graph)
+    """Fresh state; ``encoder_params`` (pretrained) replaces the initial encoder where given.
+    The initialisation is one compiled program (op by op it is ~700 small ones: 16 s instead of 9 s
+    on the default model with an empty compilation cache, 4.4 s instead of 2.5 s with a warm one)."""
+    params = jax.jit(model.init)(rng, graph)
     if encoder_params is not None:
         params["encoder"] = jax.tree_util.tree_map(jnp.asarray, encoder_params)
     wparams, wstate = tw.init_weighting(weighting, TASKS)
