@@ -290,9 +290,10 @@ def test_padding_shares_one_program_across_sample_sizes_and_changes_no_real_outp
     """New samples and their edges are padded to power-of-two sizes: samples of other sizes give the
     same shapes (one compiled program), and a sample's outputs do not depend on the padding or on
     the other samples predicted with it."""
-    import jax
 
+    from jaxfood.eval.evaluator import Evaluator
     from jaxfood.eval.predict import (
+        _forward_fn,
         extend_graph,
         match_molecules,
         normalise_intensity,
@@ -302,8 +303,8 @@ def test_padding_shares_one_program_across_sample_sizes_and_changes_no_real_outp
     from jaxfood.graph.splits import prepare_graph
     from jaxfood.train.finetune import load_finetuned
 
-    assert [padded_size(k, 64) for k in (1, 64, 65, 200)] == [64, 64, 128, 256]
-    assert [padded_size(k, 2) for k in (1, 2, 3, 5)] == [2, 2, 4, 8]
+    assert [padded_size(k, 64) for k in (1, 64, 65, 200, 1025)] == [64, 64, 128, 256, 1536]
+    assert [padded_size(k, 2) for k in (1, 2, 3, 5, 17)] == [2, 2, 4, 6, 24]
     root, graph, ckpt = run
     loaded = load_finetuned(ckpt, graph)
     norm = graph.meta.normalisation
@@ -320,9 +321,16 @@ def test_padding_shares_one_program_across_sample_sizes_and_changes_no_real_outp
         matched = match_molecules(table, graph)
         return extend_graph(dgraph, matched, normalise_intensity(matched.intensity, matched.molecule_index, norm))
 
-    shapes = [[np.shape(x) for x in jax.tree_util.tree_leaves(extended(samples)[:3])] for samples in
-              ([("big", big)], [("small", small)])]
-    assert shapes[0] == shapes[1]  # 40 and 7 molecules: the same padded shapes (the program's input shapes)
+    # 40 and 7 molecules: the same padded shapes, and the same program (what the persistent
+    # compilation cache keys on: a new sample size compiles nothing).
+    programs = []
+    for samples in ([("big", big)], [("small", small)]):
+        ext, masks, stats_mask, _ = extended(samples)
+        masks = dict(masks)
+        for key in (schema.IS_INSTANCE_OF, schema.reverse_key(schema.IS_INSTANCE_OF)):
+            masks[key] = np.ones(ext.edges[key].senders.shape, bool)
+        programs.append(_forward_fn(loaded.model).lower(loaded.params, ext, masks, stats_mask).as_text())
+    assert programs[0] == programs[1]
     ext, masks, stats_mask, new_edges = extended([("big", big)])
     assert ext.num_nodes[schema.SAMPLE] == S + 2 and new_edges.tolist() == list(range(new_edges[0], new_edges[0] + 40))
     assert not masks[schema.CONTAINS][new_edges[0]:].any() and not stats_mask[S:].any()
@@ -330,6 +338,10 @@ def test_padding_shares_one_program_across_sample_sizes_and_changes_no_real_outp
     alone = predict_arrays(loaded, graph, _table(graph, [("big", big)]), norm, reference=True)
     together = predict_arrays(loaded, graph, _table(graph, [("other", other), ("big", big), ("small", small)]), norm,
                               reference=True)
+    # The graph's own samples: as in the graph without new samples or padding.
+    own = Evaluator(loaded.model, dgraph).predict(loaded.params)
+    np.testing.assert_allclose(np.asarray(alone.outputs.food_logits)[:S], np.asarray(own.food_logits),
+                               rtol=1e-4, atol=1e-5)
     # Padding rows are dropped: one row per graph sample and new sample, one per real edge.
     assert alone.outputs.food_logits.shape[0] == S + 1 and together.outputs.food_logits.shape[0] == S + 3
     assert alone.attribution.shape[0] == alone.outputs.molecule_weights.shape[0] == alone.new_edges[-1] + 1

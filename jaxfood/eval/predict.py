@@ -175,13 +175,17 @@ def normalise_intensity(intensity, molecule_index, normalisation: dict[str, Any]
 
 
 def padded_size(k: int, least: int) -> int:
-    """The smallest power of two >= ``k`` and >= ``least``: new samples and their edges are padded
-    to these sizes, so that predicting samples of other sizes reuses one compiled program (a shape
-    never seen costs a compilation of ~5 s; the persistent cache keeps one per padded size)."""
-    size = max(int(least), 1)
-    while size < k:
-        size *= 2
-    return size
+    """``k`` rounded up to a multiple of a quarter of the next power of two (a multiple of at least
+    ``least``, and at least ``least``): new samples and their edges are padded to these sizes, so
+    that predicting samples of other sizes reuses one compiled program (a shape never seen costs a
+    compilation of ~5 s; the persistent cache keeps one per padded size), while a large table
+    grows by at most a third."""
+    least = max(int(least), 1)
+    power = 1
+    while power < k:
+        power *= 2
+    step = max(power // 4, least)
+    return max(-(-int(k) // step) * step, least)
 
 
 def extend_graph(dgraph: HeteroGraph, matched: MatchedSamples, attributes: np.ndarray):

@@ -182,12 +182,15 @@ def restore_params(directory: str | os.PathLike, step: int | None = None) -> tup
         return (state.get("params") if isinstance(state, dict) else None), meta
     meta = read_meta(directory, int(step_dir.name))
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    checkpointer = ocp.PyTreeCheckpointer()
     try:
-        restored = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
     except Exception as err:  # as in Checkpointer.restore
         _quiet_aborted_reads()
         raise _restore_error(f"{_shown(directory)}/{step_dir.name}", err) from None
+    finally:
+        checkpointer.close()
     return jax.tree_util.tree_map(np.asarray, restored["params"]), meta
 
 
