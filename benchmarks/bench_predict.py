@@ -28,18 +28,12 @@ import numpy as np
 
 
 def write_sample(graph, index: int, path: Path) -> int:
-    """Sample ``index`` of ``graph`` as raw peak areas (the normalisation inverted); its molecule count."""
-    from jaxfood.graph import schema
+    """Sample ``index`` of ``graph`` as a one-sample CSV of raw peak areas; its molecule count."""
+    from jaxfood.eval.predict import graph_sample_intensities
 
-    contains = graph.edges[schema.CONTAINS]
-    edges = np.nonzero(np.asarray(contains.senders) == index)[0]
-    mols = np.asarray(contains.receivers)[edges]
-    z = np.asarray(contains.attributes, np.float64)[edges, 0]
-    stats = graph.meta.normalisation["contains_molecule"]
-    area = np.expm1(z * np.asarray(stats["std"])[mols] + np.asarray(stats["mean"])[mols])
-    ids = graph.meta.node_ids[schema.MOLECULE]
-    path.write_text("molecule_id,intensity\n" + "".join(f"{ids[m]},{float(a)!r}\n" for m, a in zip(mols, area)))
-    return len(mols)
+    ids, area = graph_sample_intensities(graph, index)
+    path.write_text("molecule_id,intensity\n" + "".join(f"{m},{float(a)!r}\n" for m, a in zip(ids, area)))
+    return len(ids)
 
 
 def main(argv=None) -> int:

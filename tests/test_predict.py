@@ -63,14 +63,10 @@ def run(tmp_path_factory):
 
 def _sample_csv(graph, index, path, extra_unknown=0):
     """Writes sample ``index`` of ``graph`` as raw peak areas (inverting the normalisation)."""
-    contains = graph.edges[schema.CONTAINS]
-    edges = np.nonzero(np.asarray(contains.senders) == index)[0]
-    mols = np.asarray(contains.receivers)[edges]
-    z = np.asarray(contains.attributes, np.float64)[edges, 0]
-    stats = graph.meta.normalisation["contains_molecule"]
-    area = np.expm1(z * np.asarray(stats["std"])[mols] + np.asarray(stats["mean"])[mols])
-    ids = graph.meta.node_ids[schema.MOLECULE]
-    lines = ["molecule_id,intensity"] + [f"{ids[m]},{float(a)!r}" for m, a in zip(mols, area)]
+    from jaxfood.eval.predict import graph_sample_intensities
+
+    ids, area = graph_sample_intensities(graph, index)
+    lines = ["molecule_id,intensity"] + [f"{m},{float(a)!r}" for m, a in zip(ids, area)]
     lines += [f"nosuch{i},1000" for i in range(extra_unknown)] + ["zero_is_not_detected,0"]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -174,6 +174,20 @@ def normalise_intensity(intensity, molecule_index, normalisation: dict[str, Any]
     return (np.log1p(np.asarray(intensity, np.float64)) - mean[molecule_index]) / std[molecule_index]
 
 
+def graph_sample_intensities(graph: HeteroGraph, index: int) -> tuple[list[str], np.ndarray]:
+    """``(molecule ids, raw peak areas)`` of sample ``index`` of a built graph: its
+    ``contains_molecule`` attributes with :func:`normalise_intensity` inverted, i.e. what a
+    one-sample ``molecule_id,intensity`` file of that sample holds."""
+    contains = graph.edges[schema.CONTAINS]
+    edges = np.nonzero(np.asarray(contains.senders) == index)[0]
+    mols = np.asarray(contains.receivers)[edges]
+    z = np.asarray(contains.attributes, np.float64)[edges, 0]
+    stats = graph.meta.normalisation["contains_molecule"]
+    area = np.expm1(z * np.asarray(stats["std"])[mols] + np.asarray(stats["mean"])[mols])
+    ids = graph.meta.node_ids[schema.MOLECULE]
+    return [ids[m] for m in mols], area
+
+
 def padded_size(k: int, least: int) -> int:
     """``k`` rounded up to a multiple of a quarter of the next power of two (a multiple of at least
     ``least``, and at least ``least``): new samples and their edges are padded to these sizes, so
