@@ -5,13 +5,27 @@ second call with the same checkpoint loads the compiled programs from disk inste
 lives in the user cache directory (``$XDG_CACHE_HOME/jaxfood/xla``, default
 ``~/.cache/jaxfood/xla``); ``JAXFOOD_COMPILE_CACHE=DIR`` moves it, ``JAXFOOD_NO_COMPILE_CACHE=1``
 (or the ``--no-compile-cache`` flag of ``jaxfood`` and ``run_mtl.py``) turns it off.
+
+Within one process, :func:`shared_program` goes further: runs of the same model (fine-tuning, the
+pretrained probe, the from-scratch ablation, the untrained control, the report) use the same jitted
+functions, so JAX's in-memory cache answers -- no tracing, no lowering, no read from disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import os
 import sys
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
 
 ENV_DIR = "JAXFOOD_COMPILE_CACHE"
 ENV_OFF = "JAXFOOD_NO_COMPILE_CACHE"
@@ -59,3 +73,53 @@ def enable_compile_cache(disabled: bool = False) -> Path | None:
         for key, value in settings.items():
             os.environ[key.upper()] = str(value)
     return path
+
+
+# ---- programs shared within the process ---------------------------------------------------------
+#: How many shared programs (jitted functions and what they compiled) a process keeps.
+SHARED_CAPACITY = 32
+_SHARED: OrderedDict[tuple[str, str], tuple[Any, list]] = OrderedDict()
+
+
+def static_signature(obj: Any, keep: list | None = None) -> Any:
+    """A value-based, hashable description of what a program closes over: dataclasses (configs,
+    Flax modules: their fields but ``parent``/``name``) field by field, mappings by sorted key,
+    sequences in order, numpy arrays by dtype, shape and bytes, functions by qualified name. Any
+    other object is described by its identity (it is appended to ``keep``, which the caller holds so
+    that the id cannot be reused): two runs then share a program only when they share that object."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, enum.Enum)):
+        return (type(obj).__name__, obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return (type(obj).__module__, type(obj).__qualname__,
+                tuple((f.name, static_signature(getattr(obj, f.name), keep))
+                      for f in dataclasses.fields(obj) if f.name not in ("parent", "name")))
+    if isinstance(obj, Mapping):
+        return ("map", tuple(sorted((repr(k), static_signature(v, keep)) for k, v in obj.items())))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__, tuple(static_signature(v, keep) for v in obj))
+    if isinstance(obj, np.ndarray):
+        return ("array", obj.dtype.str, obj.shape, hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest())
+    if isinstance(obj, np.generic):
+        return ("scalar", obj.dtype.str, obj.item())
+    if callable(obj) and hasattr(obj, "__qualname__") and "<" not in obj.__qualname__:
+        return ("function", getattr(obj, "__module__", ""), obj.__qualname__)
+    if keep is not None:
+        keep.append(obj)
+    return ("object", type(obj).__qualname__, id(obj))
+
+
+def shared_program(kind: str, key: Any, build: Callable[[], T]) -> T:
+    """``build()`` once per ``(kind, static_signature(key))`` in this process; later calls get the
+    same object. ``build`` returns jitted functions (or objects holding them) whose programs depend
+    only on ``key`` and on their arguments, so reusing them changes no result. The
+    :data:`SHARED_CAPACITY` most recently used are kept."""
+    keep: list = []
+    digest = hashlib.sha256(repr(static_signature(key, keep)).encode()).hexdigest()
+    entry = _SHARED.get((kind, digest))
+    if entry is None:
+        entry = (build(), keep)
+        _SHARED[(kind, digest)] = entry
+        while len(_SHARED) > SHARED_CAPACITY:
+            _SHARED.popitem(last=False)
+    _SHARED.move_to_end((kind, digest))
+    return entry[0]

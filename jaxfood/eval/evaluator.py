@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfood.compile_cache import shared_program
 from jaxfood.eval import molecules as mol
 from jaxfood.eval.metrics import (
     biomarkers_from_pairs,
@@ -74,6 +75,43 @@ def stability_settings(cfg) -> tuple[int, float, float, int]:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
+class ModelPrograms:
+    """The jitted evaluation functions of one model: ``predict(params, graph)``, ``scorer(name)(params,
+    graph)``, ``masked_scorer(name)(params, graph, edge_masks)``, ``fidelity(k)(params, graph, scores,
+    sample_mask)``. Get them with :func:`model_programs`: models of the same structure share them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.predict = jax.jit(lambda p, g: model.apply(p, g))
+        self._jitted: dict[tuple, Any] = {}
+
+    def _get(self, key: tuple, make):
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(make())
+        return self._jitted[key]
+
+    def scorer(self, name: str):
+        model = self.model
+        return self._get(("score", name), lambda: lambda p, g: mol.score_molecules(name, model, p, g))
+
+    def masked_scorer(self, name: str):
+        model = self.model
+        return self._get(("masked", name), lambda: lambda p, g, m: mol.score_molecules(name, model, p, g, m))
+
+    def fidelity(self, k: int):
+        model = self.model
+
+        def fid(params, graph, scores, sample_mask):
+            return mol.fidelity_probabilities(model, params, graph, scores, k, sample_mask)
+
+        return self._get(("fidelity", int(k)), lambda: fid)
+
+
+def model_programs(model) -> ModelPrograms:
+    """The :class:`ModelPrograms` of ``model``, one per model structure in this process."""
+    return shared_program("model_programs", model, lambda: ModelPrograms(model))
+
+
 class Evaluator:
     """Jitted evaluation of a :class:`MultiTaskModel` on one graph (compiled once, reused).
 
@@ -109,18 +147,14 @@ class Evaluator:
         self.stability = stability
         self.salient_k, self.knn_k, self.scorer = int(salient_k), int(knn_k), scorer
         self.scorers = tuple(dict.fromkeys([scorer, *scorers]))
-        self._predict = jax.jit(lambda p, g: model.apply(p, g))
-        self._score = {name: jax.jit(lambda p, g, _n=name: mol.score_molecules(_n, model, p, g))
-                       for name in self.scorers}
-        k = self.salient_k
-
-        def fid(params, graph, scores, sample_mask):
-            return mol.fidelity_probabilities(model, params, graph, scores, k, sample_mask)
-
-        self._fidelity = jax.jit(fid)
+        # Evaluators of the same model (fine-tuning's validation and test, the ablations, the
+        # untrained control, the report) share their compiled programs within the process.
+        self._predict = model_programs(model).predict
+        self._score = {name: model_programs(model).scorer(name) for name in self.scorers}
+        self._fidelity = model_programs(model).fidelity(self.salient_k)
         # The headline scorer always runs with explicit edge masks (all edges for the clean input):
         # the clean and the perturbed inputs share one compiled program.
-        self._score_perturbed = jax.jit(lambda p, g, m: mol.score_molecules(scorer, model, p, g, m))
+        self._score_perturbed = model_programs(model).masked_scorer(scorer)
         self._all_edges = mol.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
 
     def _headline_scores(self, params):

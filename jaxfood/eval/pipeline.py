@@ -125,16 +125,15 @@ def scorer_rankings(source: Any, graph: HeteroGraph, k: int = 10,
                     scorers: Sequence[str] | None = None) -> dict[str, dict[str, list[str]]]:
     """``{scorer: {food id: [top-k molecule ids]}}`` for several scorers (default: the model's
     headline scorer), with the graph prepared and the model loaded once."""
-    import jax
-
     from jaxfood.eval import molecules as mol
+    from jaxfood.eval.evaluator import model_programs
     from jaxfood.graph.splits import prepare_graph
 
     dgraph = prepare_graph(graph)
     model, params, default_scorer = _fine_tuned_model(source, dgraph)
     out = {}
     for name in scorers or (default_scorer,):
-        scores = jax.jit(lambda p, g, _n=name: mol.score_molecules(_n, model, p, g))(params, dgraph)
+        scores = model_programs(model).scorer(name)(params, dgraph)
         ranking, _ = mol.rank_molecules_per_food(np.asarray(scores), dgraph)
         out[name] = mol.rankings_by_id(ranking, dgraph, k)
     return out
@@ -357,6 +356,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
 
     from jaxfood.eval import figures as figs
     from jaxfood.eval import molecules as mol
+    from jaxfood.eval.evaluator import model_programs
     from jaxfood.eval.metrics import confusion
     from jaxfood.graph.hetero_graph import SPLIT_CODES, molecule_label
     from jaxfood.graph.splits import prepare_graph
@@ -366,7 +366,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
     dgraph = prepare_graph(graph)
     model, params, default_scorer = _fine_tuned_model(source, dgraph)
     scorer = scorer or default_scorer
-    outputs = jax.device_get(jax.jit(model.apply)(params, dgraph))
+    outputs = jax.device_get(model_programs(model).predict(params, dgraph))
     foods = list(graph.meta.node_ids[schema.FOOD])
     cats = food_category_names(graph)
     figures: dict[str, Path] = {}
@@ -393,8 +393,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
             projection, nutrient_values(graph, n_index), out_dir / f"food_embeddings_{slug}.png", value_name=n_name,
             point_labels=foods)
 
-    score_fn = jax.jit(lambda p, g: mol.score_molecules(scorer, model, p, g))
-    edge_scores = np.asarray(score_fn(params, dgraph))
+    edge_scores = np.asarray(model_programs(model).scorer(scorer)(params, dgraph))
     ranking, importance = mol.rank_molecules_per_food(edge_scores, dgraph)
     mol_ids = list(graph.meta.node_ids[schema.MOLECULE])
     scored = {foods[f]: [(mol_ids[m], float(importance[f, m])) for m in ranking[f, :k]] for f in range(len(foods))}

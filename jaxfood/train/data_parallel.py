@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxfood.compile_cache import shared_program
 from jaxfood.errors import ConfigError
 
 #: Axis names of the data-parallel step: devices of all processes (pmap), batches per device (vmap).
@@ -122,39 +123,38 @@ class ParallelStep:
     layout: ShardLayout
     seed: int
     traces: list = dataclasses.field(default_factory=list)
+    #: Traces of the (possibly shared) program before this step was made.
+    earlier_traces: int = 0
 
     def __call__(self, state: PyTree, batch: PyTree, step: int) -> tuple[PyTree, PyTree]:
         shard_ids = self.layout.shard_ids()
         steps = np.full(shard_ids.shape, int(step), np.int32)
-        return self.fn(state, batch, steps, shard_ids)
+        seeds = np.full(shard_ids.shape, int(self.seed), np.int32)
+        return self.fn(state, batch, steps, shard_ids, seeds)
 
     def compile_count(self) -> int:
-        """How many times the step has been traced and compiled (1 for a run with static shapes)."""
-        return len(self.traces)
+        """How many times this step has been traced and compiled: 1 for a run with static shapes, 0
+        where an earlier run of this process compiled the same program (``data_parallel(share=...)``)."""
+        return len(self.traces) - self.earlier_traces
 
 
 def data_parallel(step_fn: StepFn, layout: ShardLayout | None = None, seed: int = 0,
-                  donate_state: bool = False, prng_impl: str | None = None) -> ParallelStep:
+                  donate_state: bool = False, prng_impl: str | None = None, share: Any = None) -> ParallelStep:
     """Runs ``step_fn(state, batch, rng) -> (state, metrics)`` on every shard of a step at once.
 
     ``step_fn`` must average gradients (and any statistics that drive the update) with
     ``jax.lax.pmean(..., DATA_AXES)``, so its new ``state`` is the same for every shard; metrics it
     leaves per shard come back as ``[local_devices, per_device, ...]``. ``rng`` is
-    :func:`shard_rng` ``(seed, step, shard)`` of PRNG implementation ``prng_impl``.
+    :func:`shard_rng` ``(seed, step, shard)`` of PRNG implementation ``prng_impl``; the seed is an
+    argument of the program, not a constant in it.
+
+    ``share``: what ``step_fn`` is a function of (model, configs, ...). Runs with equal ``share``
+    (:func:`jaxfood.compile_cache.shared_program`) use one compiled program in this process.
 
     Returns a :class:`ParallelStep`: ``(state [D, ...], batch [D, K, ...], step) -> (state [D, ...],
     metrics [D, K, ...])`` with ``D`` local devices and ``K = layout.per_device``.
     """
     layout = layout or ShardLayout.current()
-    traces: list = []
-
-    def per_device(state, batch, steps, shard_ids):
-        traces.append(1)  # runs once per trace (compilation), never per step
-        def one(batch_k, step_k, shard_k):
-            return step_fn(state, batch_k, shard_rng(seed, step_k, shard_k, prng_impl))
-
-        return jax.vmap(one, axis_name=SUBGRAPH_AXIS, out_axes=(None, 0))(batch, steps, shard_ids)
-
     # pmap over all devices of all processes (devices=None): collectives are then global. Naming
     # devices restricts the collectives to them, which only one process may do (fewer local devices).
     devices = None
@@ -163,5 +163,24 @@ def data_parallel(step_fn: StepFn, layout: ShardLayout | None = None, seed: int 
             raise ConfigError(f"local_devices = {layout.local_devices}: a multi-process job uses every local "
                               f"device ({jax.local_device_count()})")
         devices = jax.local_devices()[: layout.local_devices]
-    fn = jax.pmap(per_device, axis_name=DEVICE_AXIS, devices=devices, donate_argnums=(0,) if donate_state else ())
-    return ParallelStep(fn=fn, layout=layout, seed=seed, traces=traces)
+
+    def build() -> tuple[Callable, list]:
+        traces: list = []
+
+        def per_device(state, batch, steps, shard_ids, seeds):
+            traces.append(1)  # runs once per trace (compilation), never per step
+
+            def one(batch_k, step_k, shard_k, seed_k):
+                return step_fn(state, batch_k, shard_rng(seed_k, step_k, shard_k, prng_impl))
+
+            return jax.vmap(one, axis_name=SUBGRAPH_AXIS, out_axes=(None, 0))(batch, steps, shard_ids, seeds)
+
+        return jax.pmap(per_device, axis_name=DEVICE_AXIS, devices=devices,
+                        donate_argnums=(0,) if donate_state else ()), traces
+
+    if share is None:
+        fn, traces = build()
+    else:
+        fn, traces = shared_program("data_parallel_step", (share, prng_impl, donate_state, layout.local_devices,
+                                                           jax.local_device_count()), build)
+    return ParallelStep(fn=fn, layout=layout, seed=seed, traces=traces, earlier_traces=len(traces))

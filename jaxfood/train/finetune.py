@@ -427,9 +427,13 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
     initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch
+    # The step is a function of these alone (the frozen encoder steps are optimizer state): the
+    # pretrained probe, the from-scratch run and fine-tuning share one compiled program.
+    program = (model, cfg.loss, cfg.weighting, dataclasses.replace(cfg.optimizer, freeze_encoder_steps=0),
+               math.ceil(cfg.steps / accumulation), cfg.task_gradient_scope)
     step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx,
                                            task_gradient_scope=cfg.task_gradient_scope),
-                         layout, seed=cfg.seed, prng_impl=cfg.prng_impl)
+                         layout, seed=cfg.seed, prng_impl=cfg.prng_impl, share=program)
     spread = dict(layout.describe(), sampled=options.sampled,
                   batch_size=options.batch_size if options.sampled else None)
     meta = checkpoint_meta(cfg, enc_cfg, graph, pretrained, dict(meta_extra or {}, data_parallel=spread))

@@ -4,7 +4,8 @@ Parameters are labelled by the first key of their path -- ``encoder``, each head
 ``nutrient_head``, ``food_projection``, ``salient_pool``) and ``task_weighting`` -- and
 ``optax.multi_transform`` gives every group its own learning rate, schedule, weight decay and
 gradient clipping. The encoder's learning rate is 0 for the first ``freeze_encoder_steps``
-optimizer steps (heads warm up on a fixed pretrained encoder). ``optax.MultiSteps`` accumulates
+optimizer steps (heads warm up on a fixed pretrained encoder; with all steps frozen, the pretrained
+probe); that number is optimizer state, so it does not change the compiled step. ``optax.MultiSteps`` accumulates
 gradients over ``accumulation_steps`` calls before each update (the mean of the micro-batch
 gradients, so 4 micro-batches of equal size equal one step on their union).
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 GROUPS: tuple[str, ...] = ("encoder", "classifier", "nutrient_head", "food_projection", "salient_pool",
@@ -86,47 +89,95 @@ def param_labels(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_schedule(group: GroupConfig, total_steps: int, frozen_steps: int = 0) -> optax.Schedule:
-    """Learning rate as a function of the optimizer step (0 while frozen)."""
-    lr = float(group.learning_rate)
-    span = max(int(total_steps) - frozen_steps, 1)
-    warm = min(max(int(group.warmup_steps), 0), span - 1) if group.schedule == "warmup_cosine" else 0
-    if group.schedule == "warmup_cosine" and warm == 0:
-        warm = max(1, span // 10) if span > 1 else 0
+def _warmup_steps(group: GroupConfig, span, xp=jnp):
+    """Warm-up length of ``warmup_cosine`` over ``span`` steps: ``warmup_steps`` (at most ``span - 1``),
+    or a tenth of the span where that is 0."""
+    warm = xp.clip(int(group.warmup_steps), 0, span - 1)
+    return xp.where(warm == 0, xp.where(span > 1, xp.maximum(span // 10, 1), 0), warm)
+
+
+def schedule_value(group: GroupConfig, count, span, xp=jnp):
+    """``group``'s learning rate at step ``count`` of a schedule ``span`` steps long: optax's
+    ``constant_schedule``, ``cosine_decay_schedule``, ``linear_schedule`` and
+    ``warmup_cosine_decay_schedule`` (from a tenth of the rate), written so that ``count`` and
+    ``span`` may be traced (``xp``: ``jnp``; ``np`` on the host). The tests compare it with optax."""
+    lr, end = float(group.learning_rate), float(group.end_factor)
+    count = xp.asarray(count, xp.float32)
+    span = xp.maximum(xp.asarray(span, xp.int32), 1)
     if group.schedule == "constant":
-        base = optax.constant_schedule(lr)
-    elif group.schedule == "cosine":
-        base = optax.cosine_decay_schedule(lr, span, alpha=group.end_factor)
-    elif group.schedule == "linear":
-        base = optax.linear_schedule(lr, lr * group.end_factor, span)
-    else:
-        base = optax.warmup_cosine_decay_schedule(0.1 * lr, lr, warm, span, end_value=lr * group.end_factor)
-    if frozen_steps <= 0:
-        return base
+        return xp.full_like(count, lr)
+    if group.schedule == "cosine":
+        t = xp.minimum(count, span) / span
+        return lr * ((1.0 - end) * 0.5 * (1.0 + xp.cos(xp.pi * t)) + end)
+    if group.schedule == "linear":
+        frac = 1.0 - xp.clip(count, 0, span) / span
+        return (lr - lr * end) * frac + lr * end
+    warm = _warmup_steps(group, span, xp)
+    start = 0.1 * lr
+    rising = start + (lr - start) * xp.clip(count, 0, warm) / xp.maximum(warm, 1)
+    decay = span - warm  # >= 1
+    t = xp.minimum(count - warm, decay) / decay
+    alpha = end if lr != 0.0 else 0.0
+    falling = lr * ((1.0 - alpha) * 0.5 * (1.0 + xp.cos(xp.pi * t)) + alpha)
+    return xp.where(count < warm, rising, falling)
 
-    def schedule(count):
-        return jnp.where(count < frozen_steps, 0.0, base(jnp.maximum(count - frozen_steps, 0)))
 
-    return schedule
+def group_rate(group: GroupConfig, total_steps: int, count, frozen_steps, xp=jnp):
+    """Learning rate at optimizer step ``count``: 0 for the first ``frozen_steps``, then the
+    group's schedule over the remaining ``total_steps - frozen_steps``."""
+    span = xp.maximum(int(total_steps) - xp.asarray(frozen_steps, xp.int32), 1)
+    value = schedule_value(group, xp.maximum(xp.asarray(count, xp.int32) - frozen_steps, 0), span, xp)
+    return xp.where(xp.asarray(count) < frozen_steps, 0.0, value).astype(xp.float32)
+
+
+class ScheduleState(NamedTuple):
+    count: jax.Array   # optimizer steps taken
+    frozen: jax.Array  # steps without movement at the start (the encoder's ``freeze_encoder_steps``)
+
+
+def scale_by_group_schedule(group: GroupConfig, total_steps: int, frozen_steps: int = 0) -> optax.GradientTransformation:
+    """Multiplies updates by ``-group_rate``. The number of frozen steps is state, not a constant
+    of the program: runs that freeze the encoder for a while, for the whole run (the pretrained
+    probe) or not at all compile to one program."""
+
+    def init(params):
+        del params
+        return ScheduleState(jnp.zeros([], jnp.int32), jnp.asarray(frozen_steps, jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        rate = group_rate(group, total_steps, state.count, state.frozen)
+        updates = jax.tree_util.tree_map(lambda u: (-rate * u).astype(u.dtype), updates)
+        return updates, ScheduleState(optax.safe_int32_increment(state.count), state.frozen)
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
-    """``(tx, schedules)``: the full transformation and each group's learning-rate schedule."""
-    schedules: dict[str, optax.Schedule] = {}
+    """``(tx, schedules)``: the full transformation and each group's learning rate as a host
+    function of the optimizer step (for the logs). Per group: global-norm clipping, then AdamW
+    (``scale_by_adam``, decoupled weight decay, the group's schedule). ``freeze_encoder_steps``
+    is set in the state ``tx.init`` returns; ``tx.update`` is the same for every value of it."""
+    schedules: dict[str, Callable[[int], float]] = {}
     transforms: dict[str, optax.GradientTransformation] = {}
     for name in GROUPS:
         group: GroupConfig = getattr(cfg, name)
         frozen = cfg.freeze_encoder_steps if name == "encoder" else 0
-        schedules[name] = make_schedule(group, total_steps, frozen)
+        schedules[name] = partial(_host_rate, group, int(total_steps), int(frozen))
         parts = []
         if group.clip_norm and group.clip_norm > 0:
             parts.append(optax.clip_by_global_norm(group.clip_norm))
-        parts.append(optax.adamw(schedules[name], eps=group.eps, weight_decay=group.weight_decay))
+        parts += [optax.scale_by_adam(eps=group.eps), optax.add_decayed_weights(group.weight_decay),
+                  scale_by_group_schedule(group, total_steps, frozen)]
         transforms[name] = optax.chain(*parts)
     tx: optax.GradientTransformation = optax.multi_transform(transforms, param_labels)
     if cfg.accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(cfg.accumulation_steps))
     return tx, schedules
+
+
+def _host_rate(group: GroupConfig, total_steps: int, frozen_steps: int, count: int) -> float:
+    return float(group_rate(group, total_steps, count, frozen_steps, xp=np))
 
 
 def learning_rates(schedules: dict, optimizer_step) -> dict[str, Any]:
