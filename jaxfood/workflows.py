@@ -37,7 +37,6 @@ from jaxfood.train.finetune import (
 )
 from jaxfood.train.graphcl import PretrainConfig
 from jaxfood.train.monitoring import write_curves
-from jaxfood.train.multitask import init_params
 from jaxfood.train.parallel_options import DataParallelOptions
 from jaxfood.train.processes import is_primary
 
@@ -147,7 +146,7 @@ def untrained(graph: HeteroGraph, cfg: FinetuneConfig, encoder_config=None, biom
     cfg = check_config(cfg)
     prepared = prepare_graph(graph)
     model = make_multitask_model(prepared, encoder_config or cfg.encoder, cfg.heads)
-    params = init_params(model, jax.random.key(cfg.seed), prepared)  # as fine-tuning initialises it
+    params = model.init(jax.random.key(cfg.seed), prepared)  # as fine-tuning initialises it
     reference = as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
     return _evaluator(model, graph, cfg).evaluate(params, "test", reference, stability=False)
 

@@ -101,7 +101,6 @@ def tiny_run(tmp_path_factory):
     from jaxfood.models.heads import make_multitask_model
     from jaxfood.train.checkpoint import save_checkpoint
     from jaxfood.train.finetune import FinetuneConfig, checkpoint_meta, prepare_graph
-    from jaxfood.train.multitask import init_params
 
     root = tmp_path_factory.mktemp("tiny_run")
     sim = SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
@@ -112,7 +111,7 @@ def tiny_run(tmp_path_factory):
     save_graph(graph, root / "graph")
     cfg = load_config(FinetuneConfig(), None, TINY_FINETUNE)
     dgraph = prepare_graph(graph)
-    params = init_params(make_multitask_model(dgraph, cfg.encoder, cfg.heads), jax.random.key(1), dgraph)
+    params = make_multitask_model(dgraph, cfg.encoder, cfg.heads).init(jax.random.key(1), dgraph)
     ckpt = root / "checkpoints"
     save_checkpoint(ckpt, 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
     return root, graph, ckpt, params

@@ -22,7 +22,6 @@ from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.train import data_parallel as dp
 from jaxfood.train import processes
 from jaxfood.train.checkpoint import Checkpointer
-from jaxfood.train.multitask import init_params
 from jaxfood.train.parallel_options import add_distributed_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +251,7 @@ def test_padding_changes_nothing_for_the_real_nodes():
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
     # wide=False: the wide path reads whole-graph profiles and is off on sampled subgraphs (train.finetune).
     model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, wide=False))
-    params = init_params(model, jax.random.key(1), a.graph)
+    params = model.init(jax.random.key(1), a.graph)
     out_a = model.apply(params, a.graph, node_index=a.node_index)
     out_b = model.apply(params, b.graph, node_index=b.node_index)
     assert b.graph.num_nodes[schema.SAMPLE] > a.graph.num_nodes[schema.SAMPLE]

@@ -255,3 +255,24 @@ def test_profile_sample_inputs_are_inductive_and_follow_incoming_edge_masks():
     assert np.min(np.std(np.asarray(out[schema.MOLECULE]), axis=0)) > 0
     with pytest.raises(ConfigError, match="input_modes.Molecule"):
         EncoderConfig(input_modes={schema.MOLECULE: "profile"}).validate()
+
+
+def test_initialisation_ignores_edges_one_program_for_pretraining_and_fine_tuning(graph, setup):
+    """init_encoder equals Flax's init on the whole graph, and the pretraining graph (label edges
+    emptied, candidate edges appended) initialises through the same program with the same values."""
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.models.encoder import init_encoder, parameter_skeleton
+    from jaxfood.train.augment import AugmentConfig, prepare_pretrain_graph
+
+    encoder, params, _ = setup
+    same = jax.tree_util.tree_map(np.array_equal, params, init_encoder(encoder, jax.random.key(0), graph))
+    assert jax.tree_util.tree_all(same)
+    tuned = prepare_graph(graph).to_numpy()
+    pre = prepare_pretrain_graph(graph, AugmentConfig(edge_add={schema.CONTAINS: 0.2}), seed=0).to_numpy()
+    assert pre.edges[schema.CONTAINS].num_edges > tuned.edges[schema.CONTAINS].num_edges  # candidates appended
+    enc_tuned, enc_pre = make_encoder(tuned, CFG), make_encoder(pre, CFG)
+    init = jax.jit(lambda key, g: enc_tuned.init(key, g)["params"])
+    texts = [init.lower(jax.random.key(1), parameter_skeleton(g)).as_text() for g in (tuned, pre)]
+    assert texts[0] == texts[1]
+    a, b = init_encoder(enc_tuned, jax.random.key(1), tuned), init_encoder(enc_pre, jax.random.key(1), pre)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, a, b))

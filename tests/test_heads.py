@@ -19,7 +19,6 @@ from jaxfood.models.pooling import GatedAttentionPool
 from jaxfood.train import multitask as mt
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.finetune import prepare_graph
-from jaxfood.train.multitask import init_params
 from jaxfood.train.optimizer import GroupConfig, OptimizerConfig, make_optimizer
 
 SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=2, embedding_dim=16, dropout=0.0,
@@ -128,7 +127,7 @@ def test_optimizer_groups_follow_parameter_paths():
 def test_model_params_have_the_documented_layout():
     graph = prepare_graph(make_toy_graph())
     model = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS))
-    params = init_params(model, jax.random.key(0), graph)
+    params = model.init(jax.random.key(0), graph)
     assert set(params) == {"encoder", "classifier", "nutrient_head", "food_projection", "salient_pool"}
     out = model.apply(params, graph)
     S, F = graph.num_nodes[schema.SAMPLE], graph.num_nodes[schema.FOOD]
@@ -180,7 +179,7 @@ def test_wide_path_reads_the_baselines_features_and_follows_the_pooling_mask():
 def test_wide_outputs_are_the_linear_part_of_the_heads():
     graph = prepare_graph(make_toy_graph())
     model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
-    params = init_params(model, jax.random.key(0), graph)
+    params = model.init(jax.random.key(0), graph)
     F = graph.num_nodes[schema.FOOD]
     # Initial wide kernels are zero: the heads start as the deep path alone.
     base = model.apply(params, graph)
@@ -204,7 +203,7 @@ def test_nutrients_from_foods_add_the_posterior_expected_profile():
     graph = prepare_graph(make_toy_graph())
     plain_model = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, nutrients_from_foods=False))
     model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
-    params = init_params(model, jax.random.key(0), graph)
+    params = model.init(jax.random.key(0), graph)
     assert "food_posterior" in params["nutrient_head"]
     params["nutrient_head"]["food_posterior"]["log_scale"] = jnp.asarray(0.3)
     plain = {**params, "nutrient_head": {k: v for k, v in params["nutrient_head"].items() if k != "food_posterior"}}

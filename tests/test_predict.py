@@ -13,7 +13,6 @@ import pytest
 from jaxfood import cli
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import SPLIT_CODES, save_graph
-from jaxfood.train.multitask import init_params
 
 TINY = [
     "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
@@ -53,7 +52,7 @@ def run(tmp_path_factory):
     cfg = load_config(FinetuneConfig(), None, TINY)
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
-    params = init_params(model, jax.random.key(1), dgraph)
+    params = model.init(jax.random.key(1), dgraph)
     # The linear path starts at 0 (no attribution to rank by): a random one, as after training.
     kernel = params["classifier"]["wide_kernel"]
     params["classifier"]["wide_kernel"] = jax.random.normal(jax.random.key(2), kernel.shape, kernel.dtype)
@@ -239,7 +238,7 @@ def test_out_of_library_known_samples_were_never_in_the_graph():
         seen.append(graph)
         dgraph = prepare_graph(graph)
         model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
-        return _Loaded(model, init_params(model, jax.random.key(0), dgraph), {})
+        return _Loaded(model, model.init(jax.random.key(0), dgraph), {})
 
     tables = _tables()
     rates = out_of_library_rates(tables, fit, num_held_out=4, seed=1)

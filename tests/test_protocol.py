@@ -12,7 +12,6 @@ import pytest
 
 from jaxfood import cli
 from jaxfood.graph.hetero_graph import SPLIT_CODES, save_graph
-from jaxfood.train.multitask import init_params
 
 SCORERS = ("intensity_attribution", "input_gradient", "class_attention", "attention", "gat_attention", "gradient")
 TINY = [
@@ -70,7 +69,7 @@ def test_held_out_labels_move_only_the_metrics_scored_against_them(simulated, tm
     cfg = load_config(FinetuneConfig(), None, TINY)
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, cfg.encoder, cfg.heads)
-    params = init_params(model, jax.random.key(3), dgraph)
+    params = model.init(jax.random.key(3), dgraph)
     # The linear path starts at 0 (its attribution would be all ties): give it weights to rank by.
     kernel = params["classifier"]["wide_kernel"]
     params["classifier"]["wide_kernel"] = jax.random.normal(jax.random.key(4), kernel.shape, kernel.dtype)
@@ -194,7 +193,7 @@ def _gradients(graphs, loss_cfg):
                             input_modes={"Sample": "shared", "Molecule": "both", "Food": "both"})
     model = make_multitask_model(dgraphs[0], encoder, HeadsConfig(hidden_dim=8, pool_dim=8, attention_dim=4,
                                                                   projection_dim=4, dropout=0.0, wide=False))
-    params = init_params(model, jax.random.key(0), dgraphs[0])
+    params = model.init(jax.random.key(0), dgraphs[0])
     seed_mask = np.asarray(graphs[0].sample_split) == SPLIT_CODES["train"]
 
     @jax.jit

@@ -1,5 +1,4 @@
 from jaxfood.eval.report import render_report
-from jaxfood.train.multitask import init_params
 
 METRICS = {
     "food_classification": {"accuracy": 0.70, "weighted_f1": 0.69, "auroc_macro": 0.95, "top3_accuracy": 0.9, "ece": 0.05},
@@ -87,7 +86,7 @@ def tiny_run(tmp_path_factory):
     reference = biomarkers_from_pairs(ds.biomarkers)
     cfg = load_config(FinetuneConfig(), None, TINY)
     model = make_multitask_model(prepare_graph(graph), cfg.encoder, cfg.heads)
-    params = init_params(model, jax.random.key(1), prepare_graph(graph))
+    params = model.init(jax.random.key(1), prepare_graph(graph))
     save_checkpoint(root / "checkpoints", 1, {"params": params}, checkpoint_meta(cfg, cfg.encoder, graph, None, None))
     result = types.SimpleNamespace(params=params, config=cfg, encoder_config=cfg.encoder)
     return root, graph, reference, result, model

@@ -22,7 +22,6 @@ from jaxfood.models import pooling
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.models.heads import HeadsConfig, make_multitask_model
 from jaxfood.models.pooling import ClassAttentionPool, branch_weights
-from jaxfood.train.multitask import init_params
 
 SENDERS = np.array([0, 0, 0, 1, 1, 2], np.int32)
 RECEIVERS = np.array([0, 2, 3, 1, 2, 3], np.int32)
@@ -118,7 +117,7 @@ SMALL_HEADS = HeadsConfig(hidden_dim=16, pool_dim=16, attention_dim=8, projectio
 def toy_model():
     graph = prepare_graph(make_toy_graph())
     model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
-    params = init_params(model, jax.random.key(0), graph)
+    params = model.init(jax.random.key(0), graph)
     return graph, model, params
 
 

@@ -82,12 +82,15 @@ class ModelPrograms:
 
     def __init__(self, model):
         self.model = model
-        self.predict = jax.jit(lambda p, g: model.apply(p, g))
         self._jitted: dict[tuple, Any] = {}
+        self.predict = self._get(("predict",), lambda: lambda p, g: model.apply(p, g))
 
     def _get(self, key: tuple, make):
+        """A jitted ``make()`` called with the model's own parameters (extra entries dropped)."""
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(make())
+            jitted = jax.jit(make())
+            own = self.model.own_params
+            self._jitted[key] = lambda params, *args: jitted(own(params), *args)
         return self._jitted[key]
 
     def scorer(self, name: str):

@@ -52,10 +52,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxfood.compile_cache import shared_program
 from jaxfood.errors import ConfigError, GraphError
 from jaxfood.graph import schema
+from jaxfood.graph.hetero_graph import EdgeSet, GraphMeta
 from jaxfood.graph.sampling import mask_padding
 from jaxfood.models.gat import AGGREGATIONS, HeteroGATConv
 from jaxfood.models.profile import sample_profile
@@ -255,6 +259,28 @@ class HeteroGATEncoder(nn.Module):
         if return_attention:
             return x, attention
         return x
+
+
+def parameter_skeleton(graph):
+    """``graph`` without edges and with only the node counts of its meta (and whether it is a
+    sampled subgraph): all an encoder's initialisation reads. Parameter shapes and values come from
+    the encoder and the key alone, so a pretraining graph and a fine-tuning graph of the same nodes
+    initialise through the same compiled program."""
+
+    edges = {k: EdgeSet(senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
+                        attributes=np.zeros((0, int(e.attributes.shape[1])), np.float32))
+             for k, e in graph.edges.items()}
+    extra = {"sampled": True} if graph.meta.extra.get("sampled") else {}
+    return graph.replace(edges=edges, meta=GraphMeta(num_nodes=dict(graph.meta.num_nodes), extra=extra))
+
+
+def init_encoder(encoder: HeteroGATEncoder, rng, graph, node_index: Mapping[str, Array] | None = None):
+    """``encoder.init(rng, graph, node_index=node_index)["params"]`` as one compiled program shared
+    by every encoder of the same structure in the process (:func:`parameter_skeleton`)."""
+    def build():
+        return jax.jit(lambda key, g, index: encoder.init(key, g, node_index=index)["params"])
+
+    return shared_program("encoder_init", encoder, build)(rng, parameter_skeleton(graph), node_index)
 
 
 def make_encoder(graph, cfg: EncoderConfig) -> HeteroGATEncoder:

@@ -25,9 +25,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxfood.compile_cache import shared_program
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.sampling import mask_relation_padding
+from jaxfood.models.encoder import init_encoder, make_encoder
 from jaxfood.models.pooling import (
     ClassAttentionPool,
     GatedAttentionPool,
@@ -202,6 +204,10 @@ class ModelOutputs:
     wide_nutrient_profile: Any = None
 
 
+#: The top-level entries of a :class:`MultiTaskModel`'s parameters.
+MODEL_PARAMS: tuple[str, ...] = ("encoder", "classifier", "nutrient_head", "food_projection", "salient_pool")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class MultiTaskModel:
     """Encoder + task heads as pure functions of ``params``.
@@ -223,8 +229,15 @@ class MultiTaskModel:
     food_posterior: FoodPosteriorNutrients | None = None
 
     def init(self, rng, graph: HeteroGraph) -> dict[str, Any]:
-        k_enc, k_cls, k_nut, k_proj, k_pool = jax.random.split(rng, 5)
-        enc_params = self.encoder.init(k_enc, graph)["params"]
+        """Parameters of the encoder and of every head, initialised by two compiled programs, each
+        shared by the models of the same structure in this process: the encoder's
+        (:func:`~jaxfood.models.encoder.init_encoder`, also pretraining's) and :meth:`init_heads`."""
+        heads = shared_program("heads_init", self, lambda: jax.jit(self.init_heads))(rng, graph)
+        return {"encoder": init_encoder(self.encoder, jax.random.split(rng, 5)[0], graph), **heads}
+
+    def init_heads(self, rng, graph: HeteroGraph) -> dict[str, Any]:
+        """The heads' parameters (:meth:`init` without the encoder's)."""
+        _, k_cls, k_nut, k_proj, k_pool = jax.random.split(rng, 5)
         hidden = self._hidden_dim()
         S = graph.num_nodes[schema.SAMPLE]
         contains = graph.edges[schema.CONTAINS]
@@ -245,12 +258,17 @@ class MultiTaskModel:
             nutrient_params = {**nutrient_params, POSTERIOR: self.food_posterior.init(
                 k_nut, jnp.zeros((S, F), jnp.float32), graph.food_nutrients)["params"]}
         return {
-            "encoder": enc_params,
             "classifier": self.classifier.init(k_cls, sample, pooled, profile)["params"],
             "nutrient_head": nutrient_params,
             "food_projection": self.food_projection.init(k_proj, sample)["params"],
             "salient_pool": pool_params,
         }
+
+    def own_params(self, params) -> dict[str, Any]:
+        """``params`` without the extra top-level entries (:data:`MODEL_PARAMS` only): what
+        :meth:`apply` reads, in one structure whoever holds them (a jitted function then compiles
+        once for a trained state and for initial weights)."""
+        return {k: params[k] for k in MODEL_PARAMS if k in params}
 
     def _hidden_dim(self) -> int:
         return int(self.encoder_config.hidden_dim)
@@ -414,8 +432,6 @@ class MultiTaskModel:
 
 def make_multitask_model(graph: HeteroGraph, encoder_config, heads_config: HeadsConfig | None = None) -> MultiTaskModel:
     """Builds the encoder from ``encoder_config`` (an ``EncoderConfig``) and the heads for ``graph``."""
-    from jaxfood.models.encoder import make_encoder
-
     heads_config = heads_config or HeadsConfig()
     num_foods = graph.num_nodes[schema.FOOD]
     num_nutrients = int(graph.food_nutrients.shape[1])

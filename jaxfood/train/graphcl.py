@@ -30,7 +30,7 @@ from jaxfood.errors import ConfigError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.sampling import NeighbourSampler, SampledSubgraph, SamplerConfig
-from jaxfood.models.encoder import EncoderConfig, HeteroGATEncoder, make_encoder
+from jaxfood.models.encoder import EncoderConfig, HeteroGATEncoder, init_encoder, make_encoder
 from jaxfood.train.augment import (
     CANDIDATES_KEY,
     AugmentConfig,
@@ -210,7 +210,7 @@ class PretrainModel:
     def init(self, rng: Array, graph: HeteroGraph, node_index: Mapping[str, Array] | None = None) -> dict[str, Any]:
         """``{"encoder", "projection"}`` parameters; ``node_index`` where ``graph`` is a sampled subgraph."""
         k_enc, k_proj = jax.random.split(rng)
-        enc = self.encoder.init(k_enc, graph, node_index=node_index)["params"]
+        enc = init_encoder(self.encoder, k_enc, graph, node_index)  # the program fine-tuning initialises with
         dummy = {t: jnp.zeros((1, self.cfg.encoder.hidden_dim)) for t in self.node_types}
         proj = self.projection.init(k_proj, dummy)["params"]
         return {"encoder": enc, "projection": proj}

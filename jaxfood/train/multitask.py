@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxfood.compile_cache import shared_program
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.splits import held_out_food_mask
@@ -129,18 +128,11 @@ def split_params(params):
     return model_params, params.get(WEIGHTING_KEY, {})
 
 
-def init_params(model: MultiTaskModel, rng, graph: HeteroGraph) -> dict[str, Any]:
-    """``model.init`` as one compiled program, shared by every model of the same structure in
-    this process (:func:`jaxfood.compile_cache.shared_program`)."""
-    return shared_program("multitask_init", model, lambda: jax.jit(model.init))(rng, graph)
-
-
 def init_train_state(model: MultiTaskModel, weighting: tw.WeightingConfig, tx: optax.GradientTransformation,
                      rng, graph: HeteroGraph, encoder_params=None) -> TrainState:
     """Fresh state; ``encoder_params`` (pretrained) replaces the initial encoder where given.
-    The initialisation is one compiled program (op by op it is ~700 small ones: 16 s instead of 9 s
-    on the default model with an empty compilation cache, 4.4 s instead of 2.5 s with a warm one)."""
-    params = init_params(model, rng, graph)
+    The initialisation is compiled (:meth:`MultiTaskModel.init`; op by op it is ~700 small programs)."""
+    params = model.init(rng, graph)
     if encoder_params is not None:
         params["encoder"] = jax.tree_util.tree_map(jnp.asarray, encoder_params)
     wparams, wstate = tw.init_weighting(weighting, TASKS)

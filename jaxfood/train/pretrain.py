@@ -91,7 +91,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
     total_steps = cfg.epochs * cfg.steps_per_epoch
     optimizer, schedule = make_graphcl_optimizer(cfg, total_steps)
     k_init, _, k_val = jax.random.split(jax.random.key(cfg.seed), 3)
-    initial_params = jax.device_get(jax.jit(model.init)(k_init, pre_graph))
+    initial_params = jax.device_get(model.init(k_init, pre_graph))
     state = {"params": initial_params, "opt_state": jax.device_get(jax.jit(optimizer.init)(initial_params))}
     layout = ShardLayout.current(options.per_device, options.local_devices)
     if options.sampled:
