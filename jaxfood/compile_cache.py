@@ -77,7 +77,7 @@ def enable_compile_cache(disabled: bool = False) -> Path | None:
 
 # ---- programs shared within the process ---------------------------------------------------------
 #: How many shared programs (jitted functions and what they compiled) a process keeps.
-SHARED_CAPACITY = 32
+SHARED_CAPACITY = 16
 _SHARED: OrderedDict[tuple[str, str], tuple[Any, list]] = OrderedDict()
 
 
@@ -123,3 +123,8 @@ def shared_program(kind: str, key: Any, build: Callable[[], T]) -> T:
             _SHARED.popitem(last=False)
     _SHARED.move_to_end((kind, digest))
     return entry[0]
+
+
+def forget_shared_programs() -> None:
+    """Drops every program :func:`shared_program` keeps (and, with them, their compiled code)."""
+    _SHARED.clear()

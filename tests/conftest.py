@@ -131,3 +131,14 @@ def compilation_cache():
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     os.environ.update(env)  # subprocesses started by tests
     yield cache
+
+
+@pytest.fixture(autouse=True)
+def _forget_shared_programs():
+    """Programs are shared within a test (as within a run), not across tests: a test process
+    would otherwise keep every test's compiled programs in memory
+    (:func:`jaxfood.compile_cache.shared_program`)."""
+    yield
+    from jaxfood import compile_cache
+
+    compile_cache.forget_shared_programs()

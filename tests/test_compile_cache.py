@@ -50,3 +50,36 @@ def test_compiled_programs_are_written_to_the_cache_and_the_opt_out_writes_none(
     off = _run({ENV_DIR: str(tmp_path / "off"), ENV_OFF: "1"})
     assert off.returncode == 0, off.stderr
     assert off.stdout.splitlines()[0] == "None" and not (tmp_path / "off").exists()
+
+
+def test_shared_program_is_keyed_by_value_of_configs_and_by_identity_of_other_objects():
+    import dataclasses
+
+    import numpy as np
+
+    from jaxfood.compile_cache import forget_shared_programs, shared_program
+    from jaxfood.models.encoder import EncoderConfig
+    from jaxfood.train.optimizer import OptimizerConfig
+
+    built = []
+
+    def build():
+        built.append(1)
+        return object()
+
+    a = shared_program("t", (EncoderConfig(hidden_dim=8), OptimizerConfig(), np.arange(3)), build)
+    # Equal values (new objects) share; any difference in a field or an array does not.
+    assert shared_program("t", (EncoderConfig(hidden_dim=8), OptimizerConfig(), np.arange(3)), build) is a
+    assert shared_program("t", (EncoderConfig(hidden_dim=16), OptimizerConfig(), np.arange(3)), build) is not a
+    assert shared_program("t", (EncoderConfig(hidden_dim=8), dataclasses.replace(
+        OptimizerConfig(), accumulation_steps=2), np.arange(3)), build) is not a
+    assert shared_program("t", (EncoderConfig(hidden_dim=8), OptimizerConfig(), np.arange(1, 4)), build) is not a
+    assert shared_program("u", (EncoderConfig(hidden_dim=8), OptimizerConfig(), np.arange(3)), build) is not a
+    # Objects that are not values (here a closure) share only when they are the same object.
+    f = lambda: 0  # noqa: E731
+    b = shared_program("t", f, build)
+    assert shared_program("t", f, build) is b
+    assert shared_program("t", lambda: 0, build) is not b
+    assert len(built) == 7
+    forget_shared_programs()
+    assert shared_program("t", f, build) is not b

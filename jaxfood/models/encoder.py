@@ -48,6 +48,7 @@ Full graphs and sampled (padded) subgraphs take the same code path: padding edge
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -270,8 +271,14 @@ def parameter_skeleton(graph):
     edges = {k: EdgeSet(senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
                         attributes=np.zeros((0, int(e.attributes.shape[1])), np.float32))
              for k, e in graph.edges.items()}
-    extra = {"sampled": True} if graph.meta.extra.get("sampled") else {}
-    return graph.replace(edges=edges, meta=GraphMeta(num_nodes=dict(graph.meta.num_nodes), extra=extra))
+    return graph.replace(edges=edges, meta=_skeleton_meta(tuple(graph.meta.num_nodes.items()),
+                                                          bool(graph.meta.extra.get("sampled"))))
+
+
+@functools.lru_cache(maxsize=16)
+def _skeleton_meta(num_nodes: tuple[tuple[str, int], ...], sampled: bool) -> GraphMeta:
+    """One meta object per node counts (metas compare by identity: one trace for all skeletons)."""
+    return GraphMeta(num_nodes=dict(num_nodes), extra={"sampled": True} if sampled else {})
 
 
 def init_encoder(encoder: HeteroGATEncoder, rng, graph, node_index: Mapping[str, Array] | None = None):
