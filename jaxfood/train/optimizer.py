@@ -107,8 +107,7 @@ def schedule_value(group: GroupConfig, count, span, xp=jnp):
     if group.schedule == "constant":
         return xp.full_like(count, lr)
     if group.schedule == "cosine":
-        t = xp.minimum(count, span) / span
-        return lr * ((1.0 - end) * 0.5 * (1.0 + xp.cos(xp.pi * t)) + end)
+        return _cosine(lr, xp.minimum(count, span) / span, end, xp)
     if group.schedule == "linear":
         frac = 1.0 - xp.clip(count, 0, span) / span
         return (lr - lr * end) * frac + lr * end
@@ -116,10 +115,13 @@ def schedule_value(group: GroupConfig, count, span, xp=jnp):
     start = 0.1 * lr
     rising = start + (lr - start) * xp.clip(count, 0, warm) / xp.maximum(warm, 1)
     decay = span - warm  # >= 1
-    t = xp.minimum(count - warm, decay) / decay
-    alpha = end if lr != 0.0 else 0.0
-    falling = lr * ((1.0 - alpha) * 0.5 * (1.0 + xp.cos(xp.pi * t)) + alpha)
+    falling = _cosine(lr, xp.minimum(count - warm, decay) / decay, end if lr != 0.0 else 0.0, xp)
     return xp.where(count < warm, rising, falling)
+
+
+def _cosine(lr: float, t, alpha: float, xp):
+    """optax's cosine decay from ``lr`` to ``alpha * lr`` at the fraction ``t`` of its span."""
+    return lr * ((1.0 - alpha) * 0.5 * (1.0 + xp.cos(xp.pi * t)) + alpha)
 
 
 def group_rate(group: GroupConfig, total_steps: int, count, frozen_steps, xp=jnp):
