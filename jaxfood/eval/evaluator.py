@@ -76,9 +76,9 @@ def stability_settings(cfg) -> tuple[int, float, float, int]:
 
 # ---- evaluation ---------------------------------------------------------------------------------
 class ModelPrograms:
-    """The jitted evaluation functions of one model: ``predict(params, graph)``, ``scorer(name)(params,
-    graph)``, ``masked_scorer(name)(params, graph, edge_masks)``, ``fidelity(k)(params, graph, scores,
-    sample_mask)``. Get them with :func:`model_programs`: models of the same structure share them."""
+    """The jitted evaluation functions of one model: ``predict(params, graph)``, ``scores(names)(params, graph)``, ``masked_scorer(name)(params, graph, edge_masks)``,
+    ``fidelity(k)(params, graph, scores, sample_mask)``. Get them with :func:`model_programs`:
+    models of the same structure share them. :func:`molecule_scores` is how callers use the scorers."""
 
     def __init__(self, model):
         self.model = model
@@ -93,9 +93,12 @@ class ModelPrograms:
             self._jitted[key] = lambda params, *args: jitted(own(params), *args)
         return self._jitted[key]
 
-    def scorer(self, name: str):
-        model = self.model
-        return self._get(("score", name), lambda: lambda p, g: mol.score_molecules(name, model, p, g))
+    def scores(self, names: Sequence[str]):
+        """``(params, graph) -> {name: [E] edge scores}`` of several scorers in one program: they
+        share the model's forward pass, which is then compiled (and run) once, not once a scorer."""
+        model, names = self.model, tuple(names)
+        return self._get(("scores", names),
+                         lambda: lambda p, g: {n: mol.score_molecules(n, model, p, g) for n in names})
 
     def masked_scorer(self, name: str):
         model = self.model
@@ -113,6 +116,21 @@ class ModelPrograms:
 def model_programs(model) -> ModelPrograms:
     """The :class:`ModelPrograms` of ``model``, one per model structure in this process."""
     return shared_program("model_programs", model, lambda: ModelPrograms(model))
+
+
+def molecule_scores(model, params, graph: HeteroGraph, names: Sequence[str], headline: str) -> dict[str, Any]:
+    """``{name: [E_contains] edge scores}`` of the scorers ``names``. The ``headline`` scorer runs
+    through its masked program with every edge on (the program its stability perturbations run),
+    the others through one program (:meth:`ModelPrograms.scores`), so the evaluation, the
+    rankings and the report of a model compile each scorer once."""
+    programs = model_programs(model)
+    names = tuple(dict.fromkeys(names))
+    others = tuple(n for n in names if n != headline)
+    out = dict(programs.scores(others)(params, graph)) if others else {}
+    if headline in names:
+        all_edges = mol.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
+        out[headline] = programs.masked_scorer(headline)(params, graph, all_edges)
+    return {n: out[n] for n in names}
 
 
 class Evaluator:
@@ -153,15 +171,16 @@ class Evaluator:
         # Evaluators of the same model (fine-tuning's validation and test, the ablations, the
         # untrained control, the report) share their compiled programs within the process.
         self._predict = model_programs(model).predict
-        self._score = {name: model_programs(model).scorer(name) for name in self.scorers}
         self._fidelity = model_programs(model).fidelity(self.salient_k)
         # The headline scorer always runs with explicit edge masks (all edges for the clean input):
         # the clean and the perturbed inputs share one compiled program.
         self._score_perturbed = model_programs(model).masked_scorer(scorer)
-        self._all_edges = mol.contains_edge_masks(jnp.ones(graph.edges[schema.CONTAINS].senders.shape, bool))
+
+    def _scores(self, params, names: Sequence[str]) -> dict[str, Any]:
+        return molecule_scores(self.model, params, self.graph, names, self.scorer)
 
     def _headline_scores(self, params):
-        return self._score_perturbed(params, self.graph, self._all_edges)
+        return self._scores(params, (self.scorer,))[self.scorer]
 
     def stability_jaccard(self, params, clean_scores=None) -> float:
         """Mean :func:`molecules.topk_jaccard` of the headline scorer's per-food rankings
@@ -240,11 +259,9 @@ class Evaluator:
         k = self.salient_k
         sample_mask = jnp.asarray(in_split)
         per_scorer = {}
-        headline_scores = None
-        for name in (scorers or self.scorers):
-            scores = self._headline_scores(params) if name == self.scorer else self._score[name](params, graph)
-            if name == self.scorer:
-                headline_scores = scores
+        all_scores = self._scores(params, scorers or self.scorers)
+        headline_scores = all_scores.get(self.scorer)
+        for name, scores in all_scores.items():
             # One rule for every scorer: the probability of the *predicted* food (what a user of
             # `jaxfood predict` is shown), never the held-out label.
             p_full, p_removed, p_kept = (np.asarray(x)[idx] for x in jax.device_get(
@@ -276,6 +293,6 @@ class Evaluator:
     def rankings(self, params, scorer: str | None = None, top: int | None = None) -> dict[str, list[str]]:
         """``{food id: [molecule ids]}`` ranked by ``scorer`` (default: the headline scorer)."""
         scorer = scorer or self.scorer
-        scores = np.asarray(self._headline_scores(params) if scorer == self.scorer else self._score[scorer](params, self.graph))
+        scores = np.asarray(self._scores(params, (scorer,))[scorer])
         ranking, _ = mol.rank_molecules_per_food(scores, self.graph)
         return mol.rankings_by_id(ranking, self.graph, top)

@@ -126,14 +126,13 @@ def scorer_rankings(source: Any, graph: HeteroGraph, k: int = 10,
     """``{scorer: {food id: [top-k molecule ids]}}`` for several scorers (default: the model's
     headline scorer), with the graph prepared and the model loaded once."""
     from jaxfood.eval import molecules as mol
-    from jaxfood.eval.evaluator import model_programs
+    from jaxfood.eval.evaluator import molecule_scores
     from jaxfood.graph.splits import prepare_graph
 
     dgraph = prepare_graph(graph)
     model, params, default_scorer = _fine_tuned_model(source, dgraph)
     out = {}
-    for name in scorers or (default_scorer,):
-        scores = model_programs(model).scorer(name)(params, dgraph)
+    for name, scores in molecule_scores(model, params, dgraph, scorers or (default_scorer,), default_scorer).items():
         ranking, _ = mol.rank_molecules_per_food(np.asarray(scores), dgraph)
         out[name] = mol.rankings_by_id(ranking, dgraph, k)
     return out
@@ -356,7 +355,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
 
     from jaxfood.eval import figures as figs
     from jaxfood.eval import molecules as mol
-    from jaxfood.eval.evaluator import model_programs
+    from jaxfood.eval.evaluator import model_programs, molecule_scores
     from jaxfood.eval.metrics import confusion
     from jaxfood.graph.hetero_graph import SPLIT_CODES, molecule_label
     from jaxfood.graph.splits import prepare_graph
@@ -393,7 +392,7 @@ def report_assets(source: Any, graph: HeteroGraph, workdir: str | Path,
             projection, nutrient_values(graph, n_index), out_dir / f"food_embeddings_{slug}.png", value_name=n_name,
             point_labels=foods)
 
-    edge_scores = np.asarray(model_programs(model).scorer(scorer)(params, dgraph))
+    edge_scores = np.asarray(molecule_scores(model, params, dgraph, (scorer,), default_scorer)[scorer])
     ranking, importance = mol.rank_molecules_per_food(edge_scores, dgraph)
     mol_ids = list(graph.meta.node_ids[schema.MOLECULE])
     scored = {foods[f]: [(mol_ids[m], float(importance[f, m])) for m in ranking[f, :k]] for f in range(len(foods))}
