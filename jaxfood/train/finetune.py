@@ -113,7 +113,9 @@ class FinetuneConfig:
     seed: int = 0
     steps: int = 150
     eval_every: int = 25
-    patience: int = 3
+    #: Evaluations without a better validation score before stopping (docs/experiments.md §11: no
+    #: run of 3 seeds x fine-tuned/probe/scratch chose a state after the second one).
+    patience: int = 2
     selection: dict[str, float] = dataclasses.field(default_factory=default_selection)
     encoder: EncoderConfig = dataclasses.field(default_factory=default_encoder_config)
     heads: HeadsConfig = dataclasses.field(default_factory=HeadsConfig)

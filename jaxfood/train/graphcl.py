@@ -95,7 +95,9 @@ class PretrainConfig:
     #: Apply the encoder's dropout in the pretraining step. Off by default: the augmentations are
     #: the noise GraphCL learns invariance to (the config's dropout still applies in fine-tuning).
     encoder_dropout: bool = False
-    epochs: int = 15
+    #: 10 x 10 steps (docs/experiments.md §11: 15 epochs gave no better fine-tuned figures on 3
+    #: seeds and cost a third more pretraining).
+    epochs: int = 10
     steps_per_epoch: int = 10
     #: Epochs without improvement of the held-out view loss before stopping (0 = never stop early).
     patience: int = 5
