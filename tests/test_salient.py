@@ -149,6 +149,26 @@ def test_scorers_read_the_own_and_the_predicted_food_branch(toy_model):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_the_scorers_one_program_gives_each_scorer_s_own_scores(toy_model):
+    """Evaluation runs the scorers besides the headline one as one program (they share the forward
+    pass) and the headline one through its masked program: each name gets its own scorer's scores."""
+    from jaxfood.eval.evaluator import model_programs, molecule_scores
+
+    graph, model, params = toy_model
+    params = dict(params, classifier=dict(params["classifier"], wide_kernel=jax.random.normal(
+        jax.random.key(3), params["classifier"]["wide_kernel"].shape)))  # a non-zero linear path
+    names = tuple(molecules.SCORERS)
+    got = molecule_scores(model, params, graph, names, headline="intensity_attribution")
+    assert tuple(got) == names
+    assert ("scores", names[1:]) in model_programs(model)._jitted  # the five others: one program
+    for name in names:
+        want = jax.jit(lambda p, g, n=name: molecules.score_molecules(n, model, p, g))(params, graph)
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=name)
+    # The scorers differ, so a name given another scorer's scores would fail above.
+    for a, b in zip(names, names[1:]):
+        assert not np.allclose(np.asarray(got[a]), np.asarray(got[b]), atol=1e-6), (a, b)
+
+
 def test_rankings_contrast_by_log_ratio_against_hand_values():
     """Two foods, three molecules; food 0's samples 0, 1 and food 1's sample 2."""
     graph = make_toy_graph()

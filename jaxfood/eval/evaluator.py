@@ -76,7 +76,8 @@ def stability_settings(cfg) -> tuple[int, float, float, int]:
 
 # ---- evaluation ---------------------------------------------------------------------------------
 class ModelPrograms:
-    """The jitted evaluation functions of one model: ``predict(params, graph)``, ``scores(names)(params, graph)``, ``masked_scorer(name)(params, graph, edge_masks)``,
+    """The jitted evaluation functions of one model: ``predict(params, graph)``,
+    ``scores(names)(params, graph)``, ``masked_scorer(name)(params, graph, edge_masks)``,
     ``fidelity(k)(params, graph, scores, sample_mask)``. Get them with :func:`model_programs`:
     models of the same structure share them. :func:`molecule_scores` is how callers use the scorers."""
 
