@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxfood.compile_cache import enable_compile_cache
+from jaxfood.compile_cache import enable_compile_cache, forget_shared_programs
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
@@ -139,6 +139,4 @@ def _forget_shared_programs():
     would otherwise keep every test's compiled programs in memory
     (:func:`jaxfood.compile_cache.shared_program`)."""
     yield
-    from jaxfood import compile_cache
-
-    compile_cache.forget_shared_programs()
+    forget_shared_programs()
