@@ -8,7 +8,9 @@ lives in the user cache directory (``$XDG_CACHE_HOME/jaxfood/xla``, default
 
 Within one process, :func:`shared_program` goes further: runs of the same model (fine-tuning, the
 pretrained probe, the from-scratch ablation, the untrained control, the report) use the same jitted
-functions, so JAX's in-memory cache answers -- no tracing, no lowering, no read from disk.
+functions, so JAX's in-memory cache answers -- no tracing, no lowering, no read from disk; and
+:class:`Background` compiles a program in a thread while the caller goes on (XLA compiles without
+Python's GIL, so two compilations, or a compilation and a training step, share the cores).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import enum
 import hashlib
 import os
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -128,3 +131,28 @@ def shared_program(kind: str, key: Any, build: Callable[[], T]) -> T:
 def forget_shared_programs() -> None:
     """Drops every program :func:`shared_program` keeps (and, with them, their compiled code)."""
     _SHARED.clear()
+
+
+class Background(threading.Thread):
+    """``fn(*args)`` in a thread, started at once: typically the first call of a jitted function,
+    which traces and compiles it while the caller does other work. :meth:`result` waits for it and
+    returns its value or raises its error in the caller's thread. Callers join it before they
+    return (an XLA compilation must not outlive the interpreter) and keep it to one-process jobs
+    (a multi-process job's collectives must run in the same order on every process)."""
+
+    def __init__(self, fn: Callable, *args: Any, name: str = "jaxfood-background"):
+        super().__init__(daemon=True, name=name)
+        self._fn, self._args, self._value, self._error = fn, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as error:  # noqa: BLE001 - re-raised by result() in the caller's thread
+            self._error = error
+
+    def result(self) -> Any:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

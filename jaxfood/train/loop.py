@@ -37,6 +37,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
+from jaxfood.compile_cache import Background
 from jaxfood.train.checkpoint import Checkpointer, checkpoint_path, latest_step
 from jaxfood.train.data_parallel import ParallelStep, local_batch, put_local_batch, replicate, unreplicate
 from jaxfood.train.preemption import PreemptionGuard
@@ -174,14 +175,27 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
             stale += 1
             return bool(loop.patience and stale >= loop.patience)
 
+        first = None
         if evaluate is not None and loop.eval_initial and start == 0:
-            consider(state_host, 0)
+            if start < loop.num_steps and jax.process_count() == 1:
+                # The first step (tracing and compiling the step, most of it) runs in a thread beside
+                # the start's evaluation (compiling the evaluation programs): XLA compiles without
+                # the GIL, so the two compilations share the cores. One process only: a pod's
+                # collectives must run in the same order on every process.
+                batch = fixed if fixed is not None else local_batch(make_shard, start, layout)
+                first = Background(step, state, batch, start, name="jaxfood-first-step")
+            try:
+                consider(state_host, 0)
+            finally:
+                if first is not None:
+                    first.join()
         with PreemptionGuard() as guard:
             for i in range(start, loop.num_steps):
                 batch = fixed if fixed is not None else local_batch(make_shard, i, layout)
                 if count_edges is not None and t0 is not None:
                     edges += count_edges(batch)
-                state, metrics = step(state, batch, i)
+                state, metrics = first.result() if first is not None else step(state, batch, i)
+                first = None
                 if t0 is None:  # the first step compiles: throughput counts from the second
                     jax.block_until_ready(state)
                     t0 = time.perf_counter()
