@@ -117,14 +117,23 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
             evaluators[id(model)] = _evaluator(model, graph, cfg)
         return evaluators[id(model)]
 
+    background = []
+
     def validate(model, params):
-        return evaluator_for(model).evaluate(params, "val", reference, scorers=(cfg.salient_scorer,),
-                                             stability=False)
+        evaluator = evaluator_for(model)
+        if not background:  # the test evaluation's other scorers compile while the model trains
+            background.append(evaluator.compile_in_background(params))
+        return evaluator.evaluate(params, "val", reference, scorers=(cfg.salient_scorer,), stability=False)
 
     stored = None if reference is None else {f: sorted(m) for f, m in sorted(reference.items())}
-    result = training.finetune(graph, cfg, workdir, pretrained=pretrained, validate=validate, options=options,
-                               meta_extra={"biomarkers": stored}, progress=progress and is_primary(),
-                               log=log if is_primary() else None)
+    try:
+        result = training.finetune(graph, cfg, workdir, pretrained=pretrained, validate=validate, options=options,
+                                   meta_extra={"biomarkers": stored}, progress=progress and is_primary(),
+                                   log=log if is_primary() else None)
+    finally:
+        for thread in background:
+            if thread is not None:
+                thread.join()
     model = make_multitask_model(prepare_graph(graph), result.encoder_config, cfg.heads)
     params = jax.tree_util.tree_map(jnp.asarray, result.params)
     evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)

@@ -169,6 +169,57 @@ def test_the_scorers_one_program_gives_each_scorer_s_own_scores(toy_model):
         assert not np.allclose(np.asarray(got[a]), np.asarray(got[b]), atol=1e-6), (a, b)
 
 
+def test_scores_compile_in_a_thread_and_the_evaluation_finds_them_compiled(toy_model):
+    """Fine-tuning starts compiling the test evaluation's scorers beside training: the program
+    compiles in another thread, and the later call in this thread compiles nothing."""
+    import threading
+
+    from jax import monitoring
+
+    from jaxfood.eval.evaluator import model_programs
+
+    graph, model, params = toy_model
+    programs = model_programs(model)
+    names = tuple(reversed(list(molecules.SCORERS)[1:3]))  # a program no other test calls
+    threads = []
+    real_scores = programs.scores
+
+    def scores(names_):  # records the thread that runs the program
+        program = real_scores(names_)
+
+        def run(*args):
+            threads.append(threading.current_thread())
+            return program(*args)
+        return run
+
+    programs.scores = scores
+    try:
+        thread = programs.compile_scores_in_background(names, params, graph)
+    finally:
+        del programs.scores
+    assert thread is not None
+    thread.join()
+    assert threads == [thread] and thread is not threading.current_thread()
+    assert programs.compile_scores_in_background(names, params, graph) is None  # it ran: nothing to do
+    assert programs.compile_scores_in_background((), params, graph) is None
+
+    compiled = []
+
+    def listen(event, duration, **_):
+        if event.endswith("backend_compile_duration"):
+            compiled.append(event)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        got = jax.block_until_ready(programs.scores(names)(params, graph))
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert compiled == []
+    for name in names:
+        want = jax.jit(lambda p, g, n=name: molecules.score_molecules(n, model, p, g))(params, graph)
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_rankings_contrast_by_log_ratio_against_hand_values():
     """Two foods, three molecules; food 0's samples 0, 1 and food 1's sample 2."""
     graph = make_toy_graph()

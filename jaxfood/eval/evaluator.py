@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfood.compile_cache import shared_program
+from jaxfood.compile_cache import Background, shared_program
 from jaxfood.eval import molecules as mol
 from jaxfood.eval.metrics import (
     biomarkers_from_pairs,
@@ -84,6 +84,7 @@ class ModelPrograms:
     def __init__(self, model):
         self.model = model
         self._jitted: dict[tuple, Any] = {}
+        self._called: set[tuple] = set()  # programs called at least once (so compiled)
         self.predict = self._get(("predict",), lambda: lambda p, g: model.apply(p, g))
 
     def _get(self, key: tuple, make):
@@ -91,8 +92,32 @@ class ModelPrograms:
         if key not in self._jitted:
             jitted = jax.jit(make())
             own = self.model.own_params
-            self._jitted[key] = lambda params, *args: jitted(own(params), *args)
+
+            def call(params, *args):
+                self._called.add(key)
+                return jitted(own(params), *args)
+
+            self._jitted[key] = call
         return self._jitted[key]
+
+    def compile_scores_in_background(self, names: Sequence[str], params, graph: HeteroGraph) -> Background | None:
+        """Calls ``scores(names)`` once in a :class:`~jaxfood.compile_cache.Background` thread (its
+        result is dropped): the program compiles while the caller goes on, e.g. while the model
+        trains, so that the evaluation that needs it later finds it compiled. None (no thread) when
+        it has run before, when ``names`` is empty, or in a multi-process job. ``join()`` it before
+        returning; an error is left to the evaluation that needs the program."""
+        names = tuple(names)
+        if not names or ("scores", names) in self._called or jax.process_count() > 1:
+            return None
+        program = self.scores(names)
+
+        def run():
+            try:
+                jax.block_until_ready(program(params, graph))
+            except Exception:  # noqa: BLE001 - raised again where the program is needed
+                self._called.discard(("scores", names))
+
+        return Background(run, name="jaxfood-compile-scores")
 
     def scores(self, names: Sequence[str]):
         """``(params, graph) -> {name: [E] edge scores}`` of several scorers in one program: they
@@ -176,6 +201,13 @@ class Evaluator:
         # The headline scorer always runs with explicit edge masks (all edges for the clean input):
         # the clean and the perturbed inputs share one compiled program.
         self._score_perturbed = model_programs(model).masked_scorer(scorer)
+
+    def compile_in_background(self, params) -> Background | None:
+        """Starts compiling, in a thread, the program of the scorers a test evaluation runs besides
+        the headline one (validation only runs the headline scorer): see
+        :meth:`ModelPrograms.compile_scores_in_background`."""
+        others = tuple(n for n in self.scorers if n != self.scorer)
+        return model_programs(self.model).compile_scores_in_background(others, params, self.graph)
 
     def _scores(self, params, names: Sequence[str]) -> dict[str, Any]:
         return molecule_scores(self.model, params, self.graph, names, self.scorer)
