@@ -1,7 +1,9 @@
 """pytest plugin: JAX compilation, tracing and lowering seconds of every test (in the pytest process;
 subprocesses that tests start are not counted), to see which tests compile what.
 
-    PYTHONPATH=scripts python -m pytest -q -p pytest_compile_profile [--durations=40]
+    PYTHONPATH=scripts python -m pytest -q -n 0 -p pytest_compile_profile [--durations=40]
+
+(``-n 0``: one process; under pytest-xdist each worker would count and print its own share.)
 
 writes ``$JAXFOOD_COMPILE_PROFILE`` (default ``compile_profile.tsv``: one row a test, slowest first:
 wall, XLA compile, trace + lower seconds) and prints the totals at the end of the session.
