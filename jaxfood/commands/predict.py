@@ -35,9 +35,10 @@ nearest food (one Gaussian per food, shared Ledoit-Wolf covariance, fitted on th
 seen without their label edges; Lee et al. 2018). msp: 1 - max softmax probability (the earlier
 default); energy: -logsumexp(logits); knn: cosine distance to the 5th nearest training sample.
 Measured on the embedded data (5 foods held out entirely from training, 40 of their samples vs 60
-test samples of known foods, 3 draws of held-out foods; eval.predict.out_of_library_rates):
-mahalanobis detects 65/50/57.5% with 1.7/6.7/0% false alarms (AUROC 0.94/0.79/0.84); msp
-detects 5/40/2.5% with 1.7/3.3/5% false alarms (AUROC 0.60/0.74/0.41).
+samples of known foods the model never saw, 3 draws; python benchmarks/bench_ool.py): mahalanobis
+detects 25/7.5/15% with 5/3.3/1.7% false alarms (AUROC 0.71/0.71/0.58); knn 32.5/12.5/10% with
+0/6.7/1.7% (AUROC 0.81/0.71/0.65); msp 7.5/17.5/25% with 11.7/10/5% (AUROC 0.55/0.66/0.63).
+A weak detector on these data: treat the flag as a hint, not a verdict.
 
 Graph: --graph, else CHECKPOINT/../graph (saved by experiments/run_mtl.py), else the embedded
 default graph with the seed recorded in the checkpoint; it must match the checkpoint's node ids.

@@ -27,9 +27,8 @@ because a food has only a handful of training samples. ``msp`` is ``1 - max soft
 (Hendrycks & Gimpel, ICLR 2017), the earlier default. A sample is flagged when its score is above
 the ``quantile`` (default 95th percentile) of the scores of the graph's labelled validation
 samples, so about 5% of samples of known foods are flagged by construction.
-:func:`out_of_library_rates` measures detection on foods held out entirely from training; on the
-embedded data (5 foods held out, seeds 0/1/2) Mahalanobis detects far more with fewer false alarms
-than max softmax (see ``jaxfood predict --help``).
+:func:`out_of_library_rates` measures detection on foods held out entirely from training
+(``benchmarks/bench_ool.py``; the figures are in ``jaxfood predict --help``).
 """
 
 from __future__ import annotations
