@@ -58,15 +58,13 @@ def main(argv=None) -> int:
                                 for name, r in scores.items()}})
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(json.dumps(rows, indent=2))
-    for name in rows[0]["scores"]:
-        means = {k: (float(np.mean([r["scores"][name][k] for r in rows])),
-                     float(np.std([r["scores"][name][k] for r in rows])))
-                 for k in ("detection_rate", "false_alarm_rate", "auroc")}
+    stats = ("detection_rate", "false_alarm_rate", "auroc")
+    means = {name: {k: (float(np.mean(v := [r["scores"][name][k] for r in rows])), float(np.std(v))) for k in stats}
+             for name in rows[0]["scores"]}
+    for name, m in means.items():
         if name != DEFAULT_OOL_SCORE:
-            print(f"{name}: " + ", ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in means.items()))
-    d = {k: (float(np.mean([r["scores"][DEFAULT_OOL_SCORE][k] for r in rows])),
-             float(np.std([r["scores"][DEFAULT_OOL_SCORE][k] for r in rows])))
-         for k in ("detection_rate", "false_alarm_rate", "auroc")}
+            print(f"{name}: " + ", ".join(f"{k} {mean:.3f} ± {std:.3f}" for k, (mean, std) in m.items()))
+    d = means[DEFAULT_OOL_SCORE]
     print(f"{DEFAULT_OOL_SCORE} over {len(rows)} draws: detection {d['detection_rate'][0]:.3f} ± "
           f"{d['detection_rate'][1]:.3f}, false alarms {d['false_alarm_rate'][0]:.3f} ± {d['false_alarm_rate'][1]:.3f}, "
           f"AUROC {d['auroc'][0]:.3f} ± {d['auroc'][1]:.3f}")

@@ -177,7 +177,7 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
 
         first = None
         if evaluate is not None and loop.eval_initial and start == 0:
-            if start < loop.num_steps and jax.process_count() == 1:
+            if loop.num_steps > 0 and jax.process_count() == 1:
                 # The first step (tracing and compiling the step, most of it) runs in a thread beside
                 # the start's evaluation (compiling the evaluation programs): XLA compiles without
                 # the GIL, so the two compilations share the cores. One process only: a pod's
@@ -191,11 +191,13 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
                     first.join()
         with PreemptionGuard() as guard:
             for i in range(start, loop.num_steps):
-                batch = fixed if fixed is not None else local_batch(make_shard, i, layout)
-                if count_edges is not None and t0 is not None:
-                    edges += count_edges(batch)
-                state, metrics = first.result() if first is not None else step(state, batch, i)
-                first = None
+                if first is not None:  # step ``start``, run on its batch beside the start's evaluation
+                    (state, metrics), first = first.result(), None
+                else:
+                    batch = fixed if fixed is not None else local_batch(make_shard, i, layout)
+                    if count_edges is not None and t0 is not None:
+                        edges += count_edges(batch)
+                    state, metrics = step(state, batch, i)
                 if t0 is None:  # the first step compiles: throughput counts from the second
                     jax.block_until_ready(state)
                     t0 = time.perf_counter()
