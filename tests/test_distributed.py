@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import forced_devices
 
 from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.train import data_parallel as dp
@@ -35,7 +36,7 @@ def run_with_devices(tmp_path: Path, code: str, layouts=("4x1", "1x4"), devices:
     script.write_text(textwrap.dedent(code))
     procs = {}
     for layout in layouts:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+        env = dict(os.environ, XLA_FLAGS=forced_devices(devices), JAX_PLATFORMS="cpu",
                    PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), LAYOUT=layout,
                    OUT=str(tmp_path / f"{layout}.json"))
         procs[layout] = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,

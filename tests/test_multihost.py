@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_toy_graph
+from conftest import forced_devices, make_toy_graph
 
 from jaxfood import cli
 from jaxfood.graph.hetero_graph import save_graph
@@ -48,7 +48,7 @@ def free_port() -> int:
 def job_env(tmp_path: Path, devices: int) -> dict:
     """Environment of a CPU job with ``devices`` devices; compilations go to the session's cache
     (conftest), else under tmp_path."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=forced_devices(devices),
                 PYTHONPATH=str(ROOT),
                 JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache")),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
