@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # level compiles the suite's hundreds of small programs about a quarter faster (subprocesses inherit it).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA's CPU backend compiles faster with its older fusion emitters, on one thread per program (the
-# suite runs one pytest worker per core): about a sixth off the suite's compile time.
+# suite runs one pytest worker per core): the main job's end-to-end test took 131 s instead of 156 s.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false"
                                " --xla_cpu_parallel_codegen_split_count=1").strip()
