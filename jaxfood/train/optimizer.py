@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 GROUPS: tuple[str, ...] = ("encoder", "classifier", "nutrient_head", "food_projection", "salient_pool",
                            "task_weighting", "wide")
@@ -143,23 +144,15 @@ def flat(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     of a few per leaf: the optimizer was a quarter of the compiled multi-task step. A group
     without leaves keeps its (empty) tree: checkpoints cannot hold arrays of size 0."""
 
-    def ravel(tree):
-        return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)])
-
-    def unravel(like, vector):
-        leaves, treedef = jax.tree_util.tree_flatten(like)
-        parts = jnp.split(vector, np.cumsum([np.size(x) for x in leaves])[:-1])
-        return jax.tree_util.tree_unflatten(
-            treedef, [p.reshape(np.shape(x)).astype(x.dtype) for p, x in zip(parts, leaves)])
-
     def init(params):
-        return inner.init(ravel(params) if jax.tree_util.tree_leaves(params) else params)
+        return inner.init(ravel_pytree(params)[0] if jax.tree_util.tree_leaves(params) else params)
 
     def update(updates, state, params=None):
         if not jax.tree_util.tree_leaves(updates):
             return inner.update(updates, state, params)
-        new, state = inner.update(ravel(updates), state, None if params is None else ravel(params))
-        return unravel(updates, new), state
+        vector, unravel = ravel_pytree(updates)
+        new, state = inner.update(vector, state, None if params is None else ravel_pytree(params)[0])
+        return unravel(new), state
 
     return optax.GradientTransformation(init, update)
 
