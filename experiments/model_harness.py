@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             table[name][1].append(b)
             line.append(f"{name} {m:.3f}/{b:.3f}")
         print(f"[seed {seed}, {time.perf_counter() - start:.0f} s, kept step {result.best_step}"
-              f"{'' if result.composed_step is None else f' + representation of step {result.composed_step}'}] " + "; ".join(line),
+              f"{'' if result.composed_step is None else f' + {result.composed_parts} of step {result.composed_step}'}] " + "; ".join(line),
               flush=True)
         print("  validation (step: accuracy / nutrient R2): " + ", ".join(
             f"{row['step']}: {row.get('food_classification/accuracy', float('nan')):.3f} / "

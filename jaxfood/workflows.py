@@ -32,6 +32,7 @@ from jaxfood.train.finetune import (
     FinetuneConfig,
     FinetuneResult,
     check_config,
+    composed_parts,
     load_finetuned,
     task_weight_summary,
 )
@@ -83,12 +84,13 @@ def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig, temperature: floa
 
 
 def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int,
-                  composed_step: int | None = None) -> dict[str, Any]:
+                  composed_step: int | None = None, composed_parts=None) -> dict[str, Any]:
     """The metrics.json of a kept state: test split, every scorer, stability, task weights."""
     metrics = evaluator.evaluate(params, "test", reference)
     metrics["task_weights"] = task_weight_summary(cfg.weighting, params)
     metrics["best_step"] = int(best_step)
     metrics["composed_step"] = composed_step
+    metrics["composed_parts"] = None if composed_parts is None else list(composed_parts)
     return metrics
 
 
@@ -139,7 +141,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)
     evaluator.temperature = result.temperature  # calibrated on val with the kept state
     result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step,
-                                   result.composed_step)
+                                   result.composed_step, result.composed_parts)
     if is_primary():
         write_json(workdir / "metrics.json", result.metrics)
         write_json(workdir / "history.json", result.history)
@@ -180,6 +182,7 @@ def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: s
     metrics["task_weights"] = task_weight_summary(loaded.config.weighting, loaded.params)
     metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
     metrics["composed_step"] = loaded.meta.get("composed_step")
+    metrics["composed_parts"] = None if (parts := composed_parts(loaded.meta)) is None else list(parts)
     return metrics
 
 

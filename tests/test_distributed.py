@@ -424,7 +424,7 @@ def test_kept_start_takes_the_parts_compose_picks_from_the_best_trained_state(tm
 
         return train_loop(_toy_step(keep=("v",)), {"w": np.float32(0.5), "v": np.float32(7.0)}, _toy_batch, loop,
                           evaluate=evaluate, meta={"kind": "toy"}, on_train=on_train,
-                          compose=lambda start, trained: dict(start, w=trained["w"]))
+                          compose=lambda start, trained: (dict(start, w=trained["w"]), {"parts": ["w"]}))
 
     if preempt:
         assert run(stop_at=5).preempted
@@ -432,6 +432,7 @@ def test_kept_start_takes_the_parts_compose_picks_from_the_best_trained_state(tm
     assert result.best_step == 0 and result.composed_step == 4
     kept, meta = restore_checkpoint(tmp_path / "kept")
     assert meta["best_step"] == 0 and meta["composed_step"] == 4 and meta["validation"] == {"w": 0.5}
+    assert meta["parts"] == ["w"]  # what compose added to the meta
     assert float(kept["v"]) == 7.0  # the start's own part
     assert float(kept["w"]) == pytest.approx(seen[4]) and seen[4] != pytest.approx(0.5)  # the trained part
 

@@ -71,11 +71,20 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
     state, meta = restore_checkpoint(result.checkpoint_dir)
     assert result.composed_step == meta.get("composed_step") == (3 if kept == 0 else None)
     assert result.metrics["composed_step"] == result.composed_step
+    parts = result.composed_parts or ()
+    assert result.metrics["composed_parts"] == meta.get("composed_parts") == (list(parts) if kept == 0 else None)
+    took_head = "nutrient_head" in parts
     changed = {name: not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state["params"][name]),
                                                                   jax.tree_util.tree_leaves(init[name])))
                for name in ("encoder", "food_projection", "classifier", "nutrient_head", "salient_pool")}
     assert changed == {"encoder": True, "food_projection": True, "classifier": kept != 0,
-                       "nutrient_head": kept != 0, "salient_pool": kept != 0}
+                       "nutrient_head": kept != 0 or took_head, "salient_pool": kept != 0}
+    if took_head:  # only because the trained head (on the trained encoder) validates better than the start
+        from jaxfood.eval.evaluator import Evaluator
+
+        val_r2 = Evaluator(model, prepared).evaluate(jax_tree(state["params"]), "val")["nutrition"]["nutrient_r2"]
+        assert val_r2 > val[0]["nutrition/nutrient_r2"]
+    print("composed parts:", parts)
 
 
 def test_start_margin_is_a_number_or_null():
@@ -96,3 +105,32 @@ def jax_tree(params):
     import jax
 
     return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def test_the_kept_start_takes_the_nutrient_head_only_when_it_validates_better():
+    from jaxfood.train.finetune import REPRESENTATION_PARAMS, compose_start
+
+    start = {"params": {"encoder": 0, "food_projection": 0, "classifier": 0, "nutrient_head": 0}, "step": 0}
+    trained = {"params": {"encoder": 1, "food_projection": 1, "classifier": 1, "nutrient_head": 1}, "step": 5}
+    seen = []
+
+    def r2_of(value):
+        def r2(params):
+            seen.append(dict(params))
+            return value
+        return r2
+
+    state, parts = compose_start(start, trained, 0.5, r2_of(0.6))
+    assert parts == REPRESENTATION_PARAMS + ("nutrient_head",)
+    assert state == {"params": {"encoder": 1, "food_projection": 1, "classifier": 0, "nutrient_head": 1}, "step": 0}
+    assert seen[-1] == state["params"]  # the composition itself was scored
+    for r2 in (0.5, 0.4, float("nan")):
+        state, parts = compose_start(start, trained, 0.5, r2_of(r2))
+        assert parts == REPRESENTATION_PARAMS
+        assert state["params"] == {"encoder": 1, "food_projection": 1, "classifier": 0, "nutrient_head": 0}
+    # No nutrient table (the start's R² is -inf) or no nutrient head: nothing to score.
+    count = len(seen)
+    assert compose_start(start, trained, float("-inf"), r2_of(1.0))[1] == REPRESENTATION_PARAMS
+    headless = {"params": {k: v for k, v in trained["params"].items() if k != "nutrient_head"}}
+    assert compose_start(start, headless, 0.5, r2_of(1.0))[1] == REPRESENTATION_PARAMS
+    assert len(seen) == count

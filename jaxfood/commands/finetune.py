@@ -161,7 +161,8 @@ def run(args) -> int:
     if not info.is_primary:
         return 0
     print(spread_line("data parallel", result))
-    composed = "" if result.composed_step is None else f" with the representation of step {result.composed_step}"
+    composed = ("" if result.composed_step is None
+                else f" with the {' and '.join(result.composed_parts or ())} of step {result.composed_step}")
     print(f"fine-tuned: {result.checkpoint_dir} (best step {result.best_step}{composed}, "
           f"{len(result.history['train'])} steps, {result.num_step_compilations} compilation)")
     print_summary(result.metrics)

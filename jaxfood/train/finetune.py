@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,8 +246,10 @@ class FinetuneResult:
     initial_params: dict[str, Any] | None = None
     #: Temperature that calibrates the kept state's food probabilities (fitted on val; 1: none).
     temperature: float = 1.0
-    #: The kept start (``best_step`` 0) carries the representation of this trained step (None: its own).
+    #: The kept start (``best_step`` 0) carries parts of this trained step (None: its own).
     composed_step: int | None = None
+    #: Which parts (:data:`REPRESENTATION_PARAMS`, possibly :data:`NUTRIENT_HEAD`).
+    composed_parts: tuple[str, ...] | None = None
 
 
 #: Key of the calibration temperature in a checkpoint's ``validation`` meta (the evaluation hook's
@@ -330,15 +332,39 @@ def _start_at_linear_model(params, wide_kernel, bias):
 
 #: What the fitted start takes from the best trained state when no trained state beats it: the
 #: representation (encoder and Food projection). The heads stay the start's, so the kept food
-#: probabilities and nutrient estimates are (up to the class-attention branch, at exp(-3)) the
-#: start's, while the Food embeddings have been through the nutrient-alignment loss.
+#: probabilities are (up to the class-attention branch, at exp(-3)) the start's, while the Food
+#: embeddings have been through the nutrient-alignment loss.
 REPRESENTATION_PARAMS = ("encoder", "food_projection")
+#: What it also takes when the trained representation with this head estimates the validation
+#: samples' nutrients better (R²) than the start: the head reads the representation, so the
+#: nutrient estimate is then the trained model's own.
+NUTRIENT_HEAD = "nutrient_head"
 
 
-def with_trained_representation(start: Mapping[str, Any], trained: Mapping[str, Any]) -> dict[str, Any]:
-    """The host train state ``start`` with the :data:`REPRESENTATION_PARAMS` of ``trained``."""
-    params = dict(start["params"], **{k: trained["params"][k] for k in REPRESENTATION_PARAMS if k in trained["params"]})
+def with_trained_parts(start: Mapping[str, Any], trained: Mapping[str, Any],
+                       parts: Sequence[str] = REPRESENTATION_PARAMS) -> dict[str, Any]:
+    """The host train state ``start`` with the ``parts`` (top-level parameters) of ``trained``."""
+    params = dict(start["params"], **{k: trained["params"][k] for k in parts if k in trained["params"]})
     return dict(start, params=params)
+
+
+def compose_start(start: Mapping[str, Any], trained: Mapping[str, Any], start_r2: float,
+                  nutrient_r2: Callable[[Mapping[str, Any]], float]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The kept start with the trained representation, and with the trained nutrient head too when
+    ``nutrient_r2(params)`` (validation) of that composition beats ``start_r2`` (the start's);
+    returns the state and the parts taken."""
+    parts = REPRESENTATION_PARAMS
+    if NUTRIENT_HEAD in trained["params"] and math.isfinite(start_r2):
+        candidate = with_trained_parts(start, trained, parts + (NUTRIENT_HEAD,))
+        if nutrient_r2(candidate["params"]) > start_r2:
+            return candidate, parts + (NUTRIENT_HEAD,)
+    return with_trained_parts(start, trained, parts), parts
+
+
+def validation_nutrient_r2(val: Mapping[str, Any]) -> float:
+    """The nutrient R² of an evaluation hook's result (-inf when there is none: no nutrient table)."""
+    value = (val.get("nutrition") or {}).get("nutrient_r2")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
 def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGraph, pretrained,
@@ -456,9 +482,12 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         return row
 
     margin = start_margin(cfg, full) if loop.eval_initial else 0.0
+    start_r2: list[float] = []  # the start's validation nutrient R² (compose compares with it)
 
     def evaluate(state, done: int) -> tuple[float, dict[str, float]]:
         val = validate(model, jax.tree_util.tree_map(jnp.asarray, state["params"]))
+        if done == 0:
+            start_r2[:] = [validation_nutrient_r2(val)]
         score = selection_score(val, cfg.selection)
         row = flatten_metrics(val)
         if done > 0 and margin:  # a trained state must beat the fitted start by more than the margin
@@ -469,11 +498,23 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
             f"(accuracy {row.get('food_classification/accuracy', math.nan):.3f})")
         return score, row
 
+    def val_r2(params) -> float:
+        return validation_nutrient_r2(validate(model, jax.tree_util.tree_map(jnp.asarray, params)))
+
+    def compose(start_state, trained) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not start_r2:  # resumed after the start's evaluation
+            start_r2[:] = [val_r2(start_state["params"])]
+        composed, parts = compose_start(start_state, trained, start_r2[0], val_r2)
+        if NUTRIENT_HEAD in parts:
+            log(f"the kept start takes the trained nutrient head (validation nutrient R² above the start's "
+                f"{start_r2[0]:.4f})")
+        return composed, {"composed_parts": list(parts)}
+
     try:
         result = train_loop(step, state, make_shard, loop, fixed_batch=not options.sampled,
                             evaluate=evaluate if validate is not None else None, meta=meta,
                             on_train=on_train, count_edges=count_edges, progress=progress, log=log,
-                            compose=with_trained_representation if loop.eval_initial else None)
+                            compose=compose if loop.eval_initial and validate is not None else None)
     finally:
         tensorboard.close()
     if result.preempted:
@@ -484,7 +525,15 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
                           metrics={}, best_step=result.best_step, checkpoint_dir=loop.checkpoint_dir, runtime_s=time.perf_counter() - start,
                           num_step_compilations=step.compile_count(), config=cfg, encoder_config=enc_cfg,
                           figures={}, start_step=result.start_step, edges_per_second=result.edges_per_second,
-                          spread=spread, initial_params=initial_params, composed_step=kept_meta.get("composed_step"))
+                          spread=spread, initial_params=initial_params, composed_step=kept_meta.get("composed_step"),
+                          composed_parts=composed_parts(kept_meta))
+
+
+def composed_parts(meta: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The parts a kept start took (:func:`with_trained_parts`); None when nothing was composed."""
+    if meta.get("composed_step") is None:
+        return None
+    return tuple(meta.get("composed_parts") or REPRESENTATION_PARAMS)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ from jaxfood.train.processes import aggregate_metrics, barrier, host_sum, is_pri
 PyTree = Any
 #: ``(host state, step) -> (score, row)``: higher scores are better; ``row`` (flat numbers) goes to the history.
 EvaluateFn = Callable[[PyTree, int], tuple[float, dict[str, float]]]
-#: ``(start host state, trained host state) -> host state``: the kept start with parts of a trained state.
-ComposeFn = Callable[[PyTree, PyTree], PyTree]
+#: ``(start host state, trained host state) -> (host state, meta)``: the kept start with parts of a
+#: trained state, and what to add to the kept checkpoint's meta about them (e.g. which parts).
+ComposeFn = Callable[[PyTree, PyTree], tuple[PyTree, Mapping[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +126,8 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
       count_edges: real edges of one local batch (throughput); default: none counted.
       compose: with ``loop.eval_initial``: while the start (step 0) is the kept state, each trained
         state that scores best among the trained ones is composed into it, ``compose(init_state,
-        trained)``, and saved as the kept state (as checkpoint step ``done``, meta ``best_step`` 0 and
-        ``composed_step`` ``done``; its ``validation`` row stays the start's).
+        trained)``, and saved as the kept state (as checkpoint step ``done``, meta ``best_step`` 0,
+        ``composed_step`` ``done`` and the meta ``compose`` returns; its ``validation`` row stays the start's).
     """
     layout, meta = step.layout, dict(meta or {})
     log = log or (lambda _msg: None)
@@ -170,8 +171,9 @@ def train_loop(step: ParallelStep, init_state: PyTree, make_shard: Callable[[int
                     and (composed_score is None or score > composed_score)):
                 composed_step, composed_score = done, score
                 if kept is not None:
-                    kept.save(done, compose(init_state, host), dict(meta, best_step=0, selection_score=_finite(best_score),
-                                                                    validation=kept_row, composed_step=done))
+                    composed, composed_meta = compose(init_state, host)
+                    kept.save(done, composed, dict(meta, **composed_meta, best_step=0, selection_score=_finite(best_score),
+                                                   validation=kept_row, composed_step=done))
             stale += 1
             return bool(loop.patience and stale >= loop.patience)
 
