@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxfood.compile_cache import enable_compile_cache, forget_shared_programs
+from jaxfood.compile_cache import enable_compile_cache
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
@@ -135,7 +135,9 @@ def compilation_cache():
     """Most of the suite's time is XLA compiling programs that other tests (and the subprocesses of
     the multi-device, multi-process and resume tests) compile again: library calls in this process,
     the commands (which enable the cache themselves) and subprocesses all share the session's
-    cache directory above, so each program is compiled once per session."""
+    cache directory above, so each program is compiled once per session. Within a pytest worker,
+    tests that run the same model on the same graph also share its jitted functions (no tracing,
+    no lowering; :func:`jaxfood.compile_cache.shared_program` keeps the 16 last used)."""
     cache = enable_compile_cache()
     if cache is None:  # switched off (JAXFOOD_NO_COMPILE_CACHE)
         yield None
@@ -146,10 +148,3 @@ def compilation_cache():
     yield cache
 
 
-@pytest.fixture(autouse=True)
-def _forget_shared_programs():
-    """Programs are shared within a test (as within a run), not across tests: a test process
-    would otherwise keep every test's compiled programs in memory
-    (:func:`jaxfood.compile_cache.shared_program`)."""
-    yield
-    forget_shared_programs()

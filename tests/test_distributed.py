@@ -253,8 +253,9 @@ def test_padding_changes_nothing_for_the_real_nodes():
     # wide=False: the wide path reads whole-graph profiles and is off on sampled subgraphs (train.finetune).
     model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, wide=False))
     params = model.init(jax.random.key(1), a.graph)
-    out_a = model.apply(params, a.graph, node_index=a.node_index)
-    out_b = model.apply(params, b.graph, node_index=b.node_index)
+    apply = jax.jit(model.apply)  # one program a budget (op by op, each operation compiles alone)
+    out_a = apply(params, a.graph, node_index=a.node_index)
+    out_b = apply(params, b.graph, node_index=b.node_index)
     assert b.graph.num_nodes[schema.SAMPLE] > a.graph.num_nodes[schema.SAMPLE]
     np.testing.assert_allclose(out_a.food_logits[a.seed_mask], out_b.food_logits[b.seed_mask], atol=1e-5)
     np.testing.assert_allclose(out_a.pooled[a.seed_mask], out_b.pooled[b.seed_mask], atol=1e-5)
