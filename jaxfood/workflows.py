@@ -84,13 +84,13 @@ def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig, temperature: floa
 
 
 def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int,
-                  composed_step: int | None = None, composed_parts=None) -> dict[str, Any]:
+                  composed_step: int | None = None, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The metrics.json of a kept state: test split, every scorer, stability, task weights."""
     metrics = evaluator.evaluate(params, "test", reference)
     metrics["task_weights"] = task_weight_summary(cfg.weighting, params)
     metrics["best_step"] = int(best_step)
     metrics["composed_step"] = composed_step
-    metrics["composed_parts"] = None if composed_parts is None else list(composed_parts)
+    metrics["composed_parts"] = None if parts is None else list(parts)
     return metrics
 
 

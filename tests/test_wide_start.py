@@ -84,7 +84,6 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
 
         val_r2 = Evaluator(model, prepared).evaluate(jax_tree(state["params"]), "val")["nutrition"]["nutrient_r2"]
         assert val_r2 > val[0]["nutrition/nutrient_r2"]
-    print("composed parts:", parts)
 
 
 def test_start_margin_is_a_number_or_null():
