@@ -84,13 +84,13 @@ def _evaluator(model, graph: HeteroGraph, cfg: FinetuneConfig, temperature: floa
 
 
 def _test_metrics(evaluator: Evaluator, params, cfg: FinetuneConfig, reference, best_step: int,
-                  composed_step: int | None = None, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+                  composed_step: int | None = None, parts: list[str] | None = None) -> dict[str, Any]:
     """The metrics.json of a kept state: test split, every scorer, stability, task weights."""
     metrics = evaluator.evaluate(params, "test", reference)
     metrics["task_weights"] = task_weight_summary(cfg.weighting, params)
     metrics["best_step"] = int(best_step)
     metrics["composed_step"] = composed_step
-    metrics["composed_parts"] = None if parts is None else list(parts)
+    metrics["composed_parts"] = parts
     return metrics
 
 
@@ -182,7 +182,7 @@ def evaluate(ckpt_dir: str | Path, graph: HeteroGraph, biomarkers=None, split: s
     metrics["task_weights"] = task_weight_summary(loaded.config.weighting, loaded.params)
     metrics["best_step"] = int(loaded.meta.get("best_step", loaded.meta.get("step", 0)))
     metrics["composed_step"] = loaded.meta.get("composed_step")
-    metrics["composed_parts"] = None if (parts := composed_parts(loaded.meta)) is None else list(parts)
+    metrics["composed_parts"] = composed_parts(loaded.meta)
     return metrics
 
 

@@ -249,7 +249,7 @@ class FinetuneResult:
     #: The kept start (``best_step`` 0) carries parts of this trained step (None: its own).
     composed_step: int | None = None
     #: Which parts (:data:`REPRESENTATION_PARAMS`, possibly :data:`NUTRIENT_HEAD`).
-    composed_parts: tuple[str, ...] | None = None
+    composed_parts: list[str] | None = None
 
 
 #: Key of the calibration temperature in a checkpoint's ``validation`` meta (the evaluation hook's
@@ -529,11 +529,11 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
                           composed_parts=composed_parts(kept_meta))
 
 
-def composed_parts(meta: Mapping[str, Any]) -> tuple[str, ...] | None:
+def composed_parts(meta: Mapping[str, Any]) -> list[str] | None:
     """The parts a kept start took (:func:`with_trained_parts`); None when nothing was composed."""
     if meta.get("composed_step") is None:
         return None
-    return tuple(meta.get("composed_parts") or REPRESENTATION_PARAMS)
+    return list(meta.get("composed_parts") or REPRESENTATION_PARAMS)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
