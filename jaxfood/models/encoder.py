@@ -53,16 +53,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfood.compile_cache import shared_program
 from jaxfood.errors import ConfigError, GraphError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import EdgeSet, GraphMeta
 from jaxfood.graph.sampling import mask_padding
 from jaxfood.models.gat import AGGREGATIONS, HeteroGATConv
+from jaxfood.models.initialise import init_params
 from jaxfood.models.profile import sample_profile
 
 Array = Any
@@ -282,12 +281,10 @@ def _skeleton_meta(num_nodes: tuple[tuple[str, int], ...], sampled: bool) -> Gra
 
 
 def init_encoder(encoder: HeteroGATEncoder, rng, graph, node_index: Mapping[str, Array] | None = None):
-    """``encoder.init(rng, graph, node_index=node_index)["params"]`` as one compiled program shared
-    by every encoder of the same structure in the process (:func:`parameter_skeleton`)."""
-    def build():
-        return jax.jit(lambda key, g, index: encoder.init(key, g, node_index=index)["params"])
-
-    return shared_program("encoder_init", encoder, build)(rng, parameter_skeleton(graph), node_index)
+    """``encoder.init(rng, graph, node_index=node_index)["params"]``, drawn parameter by parameter
+    (:func:`~jaxfood.models.initialise.init_params`) on the graph's :func:`parameter_skeleton`:
+    one recorded initialisation for every encoder of the same structure in the process."""
+    return init_params(encoder, rng, parameter_skeleton(graph), node_index=node_index)
 
 
 def make_encoder(graph, cfg: EncoderConfig) -> HeteroGATEncoder:

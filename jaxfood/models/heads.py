@@ -24,12 +24,13 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxfood.compile_cache import shared_program
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.sampling import mask_relation_padding
 from jaxfood.models.encoder import init_encoder, make_encoder
+from jaxfood.models.initialise import init_params
 from jaxfood.models.pooling import (
     ClassAttentionPool,
     GatedAttentionPool,
@@ -229,38 +230,40 @@ class MultiTaskModel:
     food_posterior: FoodPosteriorNutrients | None = None
 
     def init(self, rng, graph: HeteroGraph) -> dict[str, Any]:
-        """Parameters of the encoder and of every head, initialised by two compiled programs, each
-        shared by the models of the same structure in this process: the encoder's
-        (:func:`~jaxfood.models.encoder.init_encoder`, also pretraining's) and :meth:`init_heads`."""
-        heads = shared_program("heads_init", self, lambda: jax.jit(self.init_heads))(rng, graph)
-        return {"encoder": init_encoder(self.encoder, jax.random.split(rng, 5)[0], graph), **heads}
+        """Parameters of the encoder and of every head, each module's drawn parameter by parameter
+        (:func:`~jaxfood.models.initialise.init_params`): the encoder's as pretraining draws them
+        (:func:`~jaxfood.models.encoder.init_encoder`), then :meth:`init_heads`."""
+        keys = jax.random.split(rng, 5)
+        return {"encoder": init_encoder(self.encoder, keys[0], graph), **self.init_heads(keys, graph)}
 
-    def init_heads(self, rng, graph: HeteroGraph) -> dict[str, Any]:
-        """The heads' parameters (:meth:`init` without the encoder's)."""
-        _, k_cls, k_nut, k_proj, k_pool = jax.random.split(rng, 5)
+    def init_heads(self, keys, graph: HeteroGraph) -> dict[str, Any]:
+        """The heads' parameters (:meth:`init` without the encoder's), from :meth:`init`'s 5 keys.
+        Initialisers read shapes only: the inputs are zeros of the shapes the heads see."""
+        _, k_cls, k_nut, k_proj, k_pool = keys
         hidden = self._hidden_dim()
         S = graph.num_nodes[schema.SAMPLE]
         contains = graph.edges[schema.CONTAINS]
         width = hidden + (int(self.encoder_config.embedding_dim) if self.heads_config.pool_molecule_inputs else 0)
-        mol = jnp.zeros((graph.num_nodes[schema.MOLECULE], width), jnp.float32)
-        pool_params = self.salient_pool.init(k_pool, mol, jnp.asarray(contains.senders), jnp.asarray(contains.receivers),
-                                             jnp.asarray(contains.attributes), S)["params"]
+        mol = np.zeros((graph.num_nodes[schema.MOLECULE], width), np.float32)
+        edges = (contains.senders, contains.receivers, contains.attributes)
+        pool_params = init_params(self.salient_pool, k_pool, mol, *edges, S)
         if self.class_pool is not None:
-            pool_params = {**pool_params, CLASS_ATTENTION: self.class_pool.init(
-                jax.random.fold_in(k_pool, 1), mol, jnp.asarray(contains.senders), jnp.asarray(contains.receivers),
-                jnp.asarray(contains.attributes), S)["params"]}
-        sample = jnp.zeros((S, hidden), jnp.float32)
-        pooled = jnp.zeros((S, self.heads_config.pool_dim), jnp.float32)
-        profile = sample_profile(graph) if self.heads_config.wide else None
-        nutrient_params = self.nutrient_head.init(k_nut, sample, pooled, profile)["params"]
+            pool_params = {**pool_params, CLASS_ATTENTION: init_params(
+                self.class_pool, jax.random.fold_in(k_pool, 1), mol, *edges, S)}
+        sample = np.zeros((S, hidden), np.float32)
+        pooled = np.zeros((S, self.heads_config.pool_dim), np.float32)
+        profile = None
+        if self.heads_config.wide:
+            profile = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(sample_profile, graph))
+        nutrient_params = init_params(self.nutrient_head, k_nut, sample, pooled, profile)
         if self.food_posterior is not None:
             F = graph.num_nodes[schema.FOOD]
-            nutrient_params = {**nutrient_params, POSTERIOR: self.food_posterior.init(
-                k_nut, jnp.zeros((S, F), jnp.float32), graph.food_nutrients)["params"]}
+            nutrient_params = {**nutrient_params, POSTERIOR: init_params(
+                self.food_posterior, k_nut, np.zeros((S, F), np.float32), graph.food_nutrients)}
         return {
-            "classifier": self.classifier.init(k_cls, sample, pooled, profile)["params"],
+            "classifier": init_params(self.classifier, k_cls, sample, pooled, profile),
             "nutrient_head": nutrient_params,
-            "food_projection": self.food_projection.init(k_proj, sample)["params"],
+            "food_projection": init_params(self.food_projection, k_proj, sample),
             "salient_pool": pool_params,
         }
 

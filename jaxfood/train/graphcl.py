@@ -31,6 +31,7 @@ from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.sampling import NeighbourSampler, SampledSubgraph, SamplerConfig
 from jaxfood.models.encoder import EncoderConfig, HeteroGATEncoder, init_encoder, make_encoder
+from jaxfood.models.initialise import init_params
 from jaxfood.train.augment import (
     CANDIDATES_KEY,
     AugmentConfig,
@@ -213,8 +214,8 @@ class PretrainModel:
         """``{"encoder", "projection"}`` parameters; ``node_index`` where ``graph`` is a sampled subgraph."""
         k_enc, k_proj = jax.random.split(rng)
         enc = init_encoder(self.encoder, k_enc, graph, node_index)  # the program fine-tuning initialises with
-        dummy = {t: jnp.zeros((1, self.cfg.encoder.hidden_dim)) for t in self.node_types}
-        proj = self.projection.init(k_proj, dummy)["params"]
+        dummy = {t: np.zeros((1, self.cfg.encoder.hidden_dim), np.float32) for t in self.node_types}
+        proj = init_params(self.projection, k_proj, dummy)
         return {"encoder": enc, "projection": proj}
 
     def encode_views(self, params, graph: HeteroGraph, rng: Array, deterministic: bool,
