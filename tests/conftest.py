@@ -148,3 +148,11 @@ def compilation_cache():
     yield cache
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a test marked ``slow`` run first (each module kept together, so that its
+    fixtures are set up once per worker): the two workers start the longest tests early, then share
+    the short ones, instead of one of them finishing the suite alone on a long test."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: file order otherwise

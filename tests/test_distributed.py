@@ -28,25 +28,34 @@ from jaxfood.train.parallel_options import add_distributed_arguments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_with_devices(tmp_path: Path, code: str, layouts=("4x1", "1x4"), devices: int = 4,
+#: Runs the parts named in argv, one after the other, each as a script writing OUT.
+DRIVER = """
+import os, runpy, sys
+for name in sys.argv[1:]:
+    os.environ["OUT"] = os.path.join(os.environ["PARTS"], f"{name}-{os.environ['LAYOUT']}.json")
+    runpy.run_path(os.path.join(os.environ["PARTS"], f"{name}.py"), run_name="__main__")
+"""
+
+
+def run_with_devices(tmp_path: Path, parts: dict[str, str], layouts=("4x1", "1x4"), devices: int = 4,
                      timeout: int = 900) -> dict:
-    """Runs ``code`` once per layout, concurrently, each in a fresh Python with ``devices`` CPU
-    devices and ``LAYOUT`` set; returns {layout: the JSON it writes to OUT}."""
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(code))
+    """Runs each part's code, in one fresh Python per layout (concurrently) with ``devices`` CPU
+    devices and ``LAYOUT`` set; returns {part: {layout: the JSON it writes to OUT}}. One process
+    runs every part: each process start costs its imports, JAX's start and its compilations."""
+    for name, code in parts.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(code))
+    (tmp_path / "driver.py").write_text(DRIVER)
     procs = {}
     for layout in layouts:
         env = dict(os.environ, XLA_FLAGS=forced_devices(devices), JAX_PLATFORMS="cpu",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), LAYOUT=layout,
-                   OUT=str(tmp_path / f"{layout}.json"))
-        procs[layout] = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
-    results = {}
-    for layout, proc in procs.items():
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), LAYOUT=layout, PARTS=str(tmp_path))
+        procs[layout] = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), *parts], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for proc in procs.values():
         _, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err[-4000:]
-        results[layout] = json.loads((tmp_path / f"{layout}.json").read_text())
-    return results
+    return {name: {layout: json.loads((tmp_path / f"{name}-{layout}.json").read_text()) for layout in layouts}
+            for name in parts}
 
 
 # A small multi-task model on a toy graph; the equivalence is what is tested, not the model.
@@ -108,7 +117,7 @@ PRETRAIN_WORKER = """
     model = pretrain.make_model(pre_graph, cfg)
     import optax
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
-    params = jax.jit(model.init)(jax.random.key(0), pre_graph)
+    params = model.init(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
     step_fn = pretrain.make_pretrain_step(model, optimizer)
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
@@ -126,30 +135,6 @@ PRETRAIN_WORKER = """
 def _max_diff(a, b) -> float:
     diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
     return max(jax.tree_util.tree_leaves(diffs))
-
-
-@pytest.mark.slow
-def test_multitask_step_pmap_over_4_devices_equals_one_device_on_the_same_4_subgraphs(tmp_path):
-    out = run_with_devices(tmp_path, MULTITASK_WORKER)
-    pmapped, single = out["4x1"], out["1x4"]
-    assert pmapped["distinct_subgraphs"] == 4
-    assert pmapped["compilations"] == single["compilations"] == 1
-    assert _max_diff(pmapped["params"], single["params"]) < 1e-5
-    np.testing.assert_allclose(pmapped["loss"], single["loss"], rtol=1e-5)
-    np.testing.assert_allclose(pmapped["weights"], single["weights"], rtol=1e-5)
-    # Training moved the parameters well beyond the tolerance (the comparison can fail).
-    assert pmapped["loss"][0] != pmapped["loss"][-1]
-
-
-@pytest.mark.slow
-def test_graphcl_step_pmap_over_4_devices_equals_one_device_with_4_views(tmp_path):
-    out = run_with_devices(tmp_path, PRETRAIN_WORKER)
-    assert _max_diff(out["4x1"]["params"], out["1x4"]["params"]) < 1e-5
-    np.testing.assert_allclose(out["4x1"]["loss"], out["1x4"]["loss"], rtol=1e-5)
-    # The pmapped run spread over 4 devices (the other one ran 4 views on 1), and training moved the
-    # parameters well beyond the tolerance (the comparison can fail).
-    assert out["4x1"]["device_count"] == 4 and out["4x1"]["mapped_devices"] == 4 and out["1x4"]["mapped_devices"] == 1
-    assert abs(out["4x1"]["final_l1"] - out["4x1"]["initial_l1"]) > 1e-2
 
 
 # ---- helpers in this process (one device) --------------------------------------------------------
@@ -287,7 +272,7 @@ SAMPLED_PRETRAIN_WORKER = """
     model = pretrain.make_model(pre_graph, cfg)
     views = pretrain.PretrainSampler(graph, cfg, SamplerConfig(batch_size=4, seed=3))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
-    params = jax.jit(model.init)(jax.random.key(0), pre_graph)
+    params = model.init(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
     devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
     step = data_parallel(pretrain.make_pretrain_step(model, optimizer), ShardLayout(0, 1, devices, per_device),
@@ -311,14 +296,33 @@ SAMPLED_PRETRAIN_WORKER = """
 
 
 @pytest.mark.slow
-def test_sampled_graphcl_pmap_over_4_devices_equals_one_device_on_the_same_4_subgraphs(tmp_path):
-    out = run_with_devices(tmp_path, SAMPLED_PRETRAIN_WORKER)
-    pmapped, single = out["4x1"], out["1x4"]
+def test_steps_pmap_over_4_devices_equal_one_device(tmp_path):
+    """The multi-task step on the same 4 subgraphs, the GraphCL step with 4 views, the GraphCL step
+    on 4 sampled subgraphs: pmap over 4 devices (4x1) == 4 shards on one device (1x4)."""
+    out = run_with_devices(tmp_path, {"multitask": MULTITASK_WORKER, "graphcl": PRETRAIN_WORKER,
+                                      "sampled_graphcl": SAMPLED_PRETRAIN_WORKER})
+    pmapped, single = out["multitask"]["4x1"], out["multitask"]["1x4"]
+    assert pmapped["distinct_subgraphs"] == 4
+    assert pmapped["compilations"] == single["compilations"] == 1
+    assert _max_diff(pmapped["params"], single["params"]) < 1e-5
+    np.testing.assert_allclose(pmapped["loss"], single["loss"], rtol=1e-5)
+    np.testing.assert_allclose(pmapped["weights"], single["weights"], rtol=1e-5)
+    # Training moved the parameters well beyond the tolerance (the comparison can fail).
+    assert pmapped["loss"][0] != pmapped["loss"][-1]
+
+    pmapped, single = out["graphcl"]["4x1"], out["graphcl"]["1x4"]
+    assert _max_diff(pmapped["params"], single["params"]) < 1e-5
+    np.testing.assert_allclose(pmapped["loss"], single["loss"], rtol=1e-5)
+    # The pmapped run spread over 4 devices (the other one ran 4 views on 1), and training moved the
+    # parameters well beyond the tolerance.
+    assert pmapped["device_count"] == 4 and pmapped["mapped_devices"] == 4 and single["mapped_devices"] == 1
+    assert abs(pmapped["final_l1"] - pmapped["initial_l1"]) > 1e-2
+
+    pmapped, single = out["sampled_graphcl"]["4x1"], out["sampled_graphcl"]["1x4"]
     assert pmapped["distinct_subgraphs"] == 4
     assert pmapped["compilations"] == single["compilations"] == 1 and pmapped["shapes"] == single["shapes"] == 1
     assert _max_diff(pmapped["params"], single["params"]) < 1e-5
     np.testing.assert_allclose(pmapped["loss"], single["loss"], rtol=1e-5)
-    # Training moved the parameters well beyond the tolerance (the comparison can fail).
     assert abs(pmapped["final_l1"] - pmapped["initial_l1"]) > 1e-2
 
 

@@ -99,6 +99,7 @@ def _key_paths(tree, prefix=""):
     return out
 
 
+@pytest.mark.slow
 def test_data_parallel_sampled_run_writes_the_same_metrics_keys(runs, tmp_path):
     """`--data-parallel --sampled`: the same workflow on sampled subgraphs; metrics.json has every key
     of the full-graph run, stability included, and its checkpoint is evaluated like any other."""

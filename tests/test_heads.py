@@ -192,7 +192,7 @@ def test_wide_outputs_are_the_linear_part_of_the_heads():
                                rtol=1e-4, atol=1e-4)
     assert float(jnp.std(out.wide_food_logits)) > 0.1
     no_wide = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, wide=False))
-    plain = jax.jit(no_wide.init)(jax.random.key(0), graph)
+    plain = no_wide.init(jax.random.key(0), graph)
     assert "wide_kernel" not in plain["classifier"] and no_wide.apply(plain, graph).wide_food_logits is None
 
 

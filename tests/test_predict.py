@@ -196,6 +196,7 @@ def test_missing_column_exit_2(run, tmp_path, capsys):
     assert "missing column 'molecule_id'" in err and str(csv) in err
 
 
+@pytest.mark.slow
 def test_out_of_library_rates_pipeline(tmp_path):
     from jaxfood.config import load_config
     from jaxfood.train.finetune import FinetuneConfig

@@ -112,6 +112,7 @@ def test_held_out_labels_move_only_the_metrics_scored_against_them(simulated, tm
     assert a["nutrition"]["nutrient_r2"] != b["nutrition"]["nutrient_r2"]
 
 
+@pytest.mark.slow
 def test_checkpoint_selection_evaluates_val_only(simulated, tmp_path, monkeypatch):
     """During training only the val split is evaluated (the test split once, at the end), and
     permuting the test labels changes neither the validation history nor the kept checkpoint."""

@@ -6,11 +6,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import TINY_FINETUNE, make_toy_graph
 
 from jaxfood.graph.hetero_graph import SPLIT_CODES
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path):
     from jaxfood.config import load_config
     from jaxfood.graph.splits import prepare_graph
