@@ -1,11 +1,9 @@
 """Metabolomics Workbench studies: ``build-graph --mwtab`` on mwTab files the tests write in the
-Workbench format (text and JSON), bad studies, and a study that runs end to end."""
+Workbench format (text and JSON) and bad studies (a Workbench study end to end: test_no_nutrients)."""
 
 from __future__ import annotations
 
-import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,35 +107,3 @@ def test_missing_package_names_the_extra(tmp_path, capsys, monkeypatch):
 def test_mwtab_replaces_feature_table_and_metadata(tmp_path, capsys):
     code, captured = _build(["--mwtab", "x.txt", "--feature-table", "f.csv", "--out", str(tmp_path / "g")], capsys)
     assert code == 2 and "--mwtab replaces --feature-table and --metadata" in captured.err
-
-
-@pytest.mark.slow
-def test_a_workbench_study_runs_end_to_end(tmp_path, capsys):
-    """The simulated study written as a Workbench file (classes = foods), then the main job with no --set."""
-    from test_no_nutrients import TINY_RUN, _run_mtl
-
-    from jaxfood.data.simulate import SimConfig, simulate
-
-    tables = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
-                                contaminants=20, embedding_dim=4), seed=0).tables
-    ft, md = tables.features, tables.metadata
-    areas = np.full((len(ft.molecule_ids), len(ft.sample_ids)), np.nan)
-    areas[ft.molecule_index, ft.sample_index] = ft.intensity
-    label = dict(zip(md.sample_ids, md.food_labels))
-    path = write_mwtab(tmp_path / "study.txt", list(ft.sample_ids), [label[s] for s in ft.sample_ids],
-                       [f"m{m}" for m in ft.molecule_ids], areas, mz=list(ft.molecule_mz), rt=list(ft.molecule_rt))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code, captured = _build(["--mwtab", str(path), "--label-column", "Origin", "--out", str(tmp_path / "g")],
-                                capsys)
-    assert code == 0, captured.err
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_RUN)
-    code = _run_mtl().main(["--graph", str(tmp_path / "g"), "--workdir", str(tmp_path / "w"), "--config", str(config),
-                            "--no-progress"])
-    assert code == 0
-    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
-    assert 0.0 <= metrics["food_classification"]["accuracy"] <= 1.0 and "absent" in metrics["nutrition"]
-    rankings = json.loads((tmp_path / "w" / "rankings.json").read_text())
-    entry = next(iter(next(iter(rankings.values())).values()))[0]
-    assert entry["annotation"] == entry["molecule_id"] and entry["mz"] > 0
