@@ -134,7 +134,7 @@ def _run_mtl():
 
 
 @pytest.mark.slow
-def test_main_job_and_every_command_run_on_a_plain_study(graph_dir, tmp_path, capsys):
+def test_main_job_and_every_command_run_on_a_plain_study_then_on_it_as_a_workbench_file(graph_dir, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_RUN)
     workdir = tmp_path / "w"
@@ -171,13 +171,16 @@ def test_main_job_and_every_command_run_on_a_plain_study(graph_dir, tmp_path, ca
     assert main(["embed", "--checkpoint", ckpt, *graph_arg, "--out", str(tmp_path / "emb")]) == 0
     capsys.readouterr()
 
+    _the_study_as_a_workbench_file_runs_end_to_end(tmp_path / "workbench", capsys)
 
-@pytest.mark.slow
-def test_a_workbench_study_runs_end_to_end(tmp_path, capsys):
+
+def _the_study_as_a_workbench_file_runs_end_to_end(tmp_path, capsys):
     """The same simulated study written as a Workbench file (classes = foods), then the main job
-    with no --set. (Here, after the tables' run: the graphs have the same shapes, so the run finds
-    its programs in the session's compilation cache.)"""
+    with no --set. (Run right after the tables' run: the graphs have the same shapes, so this run
+    finds its programs compiled.)"""
     from test_mwtab import write_mwtab
+
+    tmp_path.mkdir()
 
     from jaxfood.data.simulate import SimConfig, simulate
 
