@@ -213,7 +213,7 @@ class PretrainModel:
     def init(self, rng: Array, graph: HeteroGraph, node_index: Mapping[str, Array] | None = None) -> dict[str, Any]:
         """``{"encoder", "projection"}`` parameters; ``node_index`` where ``graph`` is a sampled subgraph."""
         k_enc, k_proj = jax.random.split(rng)
-        enc = init_encoder(self.encoder, k_enc, graph, node_index)  # the program fine-tuning initialises with
+        enc = init_encoder(self.encoder, k_enc, graph, node_index)  # as fine-tuning initialises its encoder
         dummy = {t: np.zeros((1, self.cfg.encoder.hidden_dim), np.float32) for t in self.node_types}
         proj = init_params(self.projection, k_proj, dummy)
         return {"encoder": enc, "projection": proj}

@@ -131,7 +131,7 @@ def split_params(params):
 def init_train_state(model: MultiTaskModel, weighting: tw.WeightingConfig, tx: optax.GradientTransformation,
                      rng, graph: HeteroGraph, encoder_params=None) -> TrainState:
     """Fresh state; ``encoder_params`` (pretrained) replaces the initial encoder where given.
-    The initialisation is compiled (:meth:`MultiTaskModel.init`; op by op it is ~700 small programs)."""
+    :meth:`MultiTaskModel.init` draws the parameters (:func:`jaxfood.models.initialise.init_params`)."""
     params = model.init(rng, graph)
     if encoder_params is not None:
         params["encoder"] = jax.tree_util.tree_map(jnp.asarray, encoder_params)
