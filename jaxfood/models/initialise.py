@@ -8,14 +8,14 @@ gives the same arrays, bit for bit, another way:
 1. ``jax.eval_shape(module.init)`` (tracing only, nothing compiled) records, for every parameter
    Flax creates, its place in the tree, the static data Flax folds into the key
    (``flax.core.scope._fold_in_static``) and the initialiser with its arguments;
-2. each parameter is then drawn by that initialiser, op by op, from the key Flax would have made.
-   The random functions compile once per parameter shape and are reused for every parameter of
-   that shape.
+2. each parameter is then drawn by its initialiser, jitted on its own, from the key Flax would
+   have made. One program per initialiser and shape serves every parameter of that kind (zeros
+   and ones are made on the host, with no program).
 
 The record of step 1 depends only on the module and the shapes of the arguments, so it is kept
-(:func:`~jaxfood.compile_cache.shared_program`). Where the recipe does not apply -- a parameter
-drawn from a key other than ``rng`` or from traced values, a call under ``jit`` -- it falls back to
-the compiled ``module.init``; the result is the same either way.
+for later calls. Where the recipe does not apply -- a parameter drawn from a key other than
+``rng`` or from traced values, a call under ``jit`` -- it falls back to the compiled
+``module.init``; the result is the same either way (``tests/test_initialise.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from flax.core import scope as flax_scope
 from jaxfood.compile_cache import shared_program, static_signature
 
 _LOCAL = threading.local()
+_ORIGINAL_PARAM = flax_scope.Scope.param
+_ORIGINAL_FOLD = flax_scope._fold_in_static
 #: Recorded initialisations and per-draw programs, kept apart from shared_program's few large
 #: programs (these are many and small): the most recently used of each.
 _PLANS: collections.OrderedDict = collections.OrderedDict()
@@ -51,8 +53,6 @@ def _kept(cache: collections.OrderedDict, key: Any, build: Callable[[], Any]):
             cache.popitem(last=False)
     cache.move_to_end(signature)
     return cache[signature][0]
-_ORIGINAL_PARAM = flax_scope.Scope.param
-_ORIGINAL_FOLD = flax_scope._fold_in_static
 
 
 @dataclasses.dataclass(frozen=True)
