@@ -148,8 +148,6 @@ def compilation_cache():
     yield cache
 
 
-
-
 def pytest_collection_modifyitems(config, items):
     """Modules with a test marked ``slow`` run first (each module kept together, so that its
     fixtures are set up once per worker): the two workers start the longest tests early, then share

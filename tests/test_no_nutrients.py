@@ -180,10 +180,9 @@ def _the_study_as_a_workbench_file_runs_end_to_end(tmp_path, capsys):
     finds its programs compiled.)"""
     from test_mwtab import write_mwtab
 
-    tmp_path.mkdir()
-
     from jaxfood.data.simulate import SimConfig, simulate
 
+    tmp_path.mkdir()
     tables = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
                                 contaminants=20, embedding_dim=4), seed=0).tables
     ft, md = tables.features, tables.metadata
