@@ -81,7 +81,6 @@ def enable_compile_cache(disabled: bool = False) -> Path | None:
 # ---- programs shared within the process ---------------------------------------------------------
 #: How many shared programs (jitted functions and what they compiled) a process keeps.
 SHARED_CAPACITY = 16
-_SHARED: OrderedDict[tuple[str, str], tuple[Any, list]] = OrderedDict()
 
 
 def static_signature(obj: Any, keep: list | None = None) -> Any:
@@ -111,21 +110,39 @@ def static_signature(obj: Any, keep: list | None = None) -> Any:
     return ("object", type(obj).__qualname__, id(obj))
 
 
+class KeptCache:
+    """``build()`` once per ``static_signature(key)``; the ``capacity`` most recently used values
+    are kept (with the objects their keys describe by identity, so that no id is reused)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[Any, list]] = OrderedDict()
+
+    def get(self, key: Any, build: Callable[[], T]) -> T:
+        keep: list = []
+        digest = hashlib.sha256(repr(static_signature(key, keep)).encode()).hexdigest()
+        entry = self._entries.get(digest)
+        if entry is None:
+            entry = (build(), keep)
+            self._entries[digest] = entry
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(digest)
+        return entry[0]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_SHARED = KeptCache(SHARED_CAPACITY)
+
+
 def shared_program(kind: str, key: Any, build: Callable[[], T]) -> T:
     """``build()`` once per ``(kind, static_signature(key))`` in this process; later calls get the
     same object. ``build`` returns jitted functions (or objects holding them) whose programs depend
     only on ``key`` and on their arguments, so reusing them changes no result. The
     :data:`SHARED_CAPACITY` most recently used are kept."""
-    keep: list = []
-    digest = hashlib.sha256(repr(static_signature(key, keep)).encode()).hexdigest()
-    entry = _SHARED.get((kind, digest))
-    if entry is None:
-        entry = (build(), keep)
-        _SHARED[(kind, digest)] = entry
-        while len(_SHARED) > SHARED_CAPACITY:
-            _SHARED.popitem(last=False)
-    _SHARED.move_to_end((kind, digest))
-    return entry[0]
+    return _SHARED.get((kind, key), build)
 
 
 def forget_shared_programs() -> None:

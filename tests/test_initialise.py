@@ -3,8 +3,6 @@ compiling the initialisation; where its recipe does not apply it falls back to t
 
 from __future__ import annotations
 
-import collections
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_toy_graph
 
+from jaxfood.compile_cache import KeptCache
 from jaxfood.graph.splits import prepare_graph
 from jaxfood.models import initialise
 from jaxfood.models.heads import make_multitask_model
@@ -35,13 +34,13 @@ def _assert_identical(got, expected) -> None:
 def _compiled_only(patch) -> None:
     """Every init_params call through the compiled ``module.init`` (the reference)."""
     patch.setattr(initialise, "_plan", lambda *args: None)
-    patch.setattr(initialise, "_PLANS", collections.OrderedDict())  # no recorded plans either way
+    patch.setattr(initialise, "_PLANS", KeptCache(256))  # no recorded plans either way
 
 
 def _never_compiled(patch) -> None:
     """An init_params call that falls back to compiling ``module.init`` fails the test."""
     real = initialise.shared_program
-    patch.setattr(initialise, "_PLANS", collections.OrderedDict())
+    patch.setattr(initialise, "_PLANS", KeptCache(256))
 
     def refuse(kind, key, build):
         assert kind != "init_program", "init_params compiled module.init"

@@ -20,7 +20,6 @@ for later calls. Where the recipe does not apply -- a parameter drawn from a key
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -31,28 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import scope as flax_scope
 
-from jaxfood.compile_cache import shared_program, static_signature
+from jaxfood.compile_cache import KeptCache, shared_program
 
 _LOCAL = threading.local()
 _ORIGINAL_PARAM = flax_scope.Scope.param
 _ORIGINAL_FOLD = flax_scope._fold_in_static
 #: Recorded initialisations and per-draw programs, kept apart from shared_program's few large
-#: programs (these are many and small): the most recently used of each.
-_PLANS: collections.OrderedDict = collections.OrderedDict()
-_DRAWS: collections.OrderedDict = collections.OrderedDict()
-_CAPACITY = 256
-
-
-def _kept(cache: collections.OrderedDict, key: Any, build: Callable[[], Any]):
-    """``build()`` once per ``static_signature(key)`` among the :data:`_CAPACITY` most recently used."""
-    keep: list = []  # objects described by identity live as long as the entry
-    signature = static_signature(key, keep)
-    if signature not in cache:
-        cache[signature] = (build(), keep)
-        while len(cache) > _CAPACITY:
-            cache.popitem(last=False)
-    cache.move_to_end(signature)
-    return cache[signature][0]
+#: programs (these are many and small).
+_PLANS = KeptCache(256)
+_DRAWS = KeptCache(256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +144,7 @@ def _draw_program(draw: _Draw):
     draw compiles as it does inside ``jit(module.init)`` (the same constants folded the same way,
     hence the same bits), once for all the parameters it makes."""
     key = (_identity(draw.init_fn), draw.args, draw.kwargs)
-    return _kept(_DRAWS, key, lambda: jax.jit(lambda k: draw.init_fn(k, *draw.args, **draw.kwargs)))
+    return _DRAWS.get(key, lambda: jax.jit(lambda k: draw.init_fn(k, *draw.args, **draw.kwargs)))
 
 
 #: Initialisers that draw nothing: their arrays are made on the host, with no program at all.
@@ -197,7 +183,7 @@ def init_params(module, rng, *args, **kwargs) -> dict[str, Any]:
     static, dynamic = _split(args)
     if not isinstance(rng, jax.core.Tracer):
         key = (module, static, _signature((dynamic, kwargs)), _signature(rng))
-        plan = _kept(_PLANS, key, lambda: _plan(module, rng, static, dynamic, kwargs))
+        plan = _PLANS.get(key, lambda: _plan(module, rng, static, dynamic, kwargs))
         if plan is not None:
             params = _replay(plan, rng)
             if params is not None:
