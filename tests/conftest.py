@@ -3,7 +3,12 @@ one XLA compilation cache for the whole session (this process and the subprocess
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests check what programs compute, not how fast they run: XLA's backend at its lowest optimisation
@@ -15,13 +20,14 @@ if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false"
                                " --xla_cpu_parallel_codegen_split_count=1").strip()
 # Commands enable a persistent compilation cache; tests keep it out of the user's cache directory.
+# JAXFOOD_TEST_SHARED: a directory the session's pytest workers share (see once_per_session). Both
+# are made by the process that starts the workers, which inherit its environment.
 if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
-    import atexit
-    import shutil
-    import tempfile
-
     os.environ["JAXFOOD_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxfood-test-xla-")
     atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
+if not os.environ.get("JAXFOOD_TEST_SHARED"):
+    os.environ["JAXFOOD_TEST_SHARED"] = tempfile.mkdtemp(prefix="jaxfood-test-shared-")
+    atexit.register(shutil.rmtree, os.environ["JAXFOOD_TEST_SHARED"], True)
 
 import jax
 import numpy as np
@@ -31,6 +37,22 @@ from jaxfood.compile_cache import enable_compile_cache
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
+
+
+def once_per_session(name: str, build) -> Path:
+    """``build(directory)`` once per test session, whichever pytest worker asks first (the others
+    wait for it, under a file lock): returns the directory it filled. For an expensive output two
+    tests compare against (e.g. a reference training run), so that it is not computed twice."""
+    root = Path(os.environ["JAXFOOD_TEST_SHARED"])
+    directory = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".complete").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a build that failed in another worker
+            directory.mkdir()
+            build(directory)
+            (directory / ".complete").touch()
+    return directory
 
 
 def forced_devices(devices: int) -> str:

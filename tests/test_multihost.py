@@ -1,9 +1,14 @@
 """Two processes on 127.0.0.1 (jax.distributed + gloo CPU collectives), 2 devices each, run the
 fine-tuning workflow (experiments/pod/train.py, `jaxfood finetune`) to the end: they agree on the
-parameters, only process 0 writes logs and metrics, and the checkpoint serves evaluate/predict/embed."""
+parameters, train them as one process does, only process 0 writes logs and metrics, and the
+checkpoint serves evaluate/predict/embed.
+
+The one-process run they are compared with (:func:`pod_reference`) is also the uninterrupted run
+test_resume compares its interrupted runs with: it runs once per test session."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import forced_devices, make_toy_graph
+from conftest import forced_devices, make_toy_graph, once_per_session
 
 from jaxfood import cli
 from jaxfood.graph.hetero_graph import save_graph
@@ -23,20 +28,24 @@ from jaxfood.train.checkpoint import restore_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model (FinetuneConfig keys): what is tested is the job, not the model. Sample inputs are
-# inductive (shared) so that `jaxfood predict` can use the checkpoint.
+# inductive (shared) so that `jaxfood predict` can use the checkpoint. Threefry keys: random numbers
+# drawn for 4 subgraphs side by side on one device are then those drawn on 4 devices (with rbg keys,
+# the default, vmap draws others; see jaxfood.train.data_parallel).
 TINY_CONFIG = """
 encoder: {hidden_dim: 8, num_heads: 2, num_layers: 1, embedding_dim: 8, dropout: 0.1,
           input_modes: {Sample: shared, Molecule: both, Food: both}}
 heads: {hidden_dim: 8, pool_dim: 8, attention_dim: 4, projection_dim: 4}
 loss: {salient_top_k: 3}
-steps: 6
+steps: 8
 scorers: [attention]
 salient_k: 3
 stability_perturbations: 1
 figures: false
+prng_impl: threefry2x32
 """
-#: Pod options of the tiny job: 4 seed samples per subgraph, a resume snapshot every 3 steps.
-TINY_OPTIONS = ["--batch-size", "4", "--checkpoint-every", "3"]
+STEPS = 8
+#: Pod options of the tiny job: 4 seed samples per subgraph, a resume snapshot every step.
+TINY_OPTIONS = ["--batch-size", "4", "--checkpoint-every", "1"]
 
 
 def free_port() -> int:
@@ -73,49 +82,75 @@ def run_two_processes(make_cmd, env: dict, timeout: int = 900) -> list[str]:
     return outputs
 
 
-@pytest.mark.slow
-def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path, capsys):
-    graph_dir, workdir, config = tmp_path / "graph", tmp_path / "work", tmp_path / "tiny.yaml"
+def write_job_inputs(root: Path) -> None:
+    """``root/graph`` and ``root/tiny.yaml``: the tiny job's graph and configuration."""
     toy = make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1)
     # The toy graph's edge attributes are already normalised; predict needs the statistics that put
     # a new sample's peak areas on that scale (build-graph stores them): identity-like ones here.
     stats = {"transform": "log1p", "mean": [0.0] * 40, "std": [1.0] * 40}
     toy = dataclasses.replace(toy, meta=dataclasses.replace(
         toy.meta, normalisation={**(toy.meta.normalisation or {}), "contains_molecule": stats}))
-    save_graph(toy, graph_dir)
-    config.write_text(TINY_CONFIG)
-    def job(workdir_, tag):
-        return [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(graph_dir),
-                "--workdir", str(workdir_), "--config", str(config), "--no-progress", *TINY_OPTIONS,
-                "--final-params", str(tmp_path / f"final_{tag}{{process}}.npz"),
-                "--initial-params", str(tmp_path / f"initial_{tag}{{process}}.npz")]
+    save_graph(toy, root / "graph")
+    (root / "tiny.yaml").write_text(TINY_CONFIG)
+
+
+def pod_job(root: Path, name: str, script: Path | None = None) -> list[str]:
+    """The tiny job on the inputs in ``root`` (:func:`write_job_inputs`) in the workdir ``root/name``;
+    it writes its initial and final parameters to ``root/{name}_initial_{process}.npz`` and
+    ``root/{name}_final_{process}.npz``."""
+    return [sys.executable, str(script or ROOT / "experiments/pod/train.py"), "--graph", str(root / "graph"),
+            "--workdir", str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
+            "--final-params", str(root / f"{name}_final_{{process}}.npz"),
+            "--initial-params", str(root / f"{name}_initial_{{process}}.npz")]
+
+
+def _reference_run(root: Path) -> None:
+    write_job_inputs(root)
+    # One process, one device, the 4 subgraphs of a step side by side on it (--per-device 4): the
+    # same 4 subgraphs per step as 2 processes x 2 devices (shards are numbered globally, each
+    # shard's subgraph and rng depend on step and shard only) and the same mean gradient.
+    single = subprocess.run([*pod_job(root, "reference"), "--per-device", "4"], env=job_env(root, 1),
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert f"complete: step {STEPS} on 1 process(es), 1 device(s), 4 shard(s) per step" in single.stdout
+
+
+def pod_reference() -> Path:
+    """The tiny job's uninterrupted run in one process, made once per test session (the first test
+    that asks runs it): the directory with its inputs (:func:`write_job_inputs`), its workdir
+    ``reference/`` and parameters ``reference_initial_0.npz``, ``reference_final_0.npz``."""
+    return once_per_session("pod_reference", _reference_run)
+
+
+@pytest.mark.slow
+def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path, capsys):
+    write_job_inputs(tmp_path)
+    graph_dir, workdir = tmp_path / "graph", tmp_path / "work"
 
     def cmd(pid, port):
-        return [*job(workdir, ""), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        return [*pod_job(tmp_path, "work"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                "--process-id", str(pid)]
 
-    outputs = run_two_processes(cmd, job_env(tmp_path, 2))
-    # The same job in one process of 4 devices: the same 4 subgraphs per step (shards are numbered
-    # globally, each shard's subgraph and rng depend on step and shard only) and the same mean gradient.
-    single = subprocess.run(job(tmp_path / "single", "single_"), env=job_env(tmp_path, 4), capture_output=True,
-                            text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-4000:]
-    assert "complete: step 6 on 1 process(es), 4 device(s), 4 shard(s) per step" in single.stdout
-
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the reference runs meanwhile, if not yet run
+        reference = pool.submit(pod_reference)
+        outputs = run_two_processes(cmd, job_env(tmp_path, 2))
+        reference = reference.result()
+    final = [np.load(tmp_path / f"work_final_{pid}.npz") for pid in range(2)]
+    initial = np.load(tmp_path / "work_initial_0.npz")
     # Same parameters on both hosts (the all-reduce spans both processes)...
-    final = [np.load(tmp_path / f"final_{pid}.npz") for pid in range(2)]
     assert final[0].files == final[1].files and len(final[0].files) > 10
     for name in final[0].files:
         np.testing.assert_array_equal(final[0][name], final[1][name], err_msg=name)
     # ...as one process trains them (up to the order of the float sums of the all-reduce)...
-    one = np.load(tmp_path / "final_single_0.npz")
+    one = np.load(reference / "reference_final_0.npz")
     assert one.files == final[0].files
     for name in one.files:
-        # (6 Adam steps turn the all-reduce's float-order differences, ~1e-7 in a gradient, into up
+        # (8 Adam steps turn the all-reduce's float-order differences, ~1e-7 in a gradient, into up
         # to ~1e-5 in a weight; a process missing from the mean changes the updates by up to the
         # learning rate, 1e-3 and more)
         np.testing.assert_allclose(final[0][name], one[name], rtol=1e-4, atol=5e-5, err_msg=name)
     # ...from the same start, and well beyond that tolerance away from it (the comparisons can fail).
-    initial, initial_one = np.load(tmp_path / "initial_0.npz"), np.load(tmp_path / "initial_single_0.npz")
+    initial_one = np.load(reference / "reference_initial_0.npz")
     assert initial.files == final[0].files
     for name in initial.files:
         np.testing.assert_array_equal(initial[name], initial_one[name], err_msg=name)
@@ -124,24 +159,24 @@ def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path
     assert max(float(np.max(np.abs(final[0][n] - initial[n]))) for n in moved) > 1e-3
 
     # Process 0 alone wrote the metrics, the history (each step once) and TensorBoard events.
-    assert "complete: step 6 on 2 process(es), 4 device(s), 4 shard(s) per step" in outputs[0]
+    assert f"complete: step {STEPS} on 2 process(es), 4 device(s), 4 shard(s) per step" in outputs[0]
     assert "1 compilation(s)" in outputs[0] and "complete" not in outputs[1]
     history = json.loads((workdir / "history.json").read_text())
-    assert [row["step"] for row in history["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [row["step"] for row in history["train"]] == list(range(1, STEPS + 1))
     assert len(list((workdir / "tb").glob("events.out.tfevents.*"))) == 1
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert metrics["best_step"] == 6 and not (workdir / "resume").exists()  # completed: no snapshots left
+    assert metrics["best_step"] == STEPS and not (workdir / "resume").exists()  # completed: no snapshots left
 
     # The checkpoint written together by both processes holds those parameters...
     state, meta = restore_checkpoint(workdir / "checkpoints")
-    assert meta["step"] == 6 and meta["kind"] == "finetune" and meta["data_parallel"]["num_shards"] == 4
+    assert meta["step"] == STEPS and meta["kind"] == "finetune" and meta["data_parallel"]["num_shards"] == 4
     np.testing.assert_array_equal(state["params"]["encoder"]["layer_0"]["Sample|contains_molecule|Molecule"]["bias"],
                                   final[0]["encoder/layer_0/Sample|contains_molecule|Molecule/bias"])
     # ...and is a checkpoint like any other: evaluate reproduces metrics.json, predict and embed use it.
     assert cli.main(["evaluate", "--checkpoint", str(workdir / "checkpoints"), "--graph", str(graph_dir),
                      "--out", str(tmp_path / "m.json")]) == 0
     evaluated = json.loads((tmp_path / "m.json").read_text())
-    assert set(evaluated) == set(metrics) and evaluated["best_step"] == 6
+    assert set(evaluated) == set(metrics) and evaluated["best_step"] == STEPS
     np.testing.assert_allclose(evaluated["food_classification"]["accuracy"], metrics["food_classification"]["accuracy"])
     (tmp_path / "sample.csv").write_text("molecule_id,intensity\nm0,100\nm1,50\nm3,20\n")
     capsys.readouterr()

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_toy_graph
-from test_multihost import TINY_CONFIG, TINY_OPTIONS, job_env
+from test_multihost import STEPS, TINY_OPTIONS, job_env, pod_reference
 
-from jaxfood.graph.hetero_graph import save_graph
 from jaxfood.train.checkpoint import latest_step
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 16
 
 # experiments/pod/train.py with a delay before each subgraph is drawn (STEP_DELAY seconds), so that
 # the test can interrupt the run while it trains rather than race a run that ends at once.
@@ -39,15 +36,16 @@ sys.exit(train.main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    save_graph(make_toy_graph(num_samples=60, num_molecules=40, per_sample=6, seed=1), root / "graph")
-    (root / "tiny.yaml").write_text(TINY_CONFIG.replace("steps: 6", f"steps: {STEPS}"))
+    """The tiny job of test_multihost, its uninterrupted run (:func:`pod_reference`: one process, one
+    device, 4 subgraphs a step) and how to start it interrupted; the reference run has also filled
+    the compilation cache."""
+    root, reference = tmp_path_factory.mktemp("resume"), pod_reference()
     (root / "worker.py").write_text(WORKER)
 
     def start(name: str, delay: float = 0.0) -> subprocess.Popen:
-        cmd = [sys.executable, str(root / "worker.py"), "--graph", str(root / "graph"), "--workdir",
-               str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
-               "--final-params", str(root / f"{name}.npz")]
+        cmd = [sys.executable, str(root / "worker.py"), "--graph", str(reference / "graph"), "--workdir",
+               str(root / name), "--config", str(reference / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
+               "--per-device", "4", "--final-params", str(root / f"{name}.npz")]
         env = dict(job_env(root, 1), STEP_DELAY=str(delay))
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -58,14 +56,14 @@ def job(tmp_path_factory):
 
     def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, step: int) -> None:
         deadline = time.monotonic() + 900
-        while not (workdir / "resume" / str(step)).is_dir():
+        while (latest_step(workdir / "resume") or 0) < step:
             assert proc.poll() is None, proc.communicate()[1][-4000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
 
-    finish(start("reference"))  # the uninterrupted run; it also fills the compilation cache
     return {"root": root, "start": start, "finish": finish, "wait": wait_for_checkpoint,
-            "reference": np.load(root / "reference.npz")}
+            "reference": np.load(reference / "reference_final_0.npz"),
+            "reference_metrics": json.loads((reference / "reference" / "metrics.json").read_text())}
 
 
 def _assert_same_params(final, reference) -> None:
@@ -79,21 +77,21 @@ def test_sigterm_then_sigkill_then_rerun_ends_where_an_uninterrupted_run_does(jo
     root, workdir = job["root"], job["root"] / "interrupted"
     # 1. Preempted: SIGTERM makes the run checkpoint the step it is at and exit with 143.
     proc = job["start"]("interrupted", delay=0.3)
-    job["wait"](proc, workdir, 3)
+    job["wait"](proc, workdir, 2)
     proc.send_signal(signal.SIGTERM)
     out = job["finish"](proc, expect=143)
     stopped = latest_step(workdir / "resume")
-    assert 3 <= stopped < STEPS and f"preempted: step {stopped}" in out
+    assert 2 <= stopped < STEPS - 2 and f"preempted: step {stopped}" in out
     assert not (workdir / "metrics.json").exists()
 
     # 2. Rerun, then killed outright (SIGKILL: no handler, maybe mid-save) after a later checkpoint.
     proc = job["start"]("interrupted", delay=0.3)
-    job["wait"](proc, workdir, 9)
+    job["wait"](proc, workdir, stopped + 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     killed_at = latest_step(workdir / "resume")
-    assert 9 <= killed_at < STEPS and not (workdir / "metrics.json").exists()
+    assert stopped + 2 <= killed_at < STEPS and not (workdir / "metrics.json").exists()
 
     # 3. Rerun to the end: it resumes from the last snapshot and ends where the reference did.
     out = job["finish"](job["start"]("interrupted"))
@@ -103,5 +101,4 @@ def test_sigterm_then_sigkill_then_rerun_ends_where_an_uninterrupted_run_does(jo
     # of the reference (same kept state, same evaluation).
     history = json.loads((workdir / "history.json").read_text())
     assert [row["step"] for row in history["train"]] == list(range(1, STEPS + 1))
-    assert json.loads((workdir / "metrics.json").read_text()) == json.loads(
-        (root / "reference" / "metrics.json").read_text())
+    assert json.loads((workdir / "metrics.json").read_text()) == job["reference_metrics"]

@@ -5,7 +5,10 @@ Layout. Every step trains on ``num_shards = process_count x local_devices x per_
 global index; process ``p`` owns shards ``[p * L, (p + 1) * L)`` with ``L = local_devices x
 per_device``. What a shard contains and its random key are functions of ``(seed, step, shard)``
 only, so the same ``num_shards`` gives the same training whichever way the shards are spread over
-devices and hosts, and a resumed run continues exactly as an uninterrupted one.
+devices and hosts, and a resumed run continues exactly as an uninterrupted one. (With ``rbg`` keys,
+fine-tuning's default, the same holds for the same ``per_device``: random numbers drawn under
+``vmap`` from a stack of rbg keys differ from those drawn key by key, so 4 shards on one device
+draw other dropout masks than 4 shards on 4 devices. ``threefry2x32`` keys draw the same either way.)
 
 Step. A step function ``step(state, batch, rng) -> (state, metrics)`` averages its gradients (and
 whatever statistics must agree, e.g. task-weighting norms) with ``jax.lax.pmean(x, DATA_AXES)``.
