@@ -51,6 +51,31 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert sum(s["splits"].values()) == 30
 
 
+def test_graphs_alike_in_everything_static_share_jitted_programs(tmp_path):
+    """The same graph loaded twice: two GraphMeta objects, equal by content, one trace of a jitted
+    function for both; a graph whose static description differs (here the intensity statistics,
+    which traced code reads as constants) gets a program of its own."""
+    import dataclasses
+
+    save_graph(make_toy_graph(), tmp_path / "g")
+    a, b = load_graph(tmp_path / "g"), load_graph(tmp_path / "g")
+    assert a.meta is not b.meta and a.meta == b.meta and hash(a.meta) == hash(b.meta)
+    traces = []
+
+    @jax.jit
+    def total(g):
+        traces.append(1)
+        return jnp.sum(g.edges[schema.CONTAINS].attributes)
+
+    assert float(total(a)) == float(total(b))
+    assert len(traces) == 1
+    stats = {"transform": "log1p", "mean": [1.0] * 40, "std": [2.0] * 40}
+    c = a.replace(meta=dataclasses.replace(a.meta, normalisation={"contains_molecule": stats}))
+    assert c.meta != a.meta and c.meta != "not a meta"
+    total(c)
+    assert len(traces) == 2
+
+
 @pytest.mark.parametrize("breakage, message", [
     (lambda e: EdgeSet(e.senders, e.receivers.at[0].set(999) if hasattr(e.receivers, "at") else np.where(np.arange(len(e.receivers)) == 0, 999, e.receivers), e.attributes), "out of range"),
     (lambda e: EdgeSet(e.senders, e.receivers, np.full_like(e.attributes, np.nan)), "NaN"),

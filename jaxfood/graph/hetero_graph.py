@@ -14,6 +14,7 @@ destination type) and ``attributes`` ``[num_edges, attribute_dim]`` (``attribute
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,7 +57,10 @@ class EdgeSet:
 
 @dataclasses.dataclass(eq=False)
 class GraphMeta:
-    """Static description of a graph. Compared and hashed by identity (cheap under ``jit``)."""
+    """Static description of a graph (the ``meta`` of :class:`HeteroGraph`: part of what a jitted
+    function is compiled for). Compared and hashed by content, through a digest computed once: the
+    same study loaded twice, or two graphs alike in everything static, share compiled programs.
+    Fill it in before the graph is used; a change made afterwards is not seen."""
 
     num_nodes: dict[str, int]
     node_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)
@@ -79,8 +83,21 @@ class GraphMeta:
     #: table lacks are absent. Read with :func:`molecule_details`.
     molecule_info: dict[str, list] = dataclasses.field(default_factory=dict)
 
+    def digest(self) -> str:
+        """SHA-256 of the content (computed on first use, then kept)."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=_json_default)
+            cached = self.__dict__["_digest"] = hashlib.sha256(text.encode()).hexdigest()
+        return cached
+
     def __hash__(self) -> int:
-        return id(self)
+        return hash(self.digest())
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, GraphMeta) and self.digest() == other.digest()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
