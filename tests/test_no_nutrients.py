@@ -176,8 +176,8 @@ def test_main_job_and_every_command_run_on_a_plain_study_then_on_it_as_a_workben
 
 def _the_study_as_a_workbench_file_runs_end_to_end(tmp_path, capsys):
     """The same simulated study written as a Workbench file (classes = foods), then the main job
-    with no --set. (Run right after the tables' run: the graphs have the same shapes, so this run
-    finds its programs compiled.)"""
+    with no --set. (The graphs have the same shapes but not quite the same intensity statistics,
+    which the programs hold as constants: this run compiles its own programs.)"""
     from test_mwtab import write_mwtab
 
     from jaxfood.data.simulate import SimConfig, simulate

@@ -35,6 +35,7 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
     # The classifier starts at the logistic-regression baseline: the baseline's own function, on its
     # own features (raw peak areas -> TIC -> log1p -> standardised), predicts the same foods.
     from jaxfood.eval.baselines import logreg_baseline, preprocess_intensities
+    from jaxfood.eval.evaluator import model_programs
     from jaxfood.eval.pipeline import raw_peak_areas
 
     prepared = prepare_graph(graph).to_numpy()
@@ -45,7 +46,8 @@ def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(tmp_path
     others = (split != SPLIT_CODES["train"]) & (labels >= 0)
     x = preprocess_intensities(raw_peak_areas(graph))
     want = logreg_baseline(x[train], labels[train], x[others], labels[others], n_classes=4)["proba"]
-    out = model.apply(jax_tree(init), prepared)
+    # (The forward pass the evaluation compiled for this model and graph: no compilation here.)
+    out = model_programs(model).predict(jax_tree(init), prepared)
     wide = np.asarray(out.wide_food_logits) + np.asarray(init["classifier"]["mlp"]["out"]["bias"])
     proba = np.exp(wide - wide.max(1, keepdims=True))
     np.testing.assert_allclose((proba / proba.sum(1, keepdims=True))[others], want, atol=1e-4)
