@@ -318,3 +318,42 @@ def test_intensity_attribution_is_the_exact_linear_decomposition_of_the_logit(to
     sums = np.bincount(s, terms, minlength=x.shape[0])
     np.testing.assert_allclose(sums, wide[np.arange(x.shape[0]), chosen] - empty[chosen], atol=2e-3)
 
+
+
+def test_fidelity_probabilities_are_the_model_s_with_the_top_k_removed_and_kept():
+    """Against three explicit forward passes: all molecules, each selected sample's top-k (by its
+    edge scores, found here in numpy) removed, and only them kept; the target is the food predicted
+    with all molecules; unselected samples keep every molecule."""
+    graph = prepare_graph(make_toy_graph())
+    enc = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=1, embedding_dim=8, dropout=0.0)
+    model = make_multitask_model(graph, enc, HeadsConfig(hidden_dim=8, pool_dim=8, attention_dim=4,
+                                                         projection_dim=4, dropout=0.0))
+    params = model.init(jax.random.key(0), graph)
+    params = jax.tree_util.tree_map(lambda x: x + 0.5 * np.sin(np.arange(x.size).reshape(x.shape)).astype(x.dtype),
+                                    params)  # away from the initialisation, so that predictions differ
+    contains = graph.edges[schema.CONTAINS]
+    senders = np.asarray(contains.senders)
+    scores = np.random.default_rng(0).normal(size=senders.size).astype(np.float32)
+    selected = np.arange(graph.num_nodes[schema.SAMPLE]) % 2 == 0
+    k = 2
+    top = np.zeros(senders.size, bool)
+    for s in np.nonzero(selected)[0]:
+        edges = np.nonzero(senders == s)[0]
+        top[edges[np.argsort(-scores[edges])[:k]]] = True
+
+    forward = jax.jit(lambda p, g, masks: model.apply(p, g, edge_masks=masks, stats_mask=jnp.asarray(~selected)))
+
+    def proba(keep=None):
+        masks = None if keep is None else molecules.contains_edge_masks(jnp.asarray(keep))
+        logits = np.asarray(forward(params, graph, masks).food_logits, np.float64)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    full = proba()
+    target = full.argmax(1)
+    want = [p[np.arange(target.size), target] for p in (full, proba(~top), proba(top | ~selected[senders]))]
+    got = jax.jit(lambda p, g, s, m: molecules.fidelity_probabilities(model, p, g, s, k, m))(
+        params, graph, scores, jnp.asarray(selected))
+    for name, a, b in zip(("full", "removed", "kept"), got, want):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert np.abs(want[0] - want[1]).max() > 1e-3 and np.abs(want[0] - want[2]).max() > 1e-3  # the masks matter
