@@ -171,27 +171,8 @@ def compilation_cache():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules with a test marked ``slow`` run first, on every worker. pytest-xdist's worksteal
-    scheduler hands worker ``i`` of ``W`` the ``i``-th of ``W`` consecutive, equal-count slices of
-    this list, and each worker runs its slice in order (an idle worker steals the end of another's):
-    so the slow modules are dealt round-robin to the slices, each slice starting with its own. The
-    workers then start the longest tests at once and share the short ones at the end, instead of
-    one of them running every long test in turn. Each module stays together, so that its fixtures
-    are set up once per worker."""
-    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-
-    def module(item) -> str:
-        return item.nodeid.split("::")[0]
-
-    slow = list(dict.fromkeys(module(item) for item in items if item.get_closest_marker("slow")))
-    rest = [item for item in items if module(item) not in slow]
-    slices = [[item for n, name in enumerate(slow) if n % workers == w for item in items if module(item) == name]
-              for w in range(workers)]
-    ordered: list = []
-    for w, first in enumerate(slices):
-        # worksteal sends (what is left) // (workers left) tests to each worker in turn
-        size = (len(items) - len(ordered)) // (workers - w)
-        fill = max(0, size - len(first))
-        ordered += first + rest[:fill]
-        rest = rest[fill:]
-    items[:] = ordered + rest
+    """Modules with a test marked ``slow`` run first (each module kept together, so that its
+    fixtures are set up once per worker): the two workers start the longest tests early, then share
+    the short ones, instead of one of them finishing the suite alone on a long test."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: file order otherwise
