@@ -297,7 +297,7 @@ def fidelity_probabilities(model, params, graph: HeteroGraph, edge_scores, k: in
     if base is not None:
         keep_removed, keep_kept = keep_removed & base, keep_kept & base
 
-    # One forward pass in the program, run for the three inputs in turn (lax.map): a third of the
+    # One forward pass in the program, run for the three inputs in turn (lax.map): about half the
     # compilation of three inlined passes. Every edge on (within the base masks) is the full input.
     keeps = jnp.stack([jnp.ones_like(keep_removed) if base is None else base, keep_removed, keep_kept])
 
