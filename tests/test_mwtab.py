@@ -27,7 +27,8 @@ SU:SUBJECT_TYPE                  \tPlant
 
 
 def write_mwtab(path: Path, samples, labels, metabolites, areas, mz=None, rt=None) -> Path:
-    """An mwTab text file: ``areas`` [metabolites, samples] (NaN: empty cell), factors Origin and Year."""
+    """An mwTab text file: ``areas`` [metabolites, samples] (NaN: empty cell, the others to the
+    digit), factors Origin and Year."""
     lines = [HEADER.rstrip("\n")]
     for s, label in zip(samples, labels):
         lines.append(f"SUBJECT_SAMPLE_FACTORS           \t-\t{s}\tOrigin:{label} | Year:2019\t")
@@ -35,7 +36,7 @@ def write_mwtab(path: Path, samples, labels, metabolites, areas, mz=None, rt=Non
               "MS_METABOLITE_DATA:UNITS\tPeak area", "MS_METABOLITE_DATA_START", "Samples\t" + "\t".join(samples),
               "Factors\t" + "\t".join(f"Origin:{label} | Year:2019" for label in labels)]
     for name, row in zip(metabolites, areas):
-        lines.append(name + "\t" + "\t".join("" if np.isnan(v) else f"{v:g}" for v in row))
+        lines.append(name + "\t" + "\t".join("" if np.isnan(v) else repr(float(v)) for v in row))
     lines += ["MS_METABOLITE_DATA_END", "#METABOLITES", "METABOLITES_START", "metabolite_name\tmoverz_quant\tri\tri_type"]
     for i, name in enumerate(metabolites):
         lines.append(f"{name}\t{'' if mz is None else mz[i]}\t{'' if rt is None else rt[i]}\tRT")

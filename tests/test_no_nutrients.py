@@ -171,26 +171,30 @@ def test_main_job_and_every_command_run_on_a_plain_study_then_on_it_as_a_workben
     assert main(["embed", "--checkpoint", ckpt, *graph_arg, "--out", str(tmp_path / "emb")]) == 0
     capsys.readouterr()
 
-    _the_study_as_a_workbench_file_runs_end_to_end(tmp_path / "workbench", capsys)
+    _the_study_as_a_workbench_file_runs_end_to_end(graph_dir.parent / "quant.csv", tmp_path / "workbench", capsys)
 
 
-def _the_study_as_a_workbench_file_runs_end_to_end(tmp_path, capsys):
-    """The same simulated study written as a Workbench file (classes = foods), then the main job
-    with no --set. (The graphs have the same shapes but not quite the same intensity statistics,
-    which the programs hold as constants: this run compiles its own programs.)"""
+def _the_study_as_a_workbench_file_runs_end_to_end(quant_csv: Path, tmp_path, capsys):
+    """The same study's peak areas (those of its feature table, to the digit) written as a Workbench
+    file (classes = foods), then the main job with no --set. (The graph then has the plain study's
+    shapes and intensity statistics, which the programs hold as constants: the programs the plain
+    study's run compiled serve this run too.)"""
     from test_mwtab import write_mwtab
 
     from jaxfood.data.simulate import SimConfig, simulate
 
     tmp_path.mkdir()
-    tables = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
-                                contaminants=20, embedding_dim=4), seed=0).tables
-    ft, md = tables.features, tables.metadata
-    areas = np.full((len(ft.molecule_ids), len(ft.sample_ids)), np.nan)
-    areas[ft.molecule_index, ft.sample_index] = ft.intensity
+    md = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
+                            contaminants=20, embedding_dim=4), seed=0).tables.metadata
     label = dict(zip(md.sample_ids, md.food_labels))
-    path = write_mwtab(tmp_path / "study.txt", list(ft.sample_ids), [label[s] for s in ft.sample_ids],
-                       [f"m{m}" for m in ft.molecule_ids], areas, mz=list(ft.molecule_mz), rt=list(ft.molecule_rt))
+    table = pd.read_csv(quant_csv)
+    columns = [c for c in table.columns if c.endswith(" Peak area")]
+    samples = [c[: -len(" Peak area")] for c in columns]
+    areas = table[columns].to_numpy(float)
+    areas[areas == 0] = np.nan  # not detected: an empty cell
+    path = write_mwtab(tmp_path / "study.txt", samples, [label[s] for s in samples],
+                       [f"m{m}" for m in table["row ID"]], areas, mz=list(table["row m/z"]),
+                       rt=list(table["row retention time"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = main(["build-graph", "--mwtab", str(path), "--label-column", "Origin", "--out", str(tmp_path / "g")])
