@@ -94,11 +94,11 @@ def write_job_inputs(root: Path) -> None:
     (root / "tiny.yaml").write_text(TINY_CONFIG)
 
 
-def pod_job(root: Path, name: str, script: Path | None = None) -> list[str]:
+def pod_job(root: Path, name: str) -> list[str]:
     """The tiny job on the inputs in ``root`` (:func:`write_job_inputs`) in the workdir ``root/name``;
     it writes its initial and final parameters to ``root/{name}_initial_{process}.npz`` and
     ``root/{name}_final_{process}.npz``."""
-    return [sys.executable, str(script or ROOT / "experiments/pod/train.py"), "--graph", str(root / "graph"),
+    return [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(root / "graph"),
             "--workdir", str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
             "--final-params", str(root / f"{name}_final_{{process}}.npz"),
             "--initial-params", str(root / f"{name}_initial_{{process}}.npz")]

@@ -171,22 +171,23 @@ def test_main_job_and_every_command_run_on_a_plain_study_then_on_it_as_a_workben
     assert main(["embed", "--checkpoint", ckpt, *graph_arg, "--out", str(tmp_path / "emb")]) == 0
     capsys.readouterr()
 
-    _the_study_as_a_workbench_file_runs_end_to_end(graph_dir.parent / "quant.csv", tmp_path / "workbench", capsys)
+    _the_study_as_a_workbench_file_runs_end_to_end(graph_dir, tmp_path / "workbench", capsys)
 
 
-def _the_study_as_a_workbench_file_runs_end_to_end(quant_csv: Path, tmp_path, capsys):
-    """The same study's peak areas (those of its feature table, to the digit) written as a Workbench
-    file (classes = foods), then the main job with no --set. (The graph then has the plain study's
-    shapes and intensity statistics, which the programs hold as constants: the programs the plain
-    study's run compiled serve this run too.)"""
+def _the_study_as_a_workbench_file_runs_end_to_end(graph_dir: Path, tmp_path, capsys):
+    """The same study's peak areas (those of its feature table, to the digit) and foods written as a
+    Workbench file (classes = foods), then the main job with no --set. (The graph then has the plain
+    study's shapes and intensity statistics, which the programs hold as constants: the programs the
+    plain study's run compiled serve this run too.)"""
     from test_mwtab import write_mwtab
 
-    from jaxfood.data.simulate import SimConfig, simulate
+    from jaxfood.graph.hetero_graph import load_graph
 
     tmp_path.mkdir()
-    md = simulate(SimConfig(replicates_per_food=4, num_molecules=400, nutrient_linked_per_class=20, background=40,
-                            contaminants=20, embedding_dim=4), seed=0).tables.metadata
-    label = dict(zip(md.sample_ids, md.food_labels))
+    plain = load_graph(graph_dir)
+    foods = plain.meta.node_ids[schema.FOOD]
+    label = {s: foods[f] for s, f in zip(plain.meta.node_ids[schema.SAMPLE], np.asarray(plain.sample_food))}
+    quant_csv = graph_dir.parent / "quant.csv"
     table = pd.read_csv(quant_csv)
     columns = [c for c in table.columns if c.endswith(" Peak area")]
     samples = [c[: -len(" Peak area")] for c in columns]
