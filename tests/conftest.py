@@ -38,6 +38,11 @@ from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
 
+# The variable takes effect only where it is set before JAX is first imported; a pytest plugin that
+# imports JAX earlier (a profiler, say) would otherwise run the suite at the default level.
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in ("0", "false", ""))
+
 
 def once_per_session(name: str, build) -> Path:
     """``build(directory)`` once per test session, whichever pytest worker asks first (the others
