@@ -21,7 +21,7 @@ from jaxfood.train import task_weighting as tw
 from jaxfood.train.finetune import prepare_graph
 from jaxfood.train.optimizer import GroupConfig, OptimizerConfig, make_optimizer
 
-SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=2, embedding_dim=16, dropout=0.0,
+SMALL_ENCODER = EncoderConfig(hidden_dim=16, num_heads=2, num_layers=1, embedding_dim=16, dropout=0.0,
                               input_modes={"Sample": "shared", "Molecule": "both", "Food": "both",
                                            "Nutrient": "embedding"})
 SMALL_HEADS = HeadsConfig(hidden_dim=16, pool_dim=16, attention_dim=8, projection_dim=8, dropout=0.0)
@@ -129,7 +129,7 @@ def test_model_params_have_the_documented_layout():
     model = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS))
     params = model.init(jax.random.key(0), graph)
     assert set(params) == {"encoder", "classifier", "nutrient_head", "food_projection", "salient_pool"}
-    out = model.apply(params, graph)
+    out = jax.jit(model.apply)(params, graph)  # one program (op by op: ~300 small ones)
     S, F = graph.num_nodes[schema.SAMPLE], graph.num_nodes[schema.FOOD]
     assert out.food_logits.shape == (S, F)
     assert out.nutrient_profile.shape == (S, graph.food_nutrients.shape[1])
