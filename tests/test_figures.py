@@ -95,3 +95,23 @@ def test_model_vs_baselines(tmp_path):
     assert_real_png(path)
     with pytest.raises(ValueError):
         Fg.plot_model_vs_baselines({}, tmp_path / "none.png")
+
+
+def test_tensorboard_events_written_and_read_back_without_importing_torch(tmp_path):
+    """tensorboardX imports torch (installed for the PyG tests) unless told otherwise: seconds at
+    the start of every run. In a fresh interpreter, as a run starts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from jaxfood.train.monitoring import TensorBoard, read_scalars\n"
+        f"tb = TensorBoard({str(tmp_path)!r})\n"
+        "tb.write(3, {'loss': {'total': 1.5}, 'skipped': float('nan')}, prefix='train/')\n"
+        "tb.close()\n"
+        "print(read_scalars(" + repr(str(tmp_path)) + "), 'torch' in sys.modules)\n"
+        "import torch\n"  # still importable afterwards
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "{'train/loss/total': [(3, 1.5)]} False"
