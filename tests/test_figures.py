@@ -103,13 +103,14 @@ def test_tensorboard_events_written_and_read_back_without_importing_torch(tmp_pa
     import subprocess
     import sys
 
+    tb_dir = repr(str(tmp_path))
     code = (
         "import sys\n"
         "from jaxfood.train.monitoring import TensorBoard, read_scalars\n"
-        f"tb = TensorBoard({str(tmp_path)!r})\n"
+        f"tb = TensorBoard({tb_dir})\n"
         "tb.write(3, {'loss': {'total': 1.5}, 'skipped': float('nan')}, prefix='train/')\n"
         "tb.close()\n"
-        "print(read_scalars(" + repr(str(tmp_path)) + "), 'torch' in sys.modules)\n"
+        f"print(read_scalars({tb_dir}), 'torch' in sys.modules)\n"
         "import torch\n"  # still importable afterwards
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
