@@ -87,9 +87,8 @@ MULTITASK_WORKER = """
     loss_cfg = multitask.LossConfig(salient_top_k=3)
     state = multitask.init_train_state(model, weighting, tx, jax.random.key(0), sampler.batch(0).graph)
     state = jax.tree_util.tree_map(np.asarray, train_state_to_dict(state))
-    step_fn = multitask_step_fn(model, loss_cfg, weighting, tx)
-    devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
-    step = data_parallel(step_fn, ShardLayout(0, 1, devices, per_device), seed=11)
+    layout = ShardLayout(0, 1, *map(int, os.environ["LAYOUT"].split("x")))
+    step = data_parallel(multitask_step_fn(model, loss_cfg, weighting, tx, axis_name=layout.axes), layout, seed=11)
     result = train_loop(step, state, sampler.batch, LoopConfig(num_steps=3))
     seeds = [sorted(sampler.seeds_for(0, s).tolist()) for s in range(4)]
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
@@ -119,9 +118,8 @@ PRETRAIN_WORKER = """
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
     params = model.init(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
-    step_fn = pretrain.make_pretrain_step(model, optimizer)
-    devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
-    step = data_parallel(step_fn, ShardLayout(0, 1, devices, per_device), seed=5)
+    layout = ShardLayout(0, 1, *map(int, os.environ["LAYOUT"].split("x")))
+    step = data_parallel(pretrain.make_pretrain_step(model, optimizer, axis_name=layout.axes), layout, seed=5)
     initial_l1 = float(sum(np.abs(x).sum() for x in jax.tree_util.tree_leaves(state["params"])))
     result = train_loop(step, state, lambda s, shard: pre_graph, LoopConfig(num_steps=3), fixed_batch=True)
     json.dump({"params": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), result.state["params"]),
@@ -274,9 +272,8 @@ SAMPLED_PRETRAIN_WORKER = """
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9))
     params = model.init(jax.random.key(0), pre_graph)
     state = jax.tree_util.tree_map(np.asarray, {"params": params, "opt_state": optimizer.init(params)})
-    devices, per_device = map(int, os.environ["LAYOUT"].split("x"))
-    step = data_parallel(pretrain.make_pretrain_step(model, optimizer), ShardLayout(0, 1, devices, per_device),
-                         seed=5)
+    layout = ShardLayout(0, 1, *map(int, os.environ["LAYOUT"].split("x")))
+    step = data_parallel(pretrain.make_pretrain_step(model, optimizer, axis_name=layout.axes), layout, seed=5)
     shapes = set()
     def make_shard(s, shard):
         sub = views.batch(s, shard)
@@ -331,7 +328,7 @@ def _toy_step(keep=()):
     """``w <- w + mean over shards of (batch + noise)``: depends on the step's batch and key; the
     ``keep`` entries of the state pass through unchanged."""
     def step(state, batch, rng):
-        delta = jax.lax.pmean(batch["x"] + 0.01 * jax.random.normal(rng, ()), dp.DATA_AXES)
+        delta = jax.lax.pmean(batch["x"] + 0.01 * jax.random.normal(rng, ()), dp.DEVICE_AXIS)
         return {"w": state["w"] + delta, **{k: state[k] for k in keep}}, {"loss": delta}
 
     return dp.data_parallel(step, dp.ShardLayout(0, 1, 1, 1), seed=3)

@@ -11,16 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxfood.train.data_parallel import DATA_AXES, ShardLayout, data_parallel
+from jaxfood.train.data_parallel import ShardLayout, data_parallel
 from jaxfood.train.loop import LoopConfig, train_loop
 
 TARGET = np.array([1.0, -2.0, 0.5], np.float32)
 
 
 def _sgd_step(state, batch, rng):
-    """One gradient step on |w - target|^2 (plus a little noise from the shard's key)."""
-    grad = jax.lax.pmean(2.0 * (state["w"] - batch["target"]), DATA_AXES)
-    noise = jax.lax.pmean(jax.random.normal(rng, (3,)) * 1e-3, DATA_AXES)
+    """One gradient step on |w - target|^2 (plus a little noise from the shard's key), run on one
+    device with one shard (:attr:`ShardLayout.axes`: the devices axis alone)."""
+    axes = ShardLayout(0, 1, 1, 1).axes
+    grad = jax.lax.pmean(2.0 * (state["w"] - batch["target"]), axes)
+    noise = jax.lax.pmean(jax.random.normal(rng, (3,)) * 1e-3, axes)
     w = state["w"] - 0.25 * grad + noise
     return {"w": w}, {"loss": jnp.sum((w - batch["target"]) ** 2)}
 

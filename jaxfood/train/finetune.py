@@ -459,7 +459,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     # pretrained probe, the from-scratch run and fine-tuning share one compiled program.
     program = (model, cfg.loss, cfg.weighting, dataclasses.replace(cfg.optimizer, freeze_encoder_steps=0),
                math.ceil(cfg.steps / accumulation), cfg.task_gradient_scope)
-    step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx,
+    step = data_parallel(multitask_step_fn(model, cfg.loss, cfg.weighting, tx, axis_name=layout.axes,
                                            task_gradient_scope=cfg.task_gradient_scope),
                          layout, seed=cfg.seed, prng_impl=cfg.prng_impl, share=program)
     spread = dict(layout.describe(), sampled=options.sampled,

@@ -11,7 +11,7 @@ from jaxfood.graph.hetero_graph import SPLIT_CODES
 from jaxfood.graph.sampling import SampledSubgraph
 from jaxfood.models.heads import MultiTaskModel
 from jaxfood.train import multitask
-from jaxfood.train.data_parallel import DATA_AXES, StepFn
+from jaxfood.train.data_parallel import StepFn
 
 
 def train_state_to_dict(state: multitask.TrainState) -> dict[str, Any]:
@@ -20,16 +20,18 @@ def train_state_to_dict(state: multitask.TrainState) -> dict[str, Any]:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-def multitask_step_fn(model: MultiTaskModel, loss_cfg, weighting, tx, **step_options) -> StepFn:
+def multitask_step_fn(model: MultiTaskModel, loss_cfg, weighting, tx, *, axis_name: str | tuple[str, ...],
+                      **step_options) -> StepFn:
     """The multi-task step as ``step(state, batch, rng) -> (state, metrics)``.
 
     ``state``: :func:`train_state_to_dict` form. ``batch``: a
     :class:`~jaxfood.graph.sampling.SampledSubgraph` (its seeds are supervised) or a full graph
     (its training split is). Gradients, task losses and weighting statistics are averaged over
-    :data:`~jaxfood.train.data_parallel.DATA_AXES` by the step itself. ``step_options`` go to
+    ``axis_name`` (the layout's :attr:`~jaxfood.train.data_parallel.ShardLayout.axes`) by the step
+    itself. ``step_options`` go to
     ``multitask.make_train_step`` (e.g. ``task_gradient_scope``).
     """
-    step = multitask.make_train_step(model, loss_cfg, weighting, tx, axis_name=DATA_AXES,
+    step = multitask.make_train_step(model, loss_cfg, weighting, tx, axis_name=axis_name,
                                      **step_options)
 
     def run(state, batch, rng):

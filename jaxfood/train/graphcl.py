@@ -42,7 +42,6 @@ from jaxfood.train.augment import (
     prepare_pretrain_graph,
     subgraph_candidate_counts,
 )
-from jaxfood.train.data_parallel import DATA_AXES
 
 Array = Any
 
@@ -305,8 +304,8 @@ class PretrainSampler:
         return add_candidate_edges(sub, self.counts, rng, self.meta)
 
 
-def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransformation,
-                       axis_name: str | tuple[str, ...] = DATA_AXES):
+def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransformation, *,
+                       axis_name: str | tuple[str, ...]):
     """``step(state, batch, rng) -> (state, metrics)``, pure; run it with
     :func:`~jaxfood.train.data_parallel.data_parallel` (one device is a mesh of size 1).
 
@@ -315,7 +314,8 @@ def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransforma
     or a :class:`~jaxfood.graph.sampling.SampledSubgraph` of :class:`PretrainSampler` (every shard
     contrasts views of its own subgraph; padding nodes are never contrasted). ``metrics``: ``loss``
     (weighted total), ``loss/<Type>``, ``grad_norm`` (before clipping). Gradients and losses are
-    averaged over ``axis_name`` with ``lax.pmean``: every shard applies the same update.
+    averaged over ``axis_name`` (the layout's :attr:`~jaxfood.train.data_parallel.ShardLayout.axes`)
+    with ``lax.pmean``: every shard applies the same update.
     """
 
     def loss_fn(params, graph, rng, node_index, node_mask):

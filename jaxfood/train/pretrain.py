@@ -106,7 +106,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
 
         def count_edges(batch):
             return full_edges
-    step = data_parallel(make_pretrain_step(model, optimizer), layout, seed=cfg.seed)
+    step = data_parallel(make_pretrain_step(model, optimizer, axis_name=layout.axes), layout, seed=cfg.seed)
     eval_fn = jax.jit(make_eval_fn(model, jax.random.split(k_val, cfg.val_views)))
     device_graph = jax.device_put(pre_graph)
 
