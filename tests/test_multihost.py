@@ -28,9 +28,7 @@ from jaxfood.train.checkpoint import restore_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model (FinetuneConfig keys): what is tested is the job, not the model. Sample inputs are
-# inductive (shared) so that `jaxfood predict` can use the checkpoint. Threefry keys: random numbers
-# drawn for 4 subgraphs side by side on one device are then those drawn on 4 devices (with rbg keys,
-# the default, vmap draws others; see jaxfood.train.data_parallel).
+# inductive (shared) so that `jaxfood predict` can use the checkpoint.
 TINY_CONFIG = """
 encoder: {hidden_dim: 8, num_heads: 2, num_layers: 1, embedding_dim: 8, dropout: 0.1,
           input_modes: {Sample: shared, Molecule: both, Food: both}}
@@ -41,7 +39,6 @@ scorers: [attention]
 salient_k: 3
 stability_perturbations: 1
 figures: false
-prng_impl: threefry2x32
 """
 STEPS = 8
 #: Pod options of the tiny job: 4 seed samples per subgraph, a resume snapshot every step.
@@ -106,17 +103,18 @@ def pod_job(root: Path, name: str) -> list[str]:
 
 def _reference_run(root: Path) -> None:
     write_job_inputs(root)
-    # One process, one device, the 4 subgraphs of a step side by side on it (--per-device 4): the
-    # same 4 subgraphs per step as 2 processes x 2 devices (shards are numbered globally, each
-    # shard's subgraph and rng depend on step and shard only) and the same mean gradient.
-    single = subprocess.run([*pod_job(root, "reference"), "--per-device", "4"], env=job_env(root, 1),
+    # One process, 4 devices, one subgraph each: the same 4 subgraphs per step as 2 processes x 2
+    # devices (shards are numbered globally, each shard's subgraph and rng depend on step and shard
+    # only) and the same mean gradient, all-reduced within one process. (4 subgraphs side by side on
+    # one device, --per-device 4, train the same: test_distributed; the step's vmap traces slower.)
+    single = subprocess.run(pod_job(root, "reference"), env=job_env(root, 4),
                             capture_output=True, text=True, timeout=900)
     assert single.returncode == 0, single.stderr[-4000:]
-    assert f"complete: step {STEPS} on 1 process(es), 1 device(s), 4 shard(s) per step" in single.stdout
+    assert f"complete: step {STEPS} on 1 process(es), 4 device(s), 4 shard(s) per step" in single.stdout
 
 
 def pod_reference() -> Path:
-    """The tiny job's uninterrupted run in one process, made once per test session (the first test
+    """The tiny job's uninterrupted run in one process on 4 devices, made once per test session (the first test
     that asks runs it): the directory with its inputs (:func:`write_job_inputs`), its workdir
     ``reference/`` and parameters ``reference_initial_0.npz``, ``reference_final_0.npz``."""
     return once_per_session("pod_reference", _reference_run)

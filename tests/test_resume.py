@@ -36,8 +36,8 @@ sys.exit(train.main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """The tiny job of test_multihost, its uninterrupted run (:func:`pod_reference`: one process, one
-    device, 4 subgraphs a step) and how to start it interrupted; the reference run has also filled
+    """The tiny job of test_multihost, its uninterrupted run (:func:`pod_reference`: one process, 4
+    devices, 4 subgraphs a step) and how to start it interrupted; the reference run has also filled
     the compilation cache."""
     root, reference = tmp_path_factory.mktemp("resume"), pod_reference()
     (root / "worker.py").write_text(WORKER)
@@ -45,8 +45,8 @@ def job(tmp_path_factory):
     def start(name: str, delay: float = 0.0) -> subprocess.Popen:
         cmd = [sys.executable, str(root / "worker.py"), "--graph", str(reference / "graph"), "--workdir",
                str(root / name), "--config", str(reference / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
-               "--per-device", "4", "--final-params", str(root / f"{name}.npz")]
-        env = dict(job_env(root, 1), STEP_DELAY=str(delay))
+               "--final-params", str(root / f"{name}.npz")]
+        env = dict(job_env(root, 4), STEP_DELAY=str(delay))
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(proc: subprocess.Popen, expect: int = 0) -> str:
