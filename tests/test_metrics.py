@@ -76,6 +76,19 @@ def test_auroc_over_present_classes_by_hand():
     assert math.isnan(M.auroc_ovr_macro([1, 1], proba[:2]))
 
 
+def test_auroc_equals_sklearn_per_class_with_ties_and_absent_classes():
+    # Scores rounded to one decimal: many ties within and across positives and negatives. Class 6
+    # never occurs (left out); sklearn scores each present class on its own column.
+    rng = np.random.default_rng(3)
+    for n, classes in ((12, 3), (50, 7), (200, 65)):
+        proba = np.round(rng.dirichlet(np.ones(classes), size=n), 1)
+        y = rng.integers(0, classes, size=n)
+        y[y == 6] = 0
+        present = np.unique(y)
+        expected = np.mean([roc_auc_score(y == c, proba[:, c]) for c in present])
+        assert M.auroc_ovr_macro(y, proba) == pytest.approx(expected, abs=1e-12)
+
+
 def test_top3_accuracy_by_hand():
     proba = np.array(
         [

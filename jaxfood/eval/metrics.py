@@ -136,15 +136,25 @@ def auroc_ovr_macro(y_true: Any, proba: Any) -> float:
     probability column, so no renormalisation is needed; when every class is present this equals
     ``sklearn.metrics.roc_auc_score(y_true, proba, multi_class="ovr", average="macro")``.
     Returns NaN when fewer than two classes are present.
+
+    Computed for all classes at once as the Mann-Whitney statistic (the AUROC is the fraction of
+    (positive, negative) pairs the score orders, ties counting half: the positives' mean rank, with
+    tied scores sharing their average rank), the number sklearn's trapezoids give; one
+    ``roc_auc_score`` call per class cost ~10 ms, 10 s per run of the 65-food default.
     """
-    from sklearn.metrics import roc_auc_score
+    from scipy.stats import rankdata
 
     proba = np.asarray(proba, dtype=np.float64)
     y = np.asarray(y_true).astype(np.int64).reshape(-1)
     present = np.unique(y)
     if present.size < 2:
         return float("nan")
-    scores = [roc_auc_score(y == c, proba[:, c]) for c in present]
+    positive = y[:, None] == present[None, :]                         # [n, C]
+    ranks = rankdata(proba[:, present], method="average", axis=0)     # [n, C], 1-based
+    n_pos = positive.sum(axis=0)
+    n_neg = y.size - n_pos
+    rank_sum = np.where(positive, ranks, 0.0).sum(axis=0)
+    scores = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
     return float(np.mean(scores))
 
 
