@@ -327,11 +327,13 @@ def test_steps_pmap_over_4_devices_equal_one_device(tmp_path):
 def _toy_step(keep=()):
     """``w <- w + mean over shards of (batch + noise)``: depends on the step's batch and key; the
     ``keep`` entries of the state pass through unchanged."""
+    layout = dp.ShardLayout(0, 1, 1, 1)
+
     def step(state, batch, rng):
-        delta = jax.lax.pmean(batch["x"] + 0.01 * jax.random.normal(rng, ()), dp.DEVICE_AXIS)
+        delta = jax.lax.pmean(batch["x"] + 0.01 * jax.random.normal(rng, ()), layout.axes)
         return {"w": state["w"] + delta, **{k: state[k] for k in keep}}, {"loss": delta}
 
-    return dp.data_parallel(step, dp.ShardLayout(0, 1, 1, 1), seed=3)
+    return dp.data_parallel(step, layout, seed=3)
 
 
 def _toy_batch(step, shard):

@@ -15,20 +15,20 @@ from jaxfood.train.data_parallel import ShardLayout, data_parallel
 from jaxfood.train.loop import LoopConfig, train_loop
 
 TARGET = np.array([1.0, -2.0, 0.5], np.float32)
+#: One device, one shard: the layout every step here runs on (its ``axes``: the devices axis alone).
+LAYOUT = ShardLayout(0, 1, 1, 1)
 
 
 def _sgd_step(state, batch, rng):
-    """One gradient step on |w - target|^2 (plus a little noise from the shard's key), run on one
-    device with one shard (:attr:`ShardLayout.axes`: the devices axis alone)."""
-    axes = ShardLayout(0, 1, 1, 1).axes
-    grad = jax.lax.pmean(2.0 * (state["w"] - batch["target"]), axes)
-    noise = jax.lax.pmean(jax.random.normal(rng, (3,)) * 1e-3, axes)
+    """One gradient step on |w - target|^2 (plus a little noise from the shard's key)."""
+    grad = jax.lax.pmean(2.0 * (state["w"] - batch["target"]), LAYOUT.axes)
+    noise = jax.lax.pmean(jax.random.normal(rng, (3,)) * 1e-3, LAYOUT.axes)
     w = state["w"] - 0.25 * grad + noise
     return {"w": w}, {"loss": jnp.sum((w - batch["target"]) ** 2)}
 
 
 def _run(tmp_path, name, evaluate, step=None, steps=4):
-    step = step or data_parallel(_sgd_step, ShardLayout(0, 1, 1, 1), seed=3)
+    step = step or data_parallel(_sgd_step, LAYOUT, seed=3)
     loop = LoopConfig(num_steps=steps, checkpoint_dir=tmp_path / name, eval_every=2, eval_initial=True)
     return train_loop(step, {"w": np.zeros(3, np.float32)}, lambda i, shard: {"target": TARGET}, loop,
                       fixed_batch=True, evaluate=evaluate)
@@ -51,7 +51,7 @@ def test_the_first_step_runs_beside_the_start_s_evaluation_and_changes_nothing(t
         seen.append((done, np.array(state["w"])))
         return -float(np.sum((state["w"] - TARGET) ** 2)), {"distance": float(np.sum((state["w"] - TARGET) ** 2))}
 
-    result = _run(tmp_path, "a", evaluate, data_parallel(step_fn, ShardLayout(0, 1, 1, 1), seed=3))
+    result = _run(tmp_path, "a", evaluate, data_parallel(step_fn, LAYOUT, seed=3))
     assert threads["evaluate"] is threading.main_thread() and threads["step"] is not threading.main_thread()
 
     # The same numbers as the update done by hand, step by step, from the same keys.
@@ -78,7 +78,7 @@ def test_an_error_in_the_first_step_or_in_the_start_s_evaluation_reaches_the_cal
         return 0.0, {}
 
     with pytest.raises(ValueError, match="the step failed"):
-        _run(tmp_path, "b", evaluate, data_parallel(failing_step, ShardLayout(0, 1, 1, 1), seed=3))
+        _run(tmp_path, "b", evaluate, data_parallel(failing_step, LAYOUT, seed=3))
 
     def failing_evaluate(state, done):
         raise RuntimeError("the evaluation failed")
