@@ -42,6 +42,7 @@ from jaxfood.train.augment import (
     prepare_pretrain_graph,
     subgraph_candidate_counts,
 )
+from jaxfood.train.optimizer import squared_norm
 
 Array = Any
 
@@ -333,7 +334,7 @@ def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransforma
         grads = jax.lax.pmean(grads, axis_name)
         loss, losses = jax.lax.pmean((loss, losses), axis_name)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(squared_norm(grads))}
         metrics.update({f"loss/{t}": v for t, v in losses.items()})
         return {"params": optax.apply_updates(params, updates), "opt_state": opt_state}, metrics
 

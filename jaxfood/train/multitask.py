@@ -42,6 +42,7 @@ from jaxfood.train import salient_molecules as sal
 from jaxfood.train import task_weighting as tw
 from jaxfood.train.food_classification import accuracy, cross_entropy_loss
 from jaxfood.train.nutrition_alignment import nutrient_mse_loss, semi_hard_triplet_loss
+from jaxfood.train.optimizer import squared_norm
 
 TASKS = tw.TASKS
 WEIGHTING_KEY = "task_weighting"
@@ -320,11 +321,6 @@ def task_losses(model: MultiTaskModel, cfg: LossConfig, params, graph: HeteroGra
                        step)
 
 
-def _global_norm(tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves)) if leaves else jnp.zeros(())
-
-
 def _flatten_rows(tree):
     """Pytree with leaves [T, ...] -> [T, P] (the leaves' entries concatenated)."""
     leaves = jax.tree_util.tree_leaves(tree)
@@ -422,9 +418,10 @@ def make_train_step(model: MultiTaskModel, loss_cfg: LossConfig, weighting: tw.W
                 metrics[f"log_var/{task}"] = wparams["log_vars"][i]
         for i, j in itertools.combinations(range(T), 2):
             metrics[f"task_grad_cosine/{TASKS[i]}__{TASKS[j]}"] = cosine[i, j]
-        metrics["grad_norm/total"] = _global_norm(grads)
-        for group, g in grads.items():
-            metrics[f"grad_norm/{group}"] = _global_norm(g)
+        squared = {group: squared_norm(g) for group, g in grads.items()}
+        metrics["grad_norm/total"] = jnp.sqrt(sum(squared.values()))
+        for group, value in squared.items():
+            metrics[f"grad_norm/{group}"] = jnp.sqrt(value)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, weighting_state=wstate)
         return new_state, metrics
 

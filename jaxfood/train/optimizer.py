@@ -133,6 +133,16 @@ def group_rate(group: GroupConfig, total_steps: int, count, frozen_steps, xp=jnp
     return xp.where(xp.asarray(count) < frozen_steps, 0.0, value).astype(xp.float32)
 
 
+def squared_norm(tree) -> jax.Array:
+    """Sum of the squares of every entry of ``tree`` (the squared global norm): one product of the
+    concatenated leaves, a few operations in a compiled step instead of three per leaf."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    vector = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+    return jnp.dot(vector, vector)
+
+
 class ScheduleState(NamedTuple):
     count: jax.Array   # optimizer steps taken
     frozen: jax.Array  # steps without movement at the start (the encoder's ``freeze_encoder_steps``)
