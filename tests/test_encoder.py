@@ -13,7 +13,7 @@ from conftest import make_toy_graph
 from jaxfood.errors import ConfigError, GraphError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import EdgeSet
-from jaxfood.models.encoder import EncoderConfig, make_encoder
+from jaxfood.models.encoder import EncoderConfig, init_encoder, make_encoder
 
 MODES = {"Sample": "shared", "Molecule": "both", "Food": "both", "Nutrient": "embedding"}
 CFG = EncoderConfig(hidden_dim=16, num_heads=4, num_layers=2, embedding_dim=8, dropout=0.2, input_modes=MODES)
@@ -27,7 +27,7 @@ def graph():
 @pytest.fixture(scope="module")
 def setup(graph):
     encoder = make_encoder(graph, CFG)
-    params = jax.jit(encoder.init)(jax.random.key(0), graph)["params"]
+    params = init_encoder(encoder, jax.random.key(0), graph)
     apply = jax.jit(encoder.apply, static_argnames=("deterministic", "return_attention"))
     return encoder, params, apply
 
@@ -229,7 +229,7 @@ def test_profile_sample_inputs_are_inductive_and_follow_incoming_edge_masks():
     cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=2, embedding_dim=8, dropout=0.0, residual=True,
                         input_modes={schema.SAMPLE: "profile"})
     encoder = make_encoder(graph, cfg)
-    params = encoder.init(jax.random.key(0), graph)["params"]
+    params = init_encoder(encoder, jax.random.key(0), graph)
     M = graph.num_nodes[schema.MOLECULE]
     assert params["profile_Sample"].shape == (M, 8) and "embed_Sample" not in params
 
@@ -261,11 +261,12 @@ def test_initialisation_ignores_edges_one_program_for_pretraining_and_fine_tunin
     """init_encoder equals Flax's init on the whole graph, and the pretraining graph (label edges
     emptied, candidate edges appended) initialises through the same program with the same values."""
     from jaxfood.graph.splits import prepare_graph
-    from jaxfood.models.encoder import init_encoder, parameter_skeleton
+    from jaxfood.models.encoder import parameter_skeleton
     from jaxfood.train.augment import AugmentConfig, prepare_pretrain_graph
 
-    encoder, params, _ = setup
-    same = jax.tree_util.tree_map(np.array_equal, params, init_encoder(encoder, jax.random.key(0), graph))
+    encoder, params, _ = setup  # params: init_encoder's
+    flax_init = jax.jit(encoder.init)(jax.random.key(0), graph)["params"]
+    same = jax.tree_util.tree_map(np.array_equal, flax_init, params)
     assert jax.tree_util.tree_all(same)
     tuned = prepare_graph(graph).to_numpy()
     pre = prepare_pretrain_graph(graph, AugmentConfig(edge_add={schema.CONTAINS: 0.2}), seed=0).to_numpy()

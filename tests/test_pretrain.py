@@ -15,7 +15,7 @@ from jaxfood.cli import main
 from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import EdgeSet, save_graph
-from jaxfood.models.encoder import EncoderConfig, make_encoder
+from jaxfood.models.encoder import EncoderConfig, init_encoder, make_encoder
 from jaxfood.train import pretrain as pretrain_module
 from jaxfood.train.augment import AugmentConfig, augment, prepare_pretrain_graph
 from jaxfood.train.checkpoint import load_encoder, save_checkpoint
@@ -95,7 +95,7 @@ def test_masked_edges_have_no_effect(num_layers):
     pre = prepare_pretrain_graph(graph, aug, seed=0)
     enc_cfg = dataclasses.replace(SMALL_ENCODER, num_layers=num_layers)
     encoder = make_encoder(pre, enc_cfg)
-    params = encoder.init(jax.random.key(0), pre)["params"]
+    params = init_encoder(encoder, jax.random.key(0), pre)
     apply = jax.jit(lambda g, m: encoder.apply({"params": params}, g, edge_masks=m))
     view, masks = jax.device_get(jax.jit(lambda k: augment(pre, k, aug))(jax.random.key(7)))
     assert any(not np.all(m) for m in masks.values())
@@ -199,7 +199,7 @@ def test_checkpoint_reloads_into_the_fine_tuning_encoder(cli_run):
     assert meta["kind"] == "graphcl" and meta["best_step"] == result.best_epoch * 4  # steps_per_epoch=4
     # Fine-tuning builds the encoder on the full graph (label edges included) and loads the params.
     encoder = make_encoder(graph, config)
-    fresh = encoder.init(jax.random.key(0), graph)["params"]
+    fresh = init_encoder(encoder, jax.random.key(0), graph)
     assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params)
     embed = jax.jit(lambda p: encoder.apply({"params": p}, graph))
     got, expected = embed(params), embed(result.params["encoder"])

@@ -55,8 +55,8 @@ def test_short_end_to_end_run_writes_every_output(tmp_path, capsys):
     workdir = tmp_path / "w"
     code = _run_mtl().main([
         "--workdir", str(workdir), "--no-progress", *[arg for item in TINY_MODEL for arg in ("--set", item)],
-        "--set", "pretrain.epochs=1", "--set", "pretrain.steps_per_epoch=2",
-        "--set", "finetune.steps=4", "--set", "finetune.eval_every=2", "--set", "evaluation.rf_estimators=5",
+        "--set", "pretrain.epochs=1", "--set", "pretrain.steps_per_epoch=1",
+        "--set", "finetune.steps=2", "--set", "finetune.eval_every=2", "--set", "evaluation.rf_estimators=5",
     ])
     out = capsys.readouterr().out
     assert code == 0

@@ -17,7 +17,7 @@ from jaxfood.graph.sampling import (
     compute_budgets,
     padding_edge_masks,
 )
-from jaxfood.models.encoder import EncoderConfig, make_encoder
+from jaxfood.models.encoder import EncoderConfig, init_encoder, make_encoder
 
 ALL = 10_000  # a fan-out above every degree: the whole k-hop neighbourhood
 
@@ -110,16 +110,17 @@ def test_with_full_fanouts_seed_embeddings_equal_full_graph_embeddings(graph):
     cfg = EncoderConfig(hidden_dim=8, num_heads=2, num_layers=2, embedding_dim=8, dropout=0.0,
                         input_modes={"Sample": "embedding", "Molecule": "both", "Food": "both"})
     encoder = make_encoder(graph, cfg)
-    params = encoder.init(jax.random.PRNGKey(0), graph)["params"]
+    params = init_encoder(encoder, jax.random.key(0), graph)
+    apply = jax.jit(encoder.apply)  # one program per graph, not one per operation
     sub = sampler.batch(2)
     seeds = sub.node_index[schema.SAMPLE][sub.seed_mask]
-    local = encoder.apply({"params": params}, sub.graph, edge_masks=sub.edge_masks, node_index=sub.node_index)
+    local = apply({"params": params}, sub.graph, edge_masks=sub.edge_masks, node_index=sub.node_index)
     hidden = np.zeros(graph.num_nodes[schema.SAMPLE], bool)
     hidden[seeds] = True
     fwd, rev = graph.edges[schema.IS_INSTANCE_OF], graph.edges[schema.reverse_key(schema.IS_INSTANCE_OF)]
     label_masks = {schema.IS_INSTANCE_OF: ~hidden[np.asarray(fwd.senders)],
                    schema.reverse_key(schema.IS_INSTANCE_OF): ~hidden[np.asarray(rev.receivers)]}
-    full = encoder.apply({"params": params}, graph, edge_masks=label_masks)
+    full = apply({"params": params}, graph, edge_masks=label_masks)
     np.testing.assert_allclose(local[schema.SAMPLE][sub.seed_mask], full[schema.SAMPLE][seeds], atol=1e-5)
     np.testing.assert_allclose(local[schema.FOOD], full[schema.FOOD], atol=1e-5)
 
