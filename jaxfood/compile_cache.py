@@ -44,9 +44,22 @@ def cache_dir() -> Path | None:
     return Path(base) / "jaxfood" / "xla"
 
 
+#: JAX's own variable: programs that compiled faster than this many seconds are not written.
+ENV_MIN_COMPILE_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def _min_compile_time() -> float:
+    """0 (every program) unless the environment sets JAX's threshold (a number of seconds)."""
+    try:
+        return max(float(os.environ.get(ENV_MIN_COMPILE_TIME, "0")), 0.0)
+    except ValueError:
+        return 0.0
+
+
 def enable_compile_cache(disabled: bool = False) -> Path | None:
     """Points JAX's persistent compilation cache at :func:`cache_dir` (every program, however fast
-    it compiled: predict's many small programs add up). Returns the directory, None when off.
+    it compiled: predict's many small programs add up; ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``
+    in the environment keeps those faster than its seconds out). Returns the directory, None when off.
 
     Works before or after ``import jax``: before, through JAX's environment variables (so importing
     JAX stays out of ``--help``); after, through ``jax.config``. A directory that cannot be created
@@ -59,7 +72,7 @@ def enable_compile_cache(disabled: bool = False) -> Path | None:
         except OSError:
             path = None
     settings = {"jax_compilation_cache_dir": str(path) if path is not None else None,
-                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_compile_time_secs": _min_compile_time(),
                 "jax_persistent_cache_min_entry_size_bytes": 0}
     if "jax" in sys.modules:
         import jax

@@ -25,6 +25,10 @@ if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
 if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
     os.environ["JAXFOOD_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxfood-test-xla-")
     atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
+# The suite's thousands of programs that compile in under a second cost more to write to the cache
+# than to compile again; the larger ones (training steps, evaluation) are kept for the tests and
+# subprocesses that compile them again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 if not os.environ.get("JAXFOOD_TEST_SHARED"):
     os.environ["JAXFOOD_TEST_SHARED"] = tempfile.mkdtemp(prefix="jaxfood-test-shared-")
     atexit.register(shutil.rmtree, os.environ["JAXFOOD_TEST_SHARED"], True)
@@ -169,7 +173,8 @@ def compilation_cache():
     if cache is None:  # switched off (JAXFOOD_NO_COMPILE_CACHE)
         yield None
         return
-    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
+           os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"],
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     os.environ.update(env)  # subprocesses started by tests
     yield cache
