@@ -42,11 +42,15 @@ def _run(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_compiled_programs_are_written_to_the_cache_and_the_opt_out_writes_none(tmp_path):
+def test_compiled_programs_are_written_to_the_cache_above_the_threshold_and_the_opt_out_writes_none(tmp_path):
     on = _run({ENV_DIR: str(tmp_path / "on")})
     assert on.returncode == 0, on.stderr
     assert on.stdout.splitlines()[0] == str(tmp_path / "on")
     assert any((tmp_path / "on").iterdir())  # the jitted program's cache entry
+    # JAX's threshold set in the environment is kept: a program faster than it is not written.
+    high = _run({ENV_DIR: str(tmp_path / "high"), ENV_MIN_COMPILE_TIME: "1000"})
+    assert high.returncode == 0, high.stderr
+    assert high.stdout.splitlines()[0] == str(tmp_path / "high") and not any((tmp_path / "high").iterdir())
     off = _run({ENV_DIR: str(tmp_path / "off"), ENV_OFF: "1"})
     assert off.returncode == 0, off.stderr
     assert off.stdout.splitlines()[0] == "None" and not (tmp_path / "off").exists()

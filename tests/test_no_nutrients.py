@@ -3,7 +3,7 @@
 The study is simulated and written in the real formats; the test keeps only the feature table
 (with a GNPS annotation column added) and the metadata, builds the graph with ``jaxfood
 build-graph`` and runs the main job with no ``--set``: defaults follow the graph. The same study
-written as a Metabolomics Workbench file builds the same graph, which the run's checkpoint scores alike.
+written as a Metabolomics Workbench file builds the same graph, array for array.
 """
 
 from __future__ import annotations
