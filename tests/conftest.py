@@ -174,9 +174,8 @@ def compilation_cache():
     if cache is None:  # switched off (JAXFOOD_NO_COMPILE_CACHE)
         yield None
         return
-    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
-           os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"],
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    # (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set above, for this process and its subprocesses)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     os.environ.update(env)  # subprocesses started by tests
     yield cache
 

@@ -57,8 +57,7 @@ def job_env(tmp_path: Path, devices: int) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=forced_devices(devices),
                 PYTHONPATH=str(ROOT),
                 JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache")),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # the threshold: conftest's, from os.environ
 
 
 def run_two_processes(make_cmd, env: dict, timeout: int = 900) -> list[str]:
