@@ -53,11 +53,12 @@ def free_port() -> int:
 
 def job_env(tmp_path: Path, devices: int) -> dict:
     """Environment of a CPU job with ``devices`` devices; compilations go to the session's cache
-    (conftest), else under tmp_path."""
+    (conftest), else under tmp_path. Every program of a job is cached, however small: the same job
+    runs again (test_resume's reruns of the reference job) and then compiles nothing."""
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=forced_devices(devices),
                 PYTHONPATH=str(ROOT),
                 JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache")),
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # the threshold: conftest's, from os.environ
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def run_two_processes(make_cmd, env: dict, timeout: int = 900) -> list[str]:
