@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxfood.config import dump_config
 from jaxfood.eval import predict as prediction
@@ -137,7 +136,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
             if thread is not None:
                 thread.join()
     model = make_multitask_model(prepare_graph(graph), result.encoder_config, cfg.heads)
-    params = jax.tree_util.tree_map(jnp.asarray, result.params)
+    params = jax.device_put(result.params)
     evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)
     evaluator.temperature = result.temperature  # calibrated on val with the kept state
     result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step,

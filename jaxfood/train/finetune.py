@@ -447,7 +447,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     state = mt.init_train_state(model, cfg.weighting, tx, jax.random.key(cfg.seed), example)
     if enc_params is not None:
         _check_encoder_params(enc_params, state.params["encoder"], pretrained)
-        params = dict(state.params, encoder=jax.tree_util.tree_map(jnp.asarray, enc_params))
+        params = dict(state.params, encoder=jax.device_put(enc_params))
         state = state.replace(params=params, opt_state=tx.init(params))
     if cfg.wide_init == "fit" and cfg.heads.wide:
         params = _start_at_linear_model(state.params, *_fitted_linear_model(
@@ -485,7 +485,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     start_r2: list[float] = []  # the start's validation nutrient R² (compose compares with it)
 
     def evaluate(state, done: int) -> tuple[float, dict[str, float]]:
-        val = validate(model, jax.tree_util.tree_map(jnp.asarray, state["params"]))
+        val = validate(model, jax.device_put(state["params"]))
         if done == 0:
             start_r2[:] = [validation_nutrient_r2(val)]
         score = selection_score(val, cfg.selection)
@@ -499,7 +499,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         return score, row
 
     def val_r2(params) -> float:
-        return validation_nutrient_r2(validate(model, jax.tree_util.tree_map(jnp.asarray, params)))
+        return validation_nutrient_r2(validate(model, jax.device_put(params)))
 
     def compose(start_state, trained) -> tuple[dict[str, Any], dict[str, Any]]:
         if not start_r2:  # resumed after the start's evaluation
@@ -582,5 +582,5 @@ def load_finetuned(ckpt_dir: str | Path, graph: HeteroGraph, step: int | None = 
         raise CheckpointError(f"{source}: state has no 'params'")
     dgraph = prepare_graph(graph)
     model = make_multitask_model(dgraph, enc_cfg, cfg.heads)
-    params = jax.tree_util.tree_map(jnp.asarray, dict(state_params))
+    params = jax.device_put(dict(state_params))
     return LoadedFinetune(model=model, params=params, config=cfg, meta=meta)

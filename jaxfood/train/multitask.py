@@ -135,7 +135,7 @@ def init_train_state(model: MultiTaskModel, weighting: tw.WeightingConfig, tx: o
     :meth:`MultiTaskModel.init` draws the parameters (:func:`jaxfood.models.initialise.init_params`)."""
     params = model.init(rng, graph)
     if encoder_params is not None:
-        params["encoder"] = jax.tree_util.tree_map(jnp.asarray, encoder_params)
+        params["encoder"] = jax.device_put(encoder_params)
     wparams, wstate = tw.init_weighting(weighting, TASKS)
     params[WEIGHTING_KEY] = wparams
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
