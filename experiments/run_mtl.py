@@ -154,13 +154,14 @@ def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, lo
     outputs = {"pretrain": pre, "finetune": ft}
     if cfg.evaluation.ablations:
         steps = cfg.finetune.steps
+        # The ablations are controls: their metrics go in metrics.json, no TensorBoard log or curves.
         probe_cfg = dataclasses.replace(
-            cfg.finetune, tensorboard=False,
+            cfg.finetune, tensorboard=False, figures=False,
             optimizer=dataclasses.replace(cfg.finetune.optimizer, freeze_encoder_steps=steps))
         log(f"[seed {cfg.seed}] ablation: pretrained encoder, frozen, heads only")
         probe = finetune(graph, probe_cfg, workdir / "ablations" / "pretrained_probe", pretrained=pre.checkpoint_dir,
                          biomarkers=reference, progress=progress)
-        scratch_cfg = dataclasses.replace(cfg.finetune, encoder=cfg.pretrain.encoder, tensorboard=False)
+        scratch_cfg = dataclasses.replace(cfg.finetune, encoder=cfg.pretrain.encoder, tensorboard=False, figures=False)
         log(f"[seed {cfg.seed}] ablation: same model trained from scratch")
         scratch = finetune(graph, scratch_cfg, workdir / "ablations" / "from_scratch", pretrained=None,
                            biomarkers=reference, progress=progress)

@@ -54,9 +54,15 @@ def job(tmp_path_factory):
         assert proc.returncode == expect, err[-4000:]
         return out
 
+    def saved_step(workdir: Path) -> int:
+        try:
+            return latest_step(workdir / "resume") or 0
+        except FileNotFoundError:  # the job removed an old snapshot while it was being listed
+            return 0
+
     def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, step: int) -> None:
         deadline = time.monotonic() + 900
-        while (latest_step(workdir / "resume") or 0) < step:
+        while saved_step(workdir) < step:
             assert proc.poll() is None, proc.communicate()[1][-4000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
