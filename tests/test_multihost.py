@@ -37,7 +37,7 @@ loss: {salient_top_k: 3}
 steps: 8
 scorers: [attention]
 salient_k: 3
-stability_perturbations: 1
+stability_perturbations: 0
 figures: false
 """
 STEPS = 8
