@@ -93,6 +93,96 @@ def test_a_rerun_in_the_same_workdir_replaces_the_earlier_run(runs, tmp_path):
     assert len(list((workdir / "tb").iterdir())) == 1  # the earlier run's event file is gone
 
 
+def test_fine_tuning_starts_at_the_logistic_regression_and_evaluates_it(runs):
+    """``wide_init=fit`` (the default): the run starts at the logistic regression of the training
+    samples' intensity profiles, with the deep paths silenced, and the loop evaluates that start."""
+    import jax
+    import numpy as np
+
+    from jaxfood.config import load_config
+    from jaxfood.eval.baselines import logreg_baseline, preprocess_intensities
+    from jaxfood.eval.evaluator import Evaluator, model_programs
+    from jaxfood.eval.pipeline import raw_peak_areas
+    from jaxfood.graph import schema
+    from jaxfood.graph.hetero_graph import SPLIT_CODES
+    from jaxfood.graph.splits import prepare_graph
+    from jaxfood.models.heads import CLASS_ATTENTION, make_multitask_model
+    from jaxfood.train.checkpoint import restore_checkpoint
+    from jaxfood.train.finetune import CLASS_LOGITS_START, FinetuneConfig
+
+    _, graph_dir, result = runs
+    cfg = load_config(FinetuneConfig(), None, SMALL)
+    assert cfg.wide_init == "fit"
+    graph = load_graph(graph_dir)
+    init = result.initial_params
+
+    # The classifier's and the nutrient head's deep outputs start at 0 (but for the classifier's
+    # intercept), the class branches small.
+    for leaf in init["nutrient_head"]["mlp"]["out"].values():
+        assert np.all(np.asarray(leaf) == 0)
+    assert np.all(np.asarray(init["classifier"]["mlp"]["out"]["kernel"]) == 0)
+    np.testing.assert_array_equal(init["salient_pool"][CLASS_ATTENTION]["logit_log_scale"], CLASS_LOGITS_START)
+
+    # The classifier starts at the logistic-regression baseline: the baseline's own function, on its
+    # own features (raw peak areas -> TIC -> log1p -> standardised), predicts the same foods.
+    prepared = prepare_graph(graph).to_numpy()
+    model = make_multitask_model(prepared, result.encoder_config, cfg.heads)
+    labels = np.asarray(prepared.sample_food)
+    split = np.asarray(prepared.sample_split)
+    train = (split == SPLIT_CODES["train"]) & (labels >= 0)
+    others = (split != SPLIT_CODES["train"]) & (labels >= 0)
+    x = preprocess_intensities(raw_peak_areas(graph))
+    want = logreg_baseline(x[train], labels[train], x[others], labels[others],
+                           n_classes=int(prepared.meta.num_nodes[schema.FOOD]))["proba"]
+    # (The forward pass the evaluation compiled for this model and graph: no compilation here.)
+    out = model_programs(model).predict(jax.device_put(init), prepared)
+    wide = np.asarray(out.wide_food_logits) + np.asarray(init["classifier"]["mlp"]["out"]["bias"])
+    proba = np.exp(wide - wide.max(1, keepdims=True))
+    np.testing.assert_allclose((proba / proba.sum(1, keepdims=True))[others], want, atol=1e-4)
+    assert float(np.abs(init["classifier"]["wide_kernel"]).max()) > 1e-2  # a fitted kernel, not the zeros it replaces
+
+    # The starting model is that logistic regression plus at most exp(-3) of standardised class logits.
+    deep = np.asarray(out.food_logits - out.wide_food_logits) - np.asarray(init["classifier"]["mlp"]["out"]["bias"])
+    assert np.all(np.std(deep, axis=0) <= 1.01 * np.exp(CLASS_LOGITS_START))
+    train_accuracy = np.mean(np.argmax(np.asarray(out.food_logits)[train], -1) == labels[train])
+    assert train_accuracy == 1.0  # the toy foods are separable by their marker molecules
+
+    # The starting state is evaluated (step 0) beside the later steps, which pay one standard error
+    # of the validation accuracy (0.5 / sqrt(validation samples)) to replace it.
+    val = result.history["val"]
+    assert [row["step"] for row in val] == [0, 2, 4]
+    num_val = int(np.sum((split == SPLIT_CODES["val"]) & (labels >= 0)))
+    assert "selection_margin" not in val[0]
+    for row in val[1:]:
+        assert np.isclose(row["selection_margin"], 0.5 / np.sqrt(num_val))
+    # Kept: the first state no later one beats; while the start is kept, the best-scoring trained
+    # state lends it its representation.
+    score = {row["step"]: row["selection_score"] for row in val}
+    kept, composed = 0, None
+    for step in (2, 4):
+        if score[step] > score[kept]:
+            kept, composed = step, None
+        elif kept == 0 and (composed is None or score[step] > score[composed]):
+            composed = step
+    assert result.best_step == kept
+
+    # A kept start carries the trained representation (encoder, Food projection) of that step and its own heads.
+    state, meta = restore_checkpoint(result.checkpoint_dir)
+    assert result.composed_step == meta.get("composed_step") == composed
+    assert result.metrics["composed_step"] == result.composed_step
+    parts = result.composed_parts or ()
+    assert result.metrics["composed_parts"] == meta.get("composed_parts") == (list(parts) if kept == 0 else None)
+    took_head = "nutrient_head" in parts
+    changed = {name: not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state["params"][name]),
+                                                                  jax.tree_util.tree_leaves(init[name])))
+               for name in ("encoder", "food_projection", "classifier", "nutrient_head", "salient_pool")}
+    assert changed == {"encoder": True, "food_projection": True, "classifier": kept != 0,
+                       "nutrient_head": kept != 0 or took_head, "salient_pool": kept != 0}
+    if took_head:  # only because the trained head (on the trained encoder) validates better than the start
+        val_r2 = Evaluator(model, prepared).evaluate(jax.device_put(state["params"]), "val")["nutrition"]["nutrient_r2"]
+        assert val_r2 > val[0]["nutrition/nutrient_r2"]
+
+
 def _key_paths(tree, prefix=""):
     out = set()
     for key, value in tree.items():
