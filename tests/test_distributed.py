@@ -157,6 +157,8 @@ def test_replicate_and_unreplicate_round_trip():
     back = dp.unreplicate(rep)
     np.testing.assert_array_equal(back["a"], tree["a"])
     assert int(back["b"]) == 4
+    # An array whose leading axis is not one replica a device (all of it on one device): its first row.
+    np.testing.assert_array_equal(dp.unreplicate(jax.numpy.arange(12.0).reshape(3, 4)), [0.0, 1.0, 2.0, 3.0])
 
 
 def test_aggregate_metrics_is_the_mean_over_shards():

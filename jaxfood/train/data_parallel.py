@@ -114,8 +114,10 @@ def _put_per_device(x: np.ndarray, devices: Sequence) -> jax.Array:
 def unreplicate(tree: PyTree) -> PyTree:
     """Host (numpy) copy of the first local replica of a replicated tree."""
     def first(x):
-        if isinstance(x, jax.Array):  # a copy of the first device's replica: no indexing program to compile
-            return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+        if isinstance(x, jax.Array):
+            data = x.addressable_shards[0].data
+            if data.size * x.shape[0] == x.size:  # one replica a device: copy the first, no indexing program
+                return np.asarray(data).reshape(x.shape[1:])
         return np.asarray(x[0])
 
     return jax.tree_util.tree_map(first, tree)
