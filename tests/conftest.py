@@ -27,7 +27,8 @@ if not os.environ.get("JAXFOOD_COMPILE_CACHE"):
     atexit.register(shutil.rmtree, os.environ["JAXFOOD_COMPILE_CACHE"], True)
 # The suite's thousands of programs that compile in a few seconds or less cost more to write to the
 # cache than to compile again (the suite: 556 s writing every program, 507 s from 1 s, 488 s from 3 s,
-# 503 s from 10 s); the training steps that subprocesses (resume, pod runs) compile again are kept.
+# 503 s from 10 s); the training steps that subprocesses compile again are kept, and the pod jobs
+# (test_multihost.job_env) cache every program, since test_resume runs the same job again.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "3")
 if not os.environ.get("JAXFOOD_TEST_SHARED"):
     os.environ["JAXFOOD_TEST_SHARED"] = tempfile.mkdtemp(prefix="jaxfood-test-shared-")
@@ -166,8 +167,8 @@ def compilation_cache():
     """Most of the suite's time is XLA compiling programs that other tests (and the subprocesses of
     the multi-device, multi-process and resume tests) compile again: library calls in this process,
     the commands (which enable the cache themselves) and subprocesses all share the session's
-    cache directory above, so each program that took 3 s or more to compile is compiled once per
-    session. Within a pytest worker,
+    cache directory above, so each program that took 3 s or more to compile (every program of a
+    pod job) is compiled once per session. Within a pytest worker,
     tests that run the same model on the same graph also share its jitted functions (no tracing,
     no lowering; :func:`jaxfood.compile_cache.shared_program` keeps the 16 last used)."""
     cache = enable_compile_cache()
