@@ -130,21 +130,27 @@ class KeptCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[Any, list]] = OrderedDict()
+        self._lock = threading.Lock()  # programs are also traced in background threads
 
     def get(self, key: Any, build: Callable[[], T]) -> T:
         keep: list = []
         digest = hashlib.sha256(repr(static_signature(key, keep)).encode()).hexdigest()
-        entry = self._entries.get(digest)
-        if entry is None:
-            entry = (build(), keep)
-            self._entries[digest] = entry
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                self._entries.move_to_end(digest)
+                return entry[0]
+        value = build()  # outside the lock: a build may trace, and so use this cache itself
+        with self._lock:  # two threads that built at once: the first value kept is returned to both
+            entry = self._entries.setdefault(digest, (value, keep))
+            self._entries.move_to_end(digest)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
-        self._entries.move_to_end(digest)
         return entry[0]
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
 
 _SHARED = KeptCache(SHARED_CAPACITY)

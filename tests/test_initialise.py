@@ -3,6 +3,7 @@ compiling the initialisation; where its recipe does not apply it falls back to t
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,25 @@ def test_a_traced_key_uses_the_compiled_init():
     x = np.ones((2, 5), np.float32)
     traced = jax.jit(lambda key: init_params(module, key, x))(jax.random.key(2))
     _assert_identical(traced, init_params(module, jax.random.key(2), x))
+
+
+def test_an_existing_parameter_is_checked_against_its_initialiser_once_traced(monkeypatch):
+    """Applying a module checks each parameter's shape against its initialiser as Flax does (same
+    error), from an abstract value traced once per initialiser and arguments, not in every apply."""
+    dense = nn.Dense(3)
+    x = jnp.ones((2, 4))
+    params = dense.init(jax.random.key(0), x)
+    calls = []
+    real = jax.eval_shape
+    monkeypatch.setattr(initialise, "_ABSTRACT", KeptCache(16))
+    monkeypatch.setattr(initialise.jax, "eval_shape", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = dense.apply(params, x)
+    assert len(calls) == 2  # kernel and bias
+    np.testing.assert_array_equal(dense.apply(params, x), first)
+    np.testing.assert_array_equal(jax.jit(dense.apply)(params, x), first)
+    assert len(calls) == 2  # neither applied again nor traced
+    wrong = {"params": {**params["params"], "kernel": jnp.ones((5, 3))}}
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=r"kernel.*shape \(4, 3\).*has shape \(5, 3\)"):
+        dense.apply(wrong, x)
+    wide = jnp.ones((2, 5))  # other arguments: another initialiser shape, checked and accepted
+    assert dense.apply(wrong, wide).shape == (2, 3) and len(calls) == 3
