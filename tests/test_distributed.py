@@ -28,32 +28,33 @@ from jaxfood.train.parallel_options import add_distributed_arguments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: Runs the parts named in argv, one after the other, each as a script writing OUT.
+#: Runs the parts named in argv for each layout in LAYOUTS, one after the other, each part as a
+#: script writing OUT.
 DRIVER = """
 import os, runpy, sys
-for name in sys.argv[1:]:
-    os.environ["OUT"] = os.path.join(os.environ["PARTS"], f"{name}-{os.environ['LAYOUT']}.json")
-    runpy.run_path(os.path.join(os.environ["PARTS"], f"{name}.py"), run_name="__main__")
+for layout in os.environ["LAYOUTS"].split(","):
+    os.environ["LAYOUT"] = layout
+    for name in sys.argv[1:]:
+        os.environ["OUT"] = os.path.join(os.environ["PARTS"], f"{name}-{layout}.json")
+        runpy.run_path(os.path.join(os.environ["PARTS"], f"{name}.py"), run_name="__main__")
 """
 
 
 def run_with_devices(tmp_path: Path, parts: dict[str, str], layouts=("4x1", "1x4"), devices: int = 4,
                      timeout: int = 900) -> dict:
-    """Runs each part's code, in one fresh Python per layout (concurrently) with ``devices`` CPU
-    devices and ``LAYOUT`` set; returns {part: {layout: the JSON it writes to OUT}}. One process
-    runs every part: each process start costs its imports, JAX's start and its compilations."""
+    """Runs each part's code for each layout (``LAYOUT`` set), in one fresh Python with ``devices``
+    CPU devices; returns {part: {layout: the JSON it writes to OUT}}. One process runs everything:
+    each process start costs its imports, JAX's start and its compilations (the layouts share
+    those of the programs that run on one device, e.g. the initialisation)."""
     for name, code in parts.items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(code))
     (tmp_path / "driver.py").write_text(DRIVER)
-    procs = {}
-    for layout in layouts:
-        env = dict(os.environ, XLA_FLAGS=forced_devices(devices), JAX_PLATFORMS="cpu",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), LAYOUT=layout, PARTS=str(tmp_path))
-        procs[layout] = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), *parts], env=env,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for proc in procs.values():
-        _, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, err[-4000:]
+    env = dict(os.environ, XLA_FLAGS=forced_devices(devices), JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), LAYOUTS=",".join(layouts),
+               PARTS=str(tmp_path))
+    done = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *parts], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
     return {name: {layout: json.loads((tmp_path / f"{name}-{layout}.json").read_text()) for layout in layouts}
             for name in parts}
 
