@@ -13,19 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from _pyg_original import (
-    GraphCLModel,
-    LinkPredModel,
-    OriginalEncoder,
-    build_original_graph,
-    make_original,
-    torch_load,
-    write_intermediate_json,
-)
+from conftest import lazy_module
 
 from checkpoints_convert.cli import main as convert_main
 from jaxfood.cli import main as jaxfood_main
+
+torch = lazy_module("torch")
+pyg_original = lazy_module("_pyg_original")
 
 CONFIG = {"embedding_dim": 8, "hidden_dim": 8, "num_layers": 2, "num_heads": 2, "dropout": 0.1, "temperature": 0.2}
 OURS = {"Sample": "Sample", "Molecule": "Feature", "Food": "Food", "Nutrient": "Nutrient"}
@@ -38,7 +32,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upstream_json(workdir):
-    return write_intermediate_json(workdir / "intermediate_samples.json")
+    return pyg_original.write_intermediate_json(workdir / "intermediate_samples.json")
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
@@ -53,7 +47,7 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
 
 def randomised_original(json_path, seed: int = 0, **kwargs):
     """:func:`make_original` with every parameter randomised, and its eval outputs recomputed."""
-    encoder, _, parts = make_original(json_path, seed=seed, **kwargs)
+    encoder, _, parts = pyg_original.make_original(json_path, seed=seed, **kwargs)
     randomise(encoder, 100 + seed)
     _, ei, ea, _ = parts
     with torch.no_grad():
@@ -71,7 +65,7 @@ def original(upstream_json):
 
 
 def graphcl_file(path, encoder, prefix=""):
-    state = GraphCLModel(encoder).state_dict()
+    state = pyg_original.GraphCLModel(encoder).state_dict()
     state = type(state)((prefix + k, v) for k, v in state.items())
     torch.save({"encoder_state": state, "config": dict(CONFIG), "graph_path": "data/hetero_graph.pt"}, path)
     return path
@@ -144,7 +138,7 @@ def test_graphcl_checkpoint_converts_embeds_like_pyg_and_round_trips(prefix, ori
 
     # jaxfood -> torch is bit-exact, including the uninitialised lazy lin_edge of edge_dim=0
     assert report["round_trip"]["exact"]
-    assert_same_torch_object(torch_load(src), torch_load(back))
+    assert_same_torch_object(pyg_original.torch_load(src), pyg_original.torch_load(back))
 
 
 @pytest.mark.parametrize("zero_width", ["empty", "none"])
@@ -152,7 +146,7 @@ def test_edge_dim_zero_variants_verify_on_random_graph(zero_width, upstream_json
     """``lin_edge.weight`` [H*C, 0] (edge_dim=0 with an empty edge_attr) or no lin_edge at all."""
     encoder, _, _ = randomised_original(upstream_json, zero_width=zero_width, seed=1)
     key = "encoder.layers.0.convs.<Sample___Is_of_type___Food>.lin_edge.weight"
-    state = GraphCLModel(encoder).state_dict()
+    state = pyg_original.GraphCLModel(encoder).state_dict()
     if zero_width == "empty":
         assert tuple(state[key].shape) == (8, 0)
     else:
@@ -165,13 +159,13 @@ def test_edge_dim_zero_variants_verify_on_random_graph(zero_width, upstream_json
     assert report["verify"]["graph"].startswith("random graph")
     assert max(report["verify"]["max_abs_diff"].values()) < 1e-5
     assert len(report["inert"]) == (8 if zero_width == "empty" else 0)
-    assert_same_torch_object(torch_load(src), torch_load(back))
+    assert_same_torch_object(pyg_original.torch_load(src), pyg_original.torch_load(back))
 
 
 def test_finetuned_old_style_keys_convert_and_list_heads(original, workdir, capsys):
     """A fine-tuned model's bare state dict, older PyG keys: encoder converts, heads are listed."""
     encoder, _, _ = original
-    model = LinkPredModel(encoder, 8)
+    model = pyg_original.LinkPredModel(encoder, 8)
     state = model.state_dict()
     old = type(state)()
     for k, v in state.items():
@@ -203,7 +197,7 @@ def test_finetuned_old_style_keys_convert_and_list_heads(original, workdir, caps
     _, b, _ = load_encoder(plain)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
     # the export is the encoder in the file's own layout (old keys), heads not included
-    exported = torch_load(back)
+    exported = pyg_original.torch_load(back)
     assert_same_torch_object(exported, type(old)((k, v) for k, v in old.items() if not k.startswith("decoders.")))
 
 
@@ -235,7 +229,7 @@ class _Payload:
 
 def _graphcl_variant(original, change):
     encoder, _, _ = original
-    state = GraphCLModel(encoder).state_dict()
+    state = pyg_original.GraphCLModel(encoder).state_dict()
     obj = {"encoder_state": state, "config": dict(CONFIG), "graph_path": "x"}
     change(obj)
     return obj
@@ -346,7 +340,7 @@ def test_mappings_reorder_rows_and_report_ids(original, upstream_json, workdir, 
     dropped = ck_ids.pop(4)  # the graph has it, the checkpoint does not
     ck_table = torch.cat([ck_table[:4], ck_table[5:], torch.full((1, 8), 7.0)])
     ck_ids.append(999999)  # the checkpoint has it, the graph does not
-    state = GraphCLModel(encoder).state_dict()
+    state = pyg_original.GraphCLModel(encoder).state_dict()
     state["encoder.embeddings.Feature.weight"] = ck_table
     src = workdir / "reordered.pt"
     torch.save({"encoder_state": state, "config": dict(CONFIG), "graph_path": "x"}, src)
@@ -371,7 +365,7 @@ def test_mappings_reorder_rows_and_report_ids(original, upstream_json, workdir, 
             np.testing.assert_allclose(row, np.delete(ck_table.numpy(), -1, 0).mean(0), rtol=1e-6)
         else:
             np.testing.assert_array_equal(row, original_rows[int(gid)])
-    assert_same_torch_object(torch_load(src), torch_load(back))
+    assert_same_torch_object(pyg_original.torch_load(src), pyg_original.torch_load(back))
 
 
 def test_mapping_errors_name_both_sides(original, upstream_json, workdir, capsys):
@@ -421,11 +415,11 @@ def test_export_of_a_native_jaxfood_encoder_loads_into_the_original(upstream_jso
     params = jax.tree_util.tree_map(lambda s: (0.4 * rng.normal(size=s.shape)).astype(np.float32), shapes)
     ckpt_dir, out = workdir / "native", workdir / "native.pt"
     _export_encoder(params, cfg, ckpt_dir, out, capsys)
-    obj = torch_load(out)
+    obj = pyg_original.torch_load(out)
     assert obj["config"]["hidden_dim"] == 8
-    num_nodes, ei, ea, _ = build_original_graph(upstream_json)
+    num_nodes, ei, ea, _ = pyg_original.build_original_graph(upstream_json)
     dims = {et: (ea[et].shape[1] if et in ea else 0) for et in ei}
-    module = GraphCLModel(OriginalEncoder(num_nodes, list(ei), dims, 8, 8, 2, 2, 0.1))
+    module = pyg_original.GraphCLModel(pyg_original.OriginalEncoder(num_nodes, list(ei), dims, 8, 8, 2, 2, 0.1))
     module.load_state_dict(obj["encoder_state"], strict=True)
     module.eval()
     with torch.no_grad():
@@ -621,4 +615,4 @@ def test_mixed_input_modes_cli_to_torch_convert_back_and_verify(mixed_encoder, w
     cfg_back, params_back, _ = load_encoder(out)
     assert cfg_back["input_modes"] == MIXED_MODES
     assert_bit_identical(params, params_back)
-    assert_same_torch_object(torch_load(exported), torch_load(back))
+    assert_same_torch_object(pyg_original.torch_load(exported), pyg_original.torch_load(back))

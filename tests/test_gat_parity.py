@@ -14,21 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_toy_graph  # noqa: E402
+from conftest import lazy_module, make_toy_graph  # noqa: E402
 
-from benchmarks._pyg_reference import (  # noqa: E402
-    PygHeteroGATEncoder,
-    edges_to_pyg,
-    hetero_conv_to_flax,
-    make_hetero_conv,
-)
 from jaxfood.graph.hetero_graph import make_edge_set  # noqa: E402
 from jaxfood.models.encoder import EncoderConfig, make_encoder  # noqa: E402
 from jaxfood.models.gat import HeteroGATConv  # noqa: E402
+
+torch = lazy_module("torch")
+pyg = lazy_module("benchmarks._pyg_reference")
 
 OUT_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-4)
@@ -70,7 +66,7 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
 
 
 def pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed, residual=False):
-    conv = make_hetero_conv(keys, dims, {k: e.attribute_dim for k, e in edges.items()}, heads, channels,
+    conv = pyg.make_hetero_conv(keys, dims, {k: e.attribute_dim for k, e in edges.items()}, heads, channels,
                             concat=concat, aggr=aggr, residual=residual)
     randomise(conv, seed)
     return conv.eval()
@@ -123,7 +119,7 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
     x, edges, dims = random_hetero_graph(seed, num_relations, empty)
     keys = list(edges)
     conv = pyg_layer(keys, dims, edges, heads, channels, concat, aggr, seed, residual)
-    edge_index, edge_attr = edges_to_pyg(edges)
+    edge_index, edge_attr = pyg.edges_to_pyg(edges)
     x_torch = {t: torch.tensor(v, requires_grad=True) for t, v in x.items()}
     expected = conv(x_torch, edge_index, edge_attr_dict=edge_attr)
 
@@ -131,7 +127,7 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
     rng = np.random.default_rng(seed + 100)
     probes = {t: rng.normal(size=tuple(v.shape)).astype(np.float32) for t, v in expected.items()}
     layer = flax_layer(keys, heads, channels, concat, aggr, block, residual)
-    params = hetero_conv_to_flax(conv, keys)
+    params = pyg.hetero_conv_to_flax(conv, keys)
     assert ("res" in params[keys[0]]) == residual
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
     out, attention, (grad_params, grad_x) = layer_forward_and_grads(layer, params, x_jax, edges, None, probes)
@@ -150,7 +146,7 @@ def test_layer_outputs_attention_and_gradients_match_pyg(seed, num_relations, he
         np.testing.assert_allclose(np.asarray(attention[key]), alpha.detach().numpy(), err_msg=key, **OUT_TOL)
 
     sum((expected[t] * torch.as_tensor(probes[t])).sum() for t in expected).backward()
-    assert_tree_close(grad_params, hetero_conv_to_flax(conv, keys, grads=True), "params", **GRAD_TOL)
+    assert_tree_close(grad_params, pyg.hetero_conv_to_flax(conv, keys, grads=True), "params", **GRAD_TOL)
     for t in x:
         expected_grad = x_torch[t].grad
         expected_grad = np.zeros_like(x[t]) if expected_grad is None else expected_grad.numpy()
@@ -170,12 +166,12 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
     masks[first] &= np.asarray(edges[first].receivers) != np.asarray(edges[first].receivers)[0]
     kept = {k: make_edge_set(np.asarray(e.senders)[masks[k]], np.asarray(e.receivers)[masks[k]],
                              np.asarray(e.attributes)[masks[k]]) for k, e in edges.items()}
-    edge_index, edge_attr = edges_to_pyg(kept)
+    edge_index, edge_attr = pyg.edges_to_pyg(kept)
     x_torch = {t: torch.tensor(v, requires_grad=True) for t, v in x.items()}
     expected = conv(x_torch, edge_index, edge_attr_dict=edge_attr)
 
     layer = flax_layer(keys, heads, channels, True, "sum", edge_block=6 if seed % 2 else 0)
-    params = hetero_conv_to_flax(conv, keys)
+    params = pyg.hetero_conv_to_flax(conv, keys)
     x_jax = {t: jnp.asarray(v) for t, v in x.items()}
     jmasks = {k: jnp.asarray(m) for k, m in masks.items()}
     probes = {t: np.random.default_rng(seed).normal(size=tuple(v.shape)).astype(np.float32)
@@ -195,7 +191,7 @@ def test_masked_edges_equal_removed_edges_in_pyg(seed):
 
     sum((expected[t] * torch.as_tensor(probes[t])).sum() for t in expected).backward()
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grad_params))
-    assert_tree_close(grad_params, hetero_conv_to_flax(conv, keys, grads=True), "params", **GRAD_TOL)
+    assert_tree_close(grad_params, pyg.hetero_conv_to_flax(conv, keys, grads=True), "params", **GRAD_TOL)
     for t in x:
         expected_grad = x_torch[t].grad
         expected_grad = np.zeros_like(x[t]) if expected_grad is None else expected_grad.numpy()
@@ -211,11 +207,11 @@ def test_encoder_matches_pyg_encoder(aggr, block, residual):
                         residual=residual)
     encoder = make_encoder(graph, cfg).clone(edge_block=block)
     relations = list(graph.edges)
-    reference = PygHeteroGATEncoder(graph.num_nodes, relations, graph.edge_dims(), hidden_dim=12, num_heads=3,
+    reference = pyg.PygHeteroGATEncoder(graph.num_nodes, relations, graph.edge_dims(), hidden_dim=12, num_heads=3,
                                     num_layers=2, embedding_dim=8, dropout=0.3, aggr=aggr, residual=residual)
     randomise(reference, 7)
     reference.eval()
-    edge_index, edge_attr = edges_to_pyg(graph.edges)
+    edge_index, edge_attr = pyg.edges_to_pyg(graph.edges)
     expected = reference(edge_index, edge_attr)
     params = reference.to_flax()
 
