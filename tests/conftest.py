@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests check what programs compute, not how fast they run: XLA's backend at its lowest optimisation
 # level compiles the suite's hundreds of small programs about a quarter faster (subprocesses inherit it).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# matchms (build-graph --spectra) compiles its numba functions again in every process that uses
+# them (up to 20 s in a fresh environment); on the tests' few peaks plain Python takes no time.
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 # XLA's CPU backend compiles faster with its older fusion emitters, on one thread per program (the
 # suite runs one pytest worker per core): the main job's end-to-end test took 131 s instead of 156 s.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
@@ -63,6 +68,21 @@ def once_per_session(name: str, build) -> Path:
             build(directory)
             (directory / ".complete").touch()
     return directory
+
+
+def lazy_module(name: str):
+    """``name``, imported when one of its attributes is first used. Every pytest worker imports
+    every test module to collect the suite; PyTorch and PyG (5 s) are imported this way so that
+    only a worker that runs a test comparing with them pays for them."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def forced_devices(devices: int) -> str:
@@ -182,8 +202,28 @@ def compilation_cache():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules with a test marked ``slow`` run first (each module kept together, so that its
-    fixtures are set up once per worker): the two workers start the longest tests early, then share
-    the short ones, instead of one of them finishing the suite alone on a long test."""
-    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: file order otherwise
+    """The order that keeps both pytest workers busy to the end. ``--dist worksteal`` gives each of
+    the n workers one contiguous part of the collection (the first ``len // n`` tests, then an equal
+    share of the rest) and lets a worker that runs out take the far end of another's part. So each
+    part starts with its share of the modules that hold a test marked ``slow`` (dealt out in turn,
+    each module kept together so that its fixtures are set up once) and is filled up with the other
+    modules: the long tests start early on every worker and what is left at the end is short work
+    that moves to whichever worker is free. Without pytest-xdist the file order is kept."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers < 2:
+        return
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    heavy = [m for m, members in modules.items() if any(i.get_closest_marker("slow") for i in members)]
+    parts: list[list] = [[] for _ in range(workers)]
+    for i, module in enumerate(heavy):
+        parts[i % workers].extend(modules[module])
+    light = [item for module, members in modules.items() if module not in heavy for item in members]
+    remaining, taken = len(items), 0
+    for k, part in enumerate(parts):  # worksteal's first shares: len(pending) // idle workers
+        fill = max(remaining // (workers - k) - len(part), 0) if k < workers - 1 else len(light) - taken
+        part.extend(light[taken:taken + fill])
+        taken += fill
+        remaining -= len(part)
+    items[:] = [item for part in parts for item in part]
