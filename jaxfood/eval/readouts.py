@@ -7,10 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from jaxfood.eval.figures import plot_embedding_categories
 from jaxfood.eval.metrics import knn_purity
@@ -41,6 +37,12 @@ def embedding_readouts(embeddings: Mapping[str, np.ndarray], graph: HeteroGraph,
     if train.sum() == 0 or test.sum() == 0 or np.unique(sample_food[train]).size < 2:
         accuracy = float("nan")
     else:
+        # scikit-learn (1.3 s to import) where it is used, as in eval.metrics: predict and embed never load it.
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from threadpoolctl import threadpool_limits
+
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
         # One BLAS thread: on a [390, 64] problem, threads only spin against each other (15x slower).
         with threadpool_limits(1):
