@@ -125,12 +125,12 @@ def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path
     write_job_inputs(tmp_path)
     graph_dir, workdir = tmp_path / "graph", tmp_path / "work"
 
-    def cmd(pid, port):
-        return [*pod_job(tmp_path, "work"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                "--process-id", str(pid)]
+    def cmd(pid, port):  # a resume snapshot every 4 steps (the last option given counts): two written together
+        return [*pod_job(tmp_path, "work"), "--checkpoint-every", "4", "--coordinator", f"127.0.0.1:{port}",
+                "--num-processes", "2", "--process-id", str(pid)]
 
-    # The reference first: process 0 then finds the programs that run on one device (initialisation,
-    # evaluation) in the compilation cache, compiled by the reference, and compiles only its step.
+    # The reference first, so that process 0 can take from the compilation cache the programs the
+    # reference compiled for one device (initialisation, evaluation; process 1's device ids differ).
     reference = pod_reference()
     outputs = run_two_processes(cmd, job_env(tmp_path, 2))
     final = [np.load(tmp_path / f"work_final_{pid}.npz") for pid in range(2)]
