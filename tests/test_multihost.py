@@ -41,7 +41,8 @@ figures: false
 """
 STEPS = 8
 #: Pod options of the tiny job: 4 seed samples per subgraph, a resume snapshot every step.
-TINY_OPTIONS = ["--batch-size", "4", "--checkpoint-every", "1"]
+BATCH_OPTIONS = ["--batch-size", "4"]
+TINY_OPTIONS = [*BATCH_OPTIONS, "--checkpoint-every", "1"]
 
 
 def free_port() -> int:
@@ -91,12 +92,13 @@ def write_job_inputs(root: Path) -> None:
     (root / "tiny.yaml").write_text(TINY_CONFIG)
 
 
-def pod_job(root: Path, name: str) -> list[str]:
-    """The tiny job on the inputs in ``root`` (:func:`write_job_inputs`) in the workdir ``root/name``;
-    it writes its initial and final parameters to ``root/{name}_initial_{process}.npz`` and
-    ``root/{name}_final_{process}.npz``."""
+def pod_job(root: Path, name: str, checkpoint_every: int = 1) -> list[str]:
+    """The tiny job on the inputs in ``root`` (:func:`write_job_inputs`) in the workdir ``root/name``,
+    a resume snapshot every ``checkpoint_every`` steps; it writes its initial and final parameters to
+    ``root/{name}_initial_{process}.npz`` and ``root/{name}_final_{process}.npz``."""
+    options = [*BATCH_OPTIONS, "--checkpoint-every", str(checkpoint_every)]
     return [sys.executable, str(ROOT / "experiments/pod/train.py"), "--graph", str(root / "graph"),
-            "--workdir", str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress", *TINY_OPTIONS,
+            "--workdir", str(root / name), "--config", str(root / "tiny.yaml"), "--no-progress", *options,
             "--final-params", str(root / f"{name}_final_{{process}}.npz"),
             "--initial-params", str(root / f"{name}_initial_{{process}}.npz")]
 
@@ -125,8 +127,8 @@ def test_two_processes_train_to_the_end_agree_and_only_process_0_writes(tmp_path
     write_job_inputs(tmp_path)
     graph_dir, workdir = tmp_path / "graph", tmp_path / "work"
 
-    def cmd(pid, port):  # a resume snapshot every 4 steps (the last option given counts): two written together
-        return [*pod_job(tmp_path, "work"), "--checkpoint-every", "4", "--coordinator", f"127.0.0.1:{port}",
+    def cmd(pid, port):  # a resume snapshot every 4 steps: two written by both processes together
+        return [*pod_job(tmp_path, "work", checkpoint_every=4), "--coordinator", f"127.0.0.1:{port}",
                 "--num-processes", "2", "--process-id", str(pid)]
 
     # The reference first, so that process 0 can take from the compilation cache the programs the
