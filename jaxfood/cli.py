@@ -72,10 +72,11 @@ def run_command(run, args, debug: bool) -> int:
     """Runs ``run(args)``, mapping user errors to one line on stderr and exit status 2; warnings are
     printed as ``warning: ...`` lines (with ``--debug`` in Python's format, file and line).
     Compiled programs are kept on disk between commands (:mod:`jaxfood.compile_cache`) unless
-    ``args.no_compile_cache``."""
-    from jaxfood.compile_cache import enable_compile_cache
+    ``args.no_compile_cache``; the garbage collector runs less often (``collect_less``)."""
+    from jaxfood.compile_cache import collect_less, enable_compile_cache
 
     enable_compile_cache(disabled=getattr(args, "no_compile_cache", False))
+    collect_less()
     saved = warnings.formatwarning
     if not debug:
         warnings.formatwarning = format_warning

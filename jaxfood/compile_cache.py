@@ -11,12 +11,15 @@ pretrained probe, the from-scratch ablation, the untrained control, the report) 
 functions, so JAX's in-memory cache answers -- no tracing, no lowering, no read from disk; and
 :class:`Background` compiles a program in a thread while the caller goes on (XLA compiles without
 Python's GIL, so two compilations, or a compilation and a training step, share the cores).
+:func:`collect_less` keeps Python's garbage collector from running thousands of times while a
+program is traced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import hashlib
 import os
 import sys
@@ -89,6 +92,19 @@ def enable_compile_cache(disabled: bool = False) -> Path | None:
         for key, value in settings.items():
             os.environ[key.upper()] = str(value)
     return path
+
+
+#: Python's cyclic garbage collector runs whenever allocations outnumber deallocations by the first
+#: of these (default 700); tracing a model allocates millions of short-lived objects, so at the
+#: default it ran ~1,600 times (and 12 full collections) in the fine-tuning tests' process, 5-6 % of
+#: its CPU time; at 20,000, 40 times (0.7 s instead of 2.4-4.3 s). Cyclic garbage is still freed.
+GC_THRESHOLD = (20_000, 10, 10)
+
+
+def collect_less() -> None:
+    """Raises the garbage collector's thresholds to :data:`GC_THRESHOLD` (never lowers them). For
+    processes that trace and compile programs: the commands, the pod job, the test suite."""
+    gc.set_threshold(*(max(now, new) for now, new in zip(gc.get_threshold(), GC_THRESHOLD)))
 
 
 # ---- programs shared within the process ---------------------------------------------------------

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxfood.compile_cache import enable_compile_cache
+from jaxfood.compile_cache import collect_less, enable_compile_cache
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import GraphMeta, HeteroGraph, make_edge_set, with_reverse_edges
 from jaxfood.graph.splits import with_splits
@@ -52,6 +52,8 @@ from jaxfood.graph.splits import with_splits
 # imports JAX earlier (a profiler, say) would otherwise run the suite at the default level.
 jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in ("0", "false", ""))
+# Tests trace programs as the commands do: with the commands' garbage collection thresholds.
+collect_less()
 
 
 def once_per_session(name: str, build) -> Path:

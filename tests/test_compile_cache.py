@@ -87,3 +87,26 @@ def test_shared_program_is_keyed_by_value_of_configs_and_by_identity_of_other_ob
     assert len(built) == 7
     forget_shared_programs()
     assert shared_program("t", f, build) is not b
+
+
+def test_collect_less_raises_the_garbage_collector_thresholds_and_never_lowers_them(monkeypatch):
+    import gc
+
+    from jaxfood import cli, compile_cache
+    from jaxfood.compile_cache import GC_THRESHOLD, collect_less
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)  # Python's defaults
+        collect_less()
+        assert gc.get_threshold() == GC_THRESHOLD and GC_THRESHOLD[0] > 700
+        gc.set_threshold(GC_THRESHOLD[0] * 2, 1, 50)  # a process that chose its own: kept where higher
+        collect_less()
+        assert gc.get_threshold() == (GC_THRESHOLD[0] * 2, GC_THRESHOLD[1], 50)
+        # Every command runs with them (the session's compilation cache left as it is).
+        monkeypatch.setattr(compile_cache, "enable_compile_cache", lambda disabled=False: None)
+        gc.set_threshold(700, 10, 10)
+        assert cli.run_command(lambda args: 0, object(), debug=False) == 0
+        assert gc.get_threshold() == GC_THRESHOLD
+    finally:
+        gc.set_threshold(*saved)

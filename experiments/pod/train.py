@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from jaxfood.compile_cache import collect_less  # noqa: E402
 from jaxfood.errors import UserError  # noqa: E402
 from jaxfood.train.parallel_options import (  # noqa: E402
     add_distributed_arguments,
@@ -93,6 +94,7 @@ def save_params(params, path: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    collect_less()
     try:
         # Joins the job before anything touches a device.
         from jaxfood.train.processes import init_from_args
