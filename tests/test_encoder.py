@@ -237,6 +237,7 @@ def test_profile_sample_inputs_are_inductive_and_follow_incoming_edge_masks():
     one_layer = make_encoder(graph, dataclasses.replace(cfg, num_layers=1))
     one_params = {k: v for k, v in params.items() if k != "layer_1"}
 
+    @jax.jit  # (eagerly: ~150 programs of one operation each)
     def inputs(masks=None):
         return one_layer.apply({"params": one_params}, graph, masks)[schema.SAMPLE]
 
@@ -251,7 +252,7 @@ def test_profile_sample_inputs_are_inductive_and_follow_incoming_edge_masks():
     np.testing.assert_allclose(np.delete(x_masked, 3, 0), np.delete(x, 3, 0), rtol=1e-5, atol=1e-5)
     # Residual weights exist per relation and layer; every node type leaves the encoder distinct.
     assert all("res" in p for p in params["layer_1"].values())
-    out = encoder.apply({"params": params}, graph)
+    out = jax.jit(encoder.apply)({"params": params}, graph)
     assert np.min(np.std(np.asarray(out[schema.MOLECULE]), axis=0)) > 0
     with pytest.raises(ConfigError, match="input_modes.Molecule"):
         EncoderConfig(input_modes={schema.MOLECULE: "profile"}).validate()
