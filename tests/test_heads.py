@@ -181,20 +181,19 @@ def test_wide_outputs_are_the_linear_part_of_the_heads():
     model = make_multitask_model(graph, SMALL_ENCODER, SMALL_HEADS)
     params = model.init(jax.random.key(0), graph)
     F = graph.num_nodes[schema.FOOD]
-    apply = jax.jit(model.apply)  # one program for both parameter sets (eagerly: ~240 small ones)
     # Initial wide kernels are zero: the heads start as the deep path alone.
-    base = apply(params, graph)
+    base = model.apply(params, graph)
     np.testing.assert_allclose(np.asarray(base.wide_food_logits), 0.0)
     kernel = jax.random.normal(jax.random.key(1), params["classifier"]["wide_kernel"].shape)
     moved = {**params, "classifier": {**params["classifier"], "wide_kernel": kernel}}
-    out = apply(moved, graph)
+    out = model.apply(moved, graph)
     assert out.wide_food_logits.shape == (graph.num_nodes[schema.SAMPLE], F)
     np.testing.assert_allclose(np.asarray(out.food_logits - base.food_logits), np.asarray(out.wide_food_logits),
                                rtol=1e-4, atol=1e-4)
     assert float(jnp.std(out.wide_food_logits)) > 0.1
     no_wide = make_multitask_model(graph, SMALL_ENCODER, dataclasses.replace(SMALL_HEADS, wide=False))
     plain = no_wide.init(jax.random.key(0), graph)
-    assert "wide_kernel" not in plain["classifier"] and jax.jit(no_wide.apply)(plain, graph).wide_food_logits is None
+    assert "wide_kernel" not in plain["classifier"] and no_wide.apply(plain, graph).wide_food_logits is None
 
 
 def test_nutrients_from_foods_add_the_posterior_expected_profile():
@@ -208,7 +207,7 @@ def test_nutrients_from_foods_add_the_posterior_expected_profile():
     assert "food_posterior" in params["nutrient_head"]
     params["nutrient_head"]["food_posterior"]["log_scale"] = jnp.asarray(0.3)
     plain = {**params, "nutrient_head": {k: v for k, v in params["nutrient_head"].items() if k != "food_posterior"}}
-    out, base = jax.jit(model.apply)(params, graph), jax.jit(plain_model.apply)(plain, graph)
+    out, base = model.apply(params, graph), plain_model.apply(plain, graph)
     logits = np.asarray(out.food_logits, np.float64) * np.exp(0.3)
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
