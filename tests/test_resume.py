@@ -1,8 +1,14 @@
-"""Preemption-safe resume: a run killed mid-training (SIGKILL) or preempted (SIGTERM) and rerun
-with the same workdir ends with the parameters of an uninterrupted run."""
+"""Preemption-safe resume: a run killed mid-training (SIGKILL: no handler, maybe mid-save) and rerun
+with the same workdir ends with the parameters of an uninterrupted run; a preempted one (SIGTERM)
+exits with status 143 and says where it stopped.
+
+(The SIGTERM handler that checkpoints the step the loop is at and stops it is the loop's own,
+tested in-process with a real signal: test_distributed.test_loop_preempted_then_rerun_ends_where_an_
+uninterrupted_run_does; here the pod job's and the commands' exit status for it.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -15,6 +21,7 @@ import pytest
 from test_multihost import STEPS, TINY_OPTIONS, job_env, pod_reference
 
 from jaxfood.train.checkpoint import latest_step
+from jaxfood.train.preemption import PREEMPTED_EXIT, Preempted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,32 +86,50 @@ def _assert_same_params(final, reference) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_then_rerun_ends_where_an_uninterrupted_run_does(job):
+def test_sigkill_then_rerun_ends_where_an_uninterrupted_run_does(job):
     root, workdir = job["root"], job["root"] / "interrupted"
-    # 1. Preempted: SIGTERM makes the run checkpoint the step it is at and exit with 143.
+    # 1. Killed outright (SIGKILL: no handler, maybe mid-save) after its second snapshot.
     proc = job["start"]("interrupted", delay=0.3)
     job["wait"](proc, workdir, 2)
-    proc.send_signal(signal.SIGTERM)
-    out = job["finish"](proc, expect=143)
-    stopped = latest_step(workdir / "resume")
-    assert 2 <= stopped < STEPS - 2 and f"preempted: step {stopped}" in out
-    assert not (workdir / "metrics.json").exists()
-
-    # 2. Rerun, then killed outright (SIGKILL: no handler, maybe mid-save) after a later checkpoint.
-    proc = job["start"]("interrupted", delay=0.3)
-    job["wait"](proc, workdir, stopped + 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     killed_at = latest_step(workdir / "resume")
-    assert stopped + 2 <= killed_at < STEPS and not (workdir / "metrics.json").exists()
+    assert 2 <= killed_at < STEPS - 1 and not (workdir / "metrics.json").exists()
 
-    # 3. Rerun to the end: it resumes from the last snapshot and ends where the reference did.
+    # 2. Rerun to the end: it resumes from the last snapshot and ends where the reference did.
     out = job["finish"](job["start"]("interrupted"))
     assert f"complete: step {STEPS} on 1 process(es)" in out and f"resumed from step {killed_at}" in out
     _assert_same_params(np.load(root / "interrupted.npz"), job["reference"])
-    # The history continues across the interruptions and has every step once; metrics are those
+    # The history continues across the interruption and has every step once; metrics are those
     # of the reference (same kept state, same evaluation).
     history = json.loads((workdir / "history.json").read_text())
     assert [row["step"] for row in history["train"]] == list(range(1, STEPS + 1))
     assert json.loads((workdir / "metrics.json").read_text()) == job["reference_metrics"]
+
+
+def _preempted(*args, **kwargs):
+    raise Preempted(3, "W/resume")
+
+
+@pytest.mark.parametrize("command", ["pod", "finetune", "pretrain"])
+def test_a_preempted_run_exits_143_and_says_where_it_stopped(command, monkeypatch, tmp_path, capsys):
+    """The loop raises Preempted once SIGTERM's snapshot is written; the pod job and the commands turn
+    it into exit status 143 and one line naming the step (the same graph and workdir resume it)."""
+    from test_multihost import write_job_inputs
+
+    from jaxfood import cli, workflows
+
+    write_job_inputs(tmp_path)
+    monkeypatch.setattr(workflows, "finetune", _preempted)
+    monkeypatch.setattr(workflows, "pretrain", _preempted)
+    common = ["--graph", str(tmp_path / "graph"), "--workdir", str(tmp_path / "w")]
+    if command == "pod":
+        spec = importlib.util.spec_from_file_location("pod_train", ROOT / "experiments/pod/train.py")
+        pod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pod)
+        code = pod.main([*common, "--config", str(tmp_path / "tiny.yaml"), "--no-progress"])
+    else:
+        code = cli.main([command, *common, "--quiet"])
+    assert code == PREEMPTED_EXIT == 143
+    assert "preempted: step 3 checkpointed in W/resume; rerun the same command to resume" in capsys.readouterr().out
