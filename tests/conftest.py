@@ -147,7 +147,7 @@ def toy_graph():
 
 
 TINY_FINETUNE = [
-    "steps=3", "eval_every=3", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
+    "steps=3", "eval_every=3", "patience=0", "scorers=[intensity_attribution]", "figures=false", "tensorboard=false",
     "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
     "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
     "loss.salient_top_k=3", "salient_k=3", "stability_perturbations=0",

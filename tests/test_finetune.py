@@ -17,7 +17,7 @@ from jaxfood.train import task_weighting as tw
 #: A tiny model (one GAT layer: smaller programs to compile): what is tested is the workflow --
 #: reproducibility, evaluate, TensorBoard, GradNorm bookkeeping -- not what the model learns.
 SMALL = [
-    "steps=4", "eval_every=2", "patience=0", "scorers=[attention]", "figures=false",
+    "steps=4", "eval_every=2", "patience=0", "scorers=[intensity_attribution]", "figures=false",
     "encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1",
     "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
     "loss.salient_top_k=3", "salient_k=3", "weighting.method=gradnorm",

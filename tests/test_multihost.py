@@ -34,7 +34,7 @@ encoder: {hidden_dim: 8, num_heads: 2, num_layers: 1, embedding_dim: 8, dropout:
 heads: {hidden_dim: 8, pool_dim: 8, attention_dim: 4, projection_dim: 4}
 loss: {salient_top_k: 3}
 steps: 8
-scorers: [attention]
+scorers: [intensity_attribution]
 salient_k: 3
 stability_perturbations: 0
 figures: false

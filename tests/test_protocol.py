@@ -130,7 +130,7 @@ def test_checkpoint_selection_evaluates_val_only(simulated, tmp_path, monkeypatc
         return evaluate(self, params, split, *args, **kwargs)
 
     monkeypatch.setattr(Evaluator, "evaluate", spy)
-    cfg = load_config(FinetuneConfig(), None, [*TINY, "scorers=[attention]", "stability_perturbations=0"])
+    cfg = load_config(FinetuneConfig(), None, [*TINY, "scorers=[intensity_attribution]", "stability_perturbations=0"])
     a = finetune(graph, cfg, tmp_path / "a", biomarkers=pairs, progress=False)
     # The fitted starting state (step 0) and the trained states are selected on val alone.
     assert [row["step"] for row in a.history["val"]][0] == 0

@@ -230,7 +230,7 @@ def test_without_matchms_the_error_names_the_extra(tmp_path, capsys, monkeypatch
 ENCODER = ["encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1"]
 PRETRAIN = ["epochs=1", "steps_per_epoch=1", "val_views=1", "batch_size=8", "projection_hidden=8", "projection_dim=4",
             *ENCODER]
-FINETUNE = ["steps=2", "eval_every=2", "patience=0", "scorers=[attention]", "figures=false", "tensorboard=false",
+FINETUNE = ["steps=2", "eval_every=2", "patience=0", "scorers=[intensity_attribution]", "figures=false", "tensorboard=false",
             "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
             "loss.salient_top_k=3", "salient_k=3", "stability_perturbations=0", *ENCODER]
 
