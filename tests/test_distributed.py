@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: script writing OUT.
 DRIVER = """
 import os, runpy, sys
+from jaxfood.compile_cache import collect_less
+collect_less()  # as the commands and the pod job
 for layout in os.environ["LAYOUTS"].split(","):
     os.environ["LAYOUT"] = layout
     for name in sys.argv[1:]:
