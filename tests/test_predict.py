@@ -358,3 +358,14 @@ def test_padding_shares_one_program_across_sample_sizes_and_changes_no_real_outp
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(alone.outputs.molecule_weights)[alone.new_edges],
                                np.asarray(together.outputs.molecule_weights)[mine], rtol=1e-5, atol=1e-7)
+    # The checkpoint loaded again (another model object of the same structure) predicts through the
+    # same jitted pass: nothing is traced or compiled again, and the outputs are the same.
+    from jaxfood.compile_cache import shared_program
+
+    forward = shared_program("predict_forward", loaded.model, lambda: pytest.fail("predict_arrays shares no pass"))
+    traced = forward._cache_size()
+    again = load_finetuned(ckpt, graph)
+    assert again.model is not loaded.model
+    repeat = predict_arrays(again, graph, _table(graph, [("big", big)]), norm, reference=True)
+    assert forward._cache_size() == traced
+    np.testing.assert_array_equal(repeat.outputs.food_logits, alone.outputs.food_logits)

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfood.compile_cache import shared_program
 from jaxfood.data.build import build_graph
 from jaxfood.data.csv_input import sniff_delimiter
 from jaxfood.data.readers import read_feature_table
@@ -307,7 +308,9 @@ def predict_arrays(loaded, graph: HeteroGraph, table: FeatureTable, normalisatio
     attr = normalise_intensity(matched.intensity, matched.molecule_index, normalisation)
     dgraph = prepare_graph(graph)
     ext, edge_masks, stats_mask, new_edges = extend_graph(dgraph, matched, attr)
-    forward = _forward_fn(loaded.model)
+    # Predictions with models of the same structure (the same checkpoint again, another of the same
+    # configuration) in this process share the jitted pass: traced and compiled once per shape.
+    forward = shared_program("predict_forward", loaded.model, lambda: _forward_fn(loaded.model))
     params = loaded.params  # the model ignores the task-weighting entries beside its own
     ext = jax.device_put(ext)
     label_key, rev_label_key = schema.IS_INSTANCE_OF, schema.reverse_key(schema.IS_INSTANCE_OF)
