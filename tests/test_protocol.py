@@ -113,15 +113,19 @@ def test_held_out_labels_move_only_the_metrics_scored_against_them(simulated, tm
 
 
 @pytest.mark.slow
-def test_checkpoint_selection_evaluates_val_only(simulated, tmp_path, monkeypatch):
+def test_checkpoint_selection_evaluates_val_only(tmp_path, monkeypatch):
     """During training only the val split is evaluated (the test split once, at the end), and
-    permuting the test labels changes neither the validation history nor the kept checkpoint."""
+    permuting the test labels changes neither the validation history nor the kept checkpoint.
+    (test_finetune's graph and configuration: a worker that ran its runs has the programs compiled.)"""
+    from conftest import make_toy_graph
+    from test_finetune import SMALL
+
     from jaxfood.config import load_config
     from jaxfood.eval.evaluator import Evaluator
     from jaxfood.train.finetune import FinetuneConfig
     from jaxfood.workflows import finetune
 
-    graph, pairs = simulated
+    graph, pairs = make_toy_graph(), [("m0", "f0"), ("m1", "f0"), ("m3", "f1"), ("m4", "f1")]
     calls = []
     evaluate = Evaluator.evaluate
 
@@ -130,7 +134,7 @@ def test_checkpoint_selection_evaluates_val_only(simulated, tmp_path, monkeypatc
         return evaluate(self, params, split, *args, **kwargs)
 
     monkeypatch.setattr(Evaluator, "evaluate", spy)
-    cfg = load_config(FinetuneConfig(), None, [*TINY, "scorers=[intensity_attribution]", "stability_perturbations=0"])
+    cfg = load_config(FinetuneConfig(), None, SMALL)
     a = finetune(graph, cfg, tmp_path / "a", biomarkers=pairs, progress=False)
     # The fitted starting state (step 0) and the trained states are selected on val alone.
     assert [row["step"] for row in a.history["val"]][0] == 0
