@@ -203,13 +203,19 @@ def compilation_cache():
     yield cache
 
 
+#: Modules dealt to the same worker as their partner: they run the same programs (test_protocol
+#: fine-tunes test_finetune's graph with its configuration: compiled once) or wait for the same
+#: once-per-session output (the pod reference of test_multihost and test_resume).
+TOGETHER = {"tests/test_protocol.py": "tests/test_finetune.py", "tests/test_resume.py": "tests/test_multihost.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     """The order that keeps both pytest workers busy to the end. ``--dist worksteal`` gives each of
     the n workers one contiguous part of the collection (the first ``len // n`` tests, then an equal
     share of the rest) and lets a worker that runs out take the far end of another's part. So each
     part starts with its share of the modules that hold a test marked ``slow`` (dealt out in turn,
-    each module kept together so that its fixtures are set up once) and is filled up with the other
-    modules: the long tests start early on every worker and what is left at the end is short work
+    each module kept together so that its fixtures are set up once, a module of :data:`TOGETHER`
+    with its partner) and is filled up with the other modules: the long tests start early on every worker and what is left at the end is short work
     that moves to whichever worker is free. Without pytest-xdist the file order is kept."""
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     if workers < 2:
@@ -219,8 +225,12 @@ def pytest_collection_modifyitems(config, items):
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
     heavy = [m for m, members in modules.items() if any(i.get_closest_marker("slow") for i in members)]
     parts: list[list] = [[] for _ in range(workers)]
-    for i, module in enumerate(heavy):
-        parts[i % workers].extend(modules[module])
+    groups: dict[str, list[str]] = {}  # each heavy module under its partner's name, if heavy
+    for module in heavy:
+        groups.setdefault(TOGETHER[module] if TOGETHER.get(module) in heavy else module, []).append(module)
+    for i, members in enumerate(groups.values()):
+        for module in members:
+            parts[i % workers].extend(modules[module])
     light = [item for module, members in modules.items() if module not in heavy for item in members]
     remaining, taken = len(items), 0
     for k, part in enumerate(parts):  # worksteal's first shares: len(pending) // idle workers
