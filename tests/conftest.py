@@ -215,8 +215,9 @@ def pytest_collection_modifyitems(config, items):
     share of the rest) and lets a worker that runs out take the far end of another's part. So each
     part starts with its share of the modules that hold a test marked ``slow`` (dealt out in turn,
     each module kept together so that its fixtures are set up once, a module of :data:`TOGETHER`
-    with its partner) and is filled up with the other modules: the long tests start early on every worker and what is left at the end is short work
-    that moves to whichever worker is free. Without pytest-xdist the file order is kept."""
+    with its partner) and is filled up with the other modules: the long tests start early on every
+    worker and what is left at the end is short work that moves to whichever worker is free.
+    Without pytest-xdist the file order is kept."""
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     if workers < 2:
         return

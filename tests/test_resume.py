@@ -56,9 +56,9 @@ def job(tmp_path_factory):
         env = dict(job_env(root, 4), STEP_DELAY=str(delay))
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    def finish(proc: subprocess.Popen) -> str:
         out, err = proc.communicate(timeout=900)
-        assert proc.returncode == expect, err[-4000:]
+        assert proc.returncode == 0, err[-4000:]
         return out
 
     def saved_step(workdir: Path) -> int:
