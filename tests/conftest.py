@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import atexit
 import fcntl
-import importlib.util
+import importlib
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -72,19 +71,28 @@ def once_per_session(name: str, build) -> Path:
     return directory
 
 
-def lazy_module(name: str):
-    """``name``, imported when one of its attributes is first used. Every pytest worker imports
-    every test module to collect the suite; PyTorch and PyG (5 s) are imported this way so that
-    only a worker that runs a test comparing with them pays for them."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+class LazyModule:
+    """Module ``name``, imported when one of its public attributes is first read. Every pytest
+    worker imports every test module to collect the suite; PyTorch and PyG (~5 s) are held this way
+    so that only a worker that runs a test comparing with them pays for them. Private and dunder
+    attributes (``_mock_name``, ``__wrapped__``: pytest probes every module-level object for
+    wrapped fixtures while it collects) are not forwarded and import nothing."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+
+def lazy_module(name: str) -> LazyModule:
+    """``name`` as a :class:`LazyModule`."""
+    return LazyModule(name)
 
 
 def forced_devices(devices: int) -> str:
@@ -204,9 +212,13 @@ def compilation_cache():
 
 
 #: Modules dealt to the same worker as their partner: they run the same programs (test_protocol
-#: fine-tunes test_finetune's graph with its configuration: compiled once) or wait for the same
-#: once-per-session output (the pod reference of test_multihost and test_resume).
-TOGETHER = {"tests/test_protocol.py": "tests/test_finetune.py", "tests/test_resume.py": "tests/test_multihost.py"}
+#: fine-tunes test_finetune's graph with its configuration: compiled once), wait for the same
+#: once-per-session output (the pod reference of test_multihost and test_resume) or import the same
+#: heavy module (PyTorch and PyG: test_gat_parity, test_convert, test_bad_input and test_spectra
+#: compare with the PyTorch original or write its checkpoints). A partner holds a slow test.
+TOGETHER = {"tests/test_protocol.py": "tests/test_finetune.py", "tests/test_resume.py": "tests/test_multihost.py",
+            "tests/test_gat_parity.py": "tests/test_spectra.py", "tests/test_convert.py": "tests/test_spectra.py",
+            "tests/test_bad_input.py": "tests/test_spectra.py"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -229,10 +241,15 @@ def pytest_collection_modifyitems(config, items):
     groups: dict[str, list[str]] = {}  # each heavy module under its partner's name, if heavy
     for module in heavy:
         groups.setdefault(TOGETHER[module] if TOGETHER.get(module) in heavy else module, []).append(module)
+    leader = {module: name for name, members in groups.items() for module in members}
+    for module in modules:  # light modules after their heavy partner's group
+        if module not in heavy and TOGETHER.get(module) in leader:
+            groups[leader[TOGETHER[module]]].append(module)
+    grouped = {module for members in groups.values() for module in members}
     for i, members in enumerate(groups.values()):
         for module in members:
             parts[i % workers].extend(modules[module])
-    light = [item for module, members in modules.items() if module not in heavy for item in members]
+    light = [item for module, members in modules.items() if module not in grouped for item in members]
     remaining, taken = len(items), 0
     for k, part in enumerate(parts):  # worksteal's first shares: len(pending) // idle workers
         fill = max(remaining // (workers - k) - len(part), 0) if k < workers - 1 else len(light) - taken

@@ -4,6 +4,7 @@ worker."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 import conftest
@@ -22,18 +23,32 @@ def _modules(items):
 
 
 def test_slow_modules_are_dealt_to_the_fronts_of_the_shares_and_partners_stay_together(monkeypatch):
-    monkeypatch.setattr(conftest, "TOGETHER", {"d.py": "b.py", "a.py": "e.py"})
+    monkeypatch.setattr(conftest, "TOGETHER", {"d.py": "b.py", "a.py": "e.py", "g.py": "c.py"})
     items = [_Item(m, f"t{k}", slow=(k == 0 and m[0] in "abcde")) for m in
-             ("a.py", "b.py", "c.py", "d.py", "e.py", "f.py", "g.py") for k in range(3)]
+             ("a.py", "b.py", "c.py", "d.py", "e.py", "f.py", "g.py", "h.py", "i.py") for k in range(3)]
     config = types.SimpleNamespace(workerinput={"workercount": 2})
     conftest.pytest_collection_modifyitems(config, items)
-    assert len(items) == 21 and len({i.nodeid for i in items}) == 21
-    # Worksteal's first shares: the first half (10 of 21 here) and the rest.
-    first, second = _modules(items[:10]), _modules(items[10:])
-    # a.py with its partner e.py (which comes later), then c.py; b.py with d.py: in turn, partners together.
-    assert first[:3] == ["a.py", "e.py", "c.py"] and second[:2] == ["b.py", "d.py"]
-    assert not set(first[:3]) & set(second) and {"f.py", "g.py"} >= set(first[3:]) | set(second[2:])
+    assert len(items) == 27 and len({i.nodeid for i in items}) == 27
+    # Worksteal's first shares: the first half (13 of 27 here) and the rest.
+    first, second = _modules(items[:13]), _modules(items[13:])
+    # a.py with its partner e.py (which comes later), then c.py with the light g.py; b.py with d.py:
+    # in turn, partners together.
+    assert first[:4] == ["a.py", "e.py", "c.py", "g.py"] and second[:2] == ["b.py", "d.py"]
+    assert not set(first[:4]) & set(second) and {"f.py", "h.py", "i.py"} >= set(first[4:]) | set(second[2:])
     # Without pytest-xdist the file order is kept.
     again = list(items)
     conftest.pytest_collection_modifyitems(types.SimpleNamespace(), again)
     assert again == items
+
+
+def test_a_lazy_module_is_imported_by_its_first_public_attribute_and_not_by_pytest_s_probes(tmp_path, monkeypatch):
+    import inspect
+
+    (tmp_path / "lazy_probe_module.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_probe_module", raising=False)
+    lazy = conftest.lazy_module("lazy_probe_module")
+    # What pytest reads of every module-level object while it collects (wrapped-fixture check).
+    assert getattr(lazy, "_mock_name", None) is None and inspect.unwrap(lazy) is lazy
+    assert not hasattr(lazy, "__wrapped__") and "lazy_probe_module" not in sys.modules
+    assert lazy.VALUE == 42 and sys.modules["lazy_probe_module"].VALUE == 42
