@@ -209,6 +209,22 @@ def test_checkpoint_reloads_into_the_fine_tuning_encoder(cli_run):
     assert not np.allclose(got[schema.SAMPLE], embed(fresh)[schema.SAMPLE])
 
 
+def test_finetune_with_an_encoder_pretrained_on_another_graph_exits_2_and_writes_nothing(cli_run, tmp_path, capsys):
+    """`jaxfood finetune --pretrained` reads the pretraining run's checkpoint; one made for another
+    graph (50 molecules, this one has 40) is one line naming it and the parameter, exit status 2,
+    and no workdir (the run's config.yaml used to be written before the check)."""
+    workdir, _, _ = cli_run
+    save_graph(make_toy_graph(num_samples=30, num_molecules=40, seed=0), tmp_path / "graph")
+    capsys.readouterr()
+    code = main(["finetune", "--graph", str(tmp_path / "graph"), "--workdir", str(tmp_path / "fine"),
+                 "--pretrained", str(workdir / "checkpoints"), "--quiet", "--set", "steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {workdir / 'checkpoints'}: encoder parameter ") and "(50, 16)" in err[0] \
+        and "this graph needs (40, 16)" in err[0], err
+    assert not (tmp_path / "fine").exists()
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(["pretrain", "--workdir", str(tmp_path / "w"), "--set", "no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err

@@ -226,10 +226,8 @@ def test_without_matchms_the_error_names_the_extra(tmp_path, capsys, monkeypatch
     _one_error(code, out, captured, '--spectra needs matchms: pip install -e ".[spectra]"')
 
 
-#: The smallest model and run that exercises every command (plumbing, not accuracy).
+#: The smallest model and run that exercises every command after the graph (plumbing, not accuracy).
 ENCODER = ["encoder.hidden_dim=8", "encoder.num_heads=2", "encoder.embedding_dim=8", "encoder.num_layers=1"]
-PRETRAIN = ["epochs=1", "steps_per_epoch=1", "val_views=1", "batch_size=8", "projection_hidden=8", "projection_dim=4",
-            *ENCODER]
 FINETUNE = ["steps=2", "eval_every=2", "patience=0", "scorers=[intensity_attribution]", "figures=false", "tensorboard=false",
             "heads.hidden_dim=8", "heads.pool_dim=8", "heads.attention_dim=4", "heads.projection_dim=4",
             "loss.salient_top_k=3", "salient_k=3", "stability_perturbations=0", *ENCODER]
@@ -241,11 +239,14 @@ def _settings(items):
 
 @pytest.mark.slow
 def test_every_command_runs_on_a_graph_with_spectra_and_spectral_network(graph_dir, tmp_path, capsys):
+    """finetune, evaluate, predict and embed on the graph build-graph made from the spectra (Molecule
+    inputs from the spectra, the is_similar_to relation). GraphCL pretraining is the fine-tuned
+    encoder's with its own step: over is_similar_to edges in test_pretrain (the augmentations), the
+    `jaxfood pretrain` command and `finetune --pretrained` in test_no_nutrients, the main job's
+    pretraining in test_run_mtl; here it would compile a second training step for this graph."""
     graph = ["--graph", str(graph_dir)]
-    pre, fine = tmp_path / "pre", tmp_path / "fine"
-    assert main(["pretrain", *graph, "--workdir", str(pre), "--quiet", *_settings(PRETRAIN)]) == 0
-    assert main(["finetune", *graph, "--workdir", str(fine), "--pretrained", str(pre / "checkpoints"), "--quiet",
-                 *_settings(FINETUNE)]) == 0
+    fine = tmp_path / "fine"
+    assert main(["finetune", *graph, "--workdir", str(fine), "--quiet", *_settings(FINETUNE)]) == 0
     ckpt = str(fine / "checkpoints")
     metrics = json.loads((fine / "metrics.json").read_text())
     assert 0.0 <= metrics["food_classification"]["accuracy"] <= 1.0

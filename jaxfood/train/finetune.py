@@ -423,8 +423,6 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         # statistics; a padded subgraph has neither (models/profile.py): off, and recorded in the config.
         cfg = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, wide=False))
         log("sampled subgraphs: heads.wide off (the wide path needs the whole graph's molecules)")
-    if primary:
-        write_text(workdir / "config.yaml", dump_config(cfg))
 
     full = prepare_graph(graph).to_numpy()
     model = make_multitask_model(full, enc_cfg, cfg.heads)
@@ -455,6 +453,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
     initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch
+    if primary:  # written once the inputs passed every check (a pretrained encoder of another graph: nothing)
+        write_text(workdir / "config.yaml", dump_config(cfg))
     # The step is a function of these alone (the frozen encoder steps are optimizer state): the
     # pretrained probe, the from-scratch run and fine-tuning share one compiled program.
     program = (model, cfg.loss, cfg.weighting, dataclasses.replace(cfg.optimizer, freeze_encoder_steps=0),
