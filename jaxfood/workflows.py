@@ -35,7 +35,7 @@ from jaxfood.train.finetune import (
     load_finetuned,
     task_weight_summary,
 )
-from jaxfood.train.graphcl import PretrainConfig
+from jaxfood.train.graphcl import PretrainConfig, check_pretrain_config
 from jaxfood.train.monitoring import write_curves
 from jaxfood.train.parallel_options import DataParallelOptions
 from jaxfood.train.processes import is_primary
@@ -55,6 +55,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
     writes ``checkpoints/`` and ``tb/``. Raises ``Preempted`` when stopped by SIGTERM.
     """
     workdir = Path(workdir)
+    check_pretrain_config(cfg, graph)  # a bad value is one line and leaves no workdir behind
     if is_primary():
         write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
     result = pretraining.pretrain(graph, cfg, workdir, options=options, progress=progress and is_primary(),

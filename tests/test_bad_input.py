@@ -123,6 +123,20 @@ def test_finetune_refuses_negative_learning_rate(tiny_run, tmp_path, capsys):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("override, expect", [
+    ("encoder.hidden_dim=-1", "key 'hidden_dim' = -1: expected a positive integer"),
+    ("temperature=0", "temperature"),
+])
+def test_pretrain_refuses_a_bad_value_and_writes_nothing(override, expect, tiny_run, tmp_path, capsys):
+    """A value the configuration checks refuse is one line and no workdir (pretrain_config.yaml
+    used to be written before the checks)."""
+    workdir = tmp_path / "w"
+    code, _, err = run_cli(["pretrain", "--workdir", workdir, "--graph", tiny_run[0] / "graph", "--quiet",
+                            "--set", override], capsys)
+    assert_one_error(code, err, expect)
+    assert not workdir.exists()
+
+
 # ---- (10) --set finetune.steps=... on `jaxfood finetune` --------------------------------------------
 def test_finetune_set_with_section_prefix_hints_the_key(tiny_run, tmp_path, capsys):
     code, _, err = run_cli(["finetune", "--workdir", tmp_path / "w", "--graph", tiny_run[0] / "graph",
