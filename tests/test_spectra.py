@@ -238,12 +238,13 @@ def _settings(items):
 
 
 @pytest.mark.slow
-def test_every_command_runs_on_a_graph_with_spectra_and_spectral_network(graph_dir, tmp_path, capsys):
+def test_finetune_evaluate_predict_and_embed_run_on_a_graph_with_spectra_and_spectral_network(graph_dir, tmp_path,
+                                                                                             capsys):
     """finetune, evaluate, predict and embed on the graph build-graph made from the spectra (Molecule
-    inputs from the spectra, the is_similar_to relation). GraphCL pretraining is the fine-tuned
-    encoder's with its own step: over is_similar_to edges in test_pretrain (the augmentations), the
-    `jaxfood pretrain` command and `finetune --pretrained` in test_no_nutrients, the main job's
-    pretraining in test_run_mtl; here it would compile a second training step for this graph."""
+    inputs from the spectra, the is_similar_to relation). GraphCL is left out: it would compile a
+    second training step for this graph alone, and what it adds is tested elsewhere -- pretraining
+    over is_similar_to edges and the `jaxfood pretrain` command in test_pretrain (which also runs
+    `finetune --pretrained` to its checks), pretraining then fine-tuning in the main-job tests."""
     graph = ["--graph", str(graph_dir)]
     fine = tmp_path / "fine"
     assert main(["finetune", *graph, "--workdir", str(fine), "--quiet", *_settings(FINETUNE)]) == 0
