@@ -16,14 +16,13 @@ from typing import Any
 
 import jax
 
-from jaxfood.config import dump_config
 from jaxfood.eval import predict as prediction
 from jaxfood.eval.evaluator import Evaluator, as_reference, default_biomarkers, stability_settings
 from jaxfood.eval.readouts import embedding_readouts, food_embedding_figure
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.splits import prepare_graph
-from jaxfood.io_utils import write_json, write_text
+from jaxfood.io_utils import write_json
 from jaxfood.models.heads import make_multitask_model
 from jaxfood.train import finetune as training
 from jaxfood.train import pretrain as pretraining
@@ -35,7 +34,7 @@ from jaxfood.train.finetune import (
     load_finetuned,
     task_weight_summary,
 )
-from jaxfood.train.graphcl import PretrainConfig, check_pretrain_config
+from jaxfood.train.graphcl import PretrainConfig
 from jaxfood.train.monitoring import write_curves
 from jaxfood.train.parallel_options import DataParallelOptions
 from jaxfood.train.processes import is_primary
@@ -48,16 +47,13 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
              log: Log | None = None) -> pretraining.PretrainResult:
     """GraphCL pretraining (:func:`jaxfood.train.pretrain.pretrain`) and the read-outs of its encoder.
 
-    Writes under ``workdir`` (process 0): ``pretrain_config.yaml``, ``pretrain_history.json``
-    (``loss`` and ``val_loss`` per epoch), ``pretrain_metrics.json`` (k-NN purity and linear-probe
-    accuracy of the pretrained and of the randomly initialised encoder; NaN as null) and
-    ``figures/pretrain_food_embeddings.png``, ``figures/random_food_embeddings.png``; training
-    writes ``checkpoints/`` and ``tb/``. Raises ``Preempted`` when stopped by SIGTERM.
+    Writes under ``workdir`` (process 0): ``pretrain_history.json`` (``loss`` and ``val_loss`` per
+    epoch), ``pretrain_metrics.json`` (k-NN purity and linear-probe accuracy of the pretrained and
+    of the randomly initialised encoder; NaN as null) and ``figures/pretrain_food_embeddings.png``,
+    ``figures/random_food_embeddings.png``; training writes ``pretrain_config.yaml``,
+    ``checkpoints/`` and ``tb/``. Raises ``Preempted`` when stopped by SIGTERM.
     """
     workdir = Path(workdir)
-    check_pretrain_config(cfg, graph)  # a bad value is one line and leaves no workdir behind
-    if is_primary():
-        write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
     result = pretraining.pretrain(graph, cfg, workdir, options=options, progress=progress and is_primary(),
                                   log=log if is_primary() else None)
     result.metrics = {side: embedding_readouts(emb, graph, cfg.knn_k, cfg.seed)

@@ -18,10 +18,11 @@ import jax
 import numpy as np
 
 from jaxfood.compile_cache import Background
-from jaxfood.config import config_from_dict, config_to_dict
+from jaxfood.config import config_from_dict, config_to_dict, dump_config
 from jaxfood.errors import CheckpointError, ConfigError
 from jaxfood.graph.hetero_graph import HeteroGraph
 from jaxfood.graph.sampling import SamplerConfig
+from jaxfood.io_utils import write_text
 from jaxfood.models.encoder import EncoderConfig
 from jaxfood.train.augment import prepare_pretrain_graph
 from jaxfood.train.checkpoint import load_encoder, restore_checkpoint
@@ -78,7 +79,8 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
     the full graph per device, or with ``options.sampled`` of each shard's own neighbour-sampled
     subgraph); after every epoch the held-out view loss (fixed view pairs of the full graph) is
     computed, the best epoch kept, and ``patience`` epochs without improvement stop the run.
-    Writes ``checkpoints/`` (orbax, the best epoch: ``params`` {encoder, projection},
+    Writes ``pretrain_config.yaml`` (process 0, once the configuration and graph passed their
+    checks), ``checkpoints/`` (orbax, the best epoch: ``params`` {encoder, projection},
     ``opt_state``; meta kind ``graphcl``), ``resume/`` while running (removed at the end) and, on
     process 0, ``tb/`` (loss per node type, learning rate, gradient norm, held-out view loss).
     Raises :class:`~jaxfood.train.preemption.Preempted` when stopped by SIGTERM (rerun to resume).
@@ -94,6 +96,8 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
     k_init, _, k_val = jax.random.split(jax.random.key(cfg.seed), 3)
     initial_params = jax.device_get(model.init(k_init, pre_graph))
     state = {"params": initial_params, "opt_state": jax.device_get(jax.jit(optimizer.init)(initial_params))}
+    if is_primary():
+        write_text(workdir / "pretrain_config.yaml", dump_config(cfg))
     layout = ShardLayout.current(options.per_device, options.local_devices)
     if options.sampled:
         views = PretrainSampler(graph, cfg, SamplerConfig(batch_size=options.batch_size, seed=cfg.seed))
