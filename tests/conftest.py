@@ -90,11 +90,6 @@ class LazyModule:
         return f"<lazy module {self._name!r}>"
 
 
-def lazy_module(name: str) -> LazyModule:
-    """``name`` as a :class:`LazyModule`."""
-    return LazyModule(name)
-
-
 def forced_devices(devices: int) -> str:
     """``XLA_FLAGS`` for a subprocess with ``devices`` CPU devices and the suite's compiler flags."""
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()

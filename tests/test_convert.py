@@ -13,13 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import lazy_module
+from conftest import LazyModule
 
 from checkpoints_convert.cli import main as convert_main
 from jaxfood.cli import main as jaxfood_main
 
-torch = lazy_module("torch")
-pyg_original = lazy_module("_pyg_original")
+torch = LazyModule("torch")
+pyg_original = LazyModule("_pyg_original")
 
 CONFIG = {"embedding_dim": 8, "hidden_dim": 8, "num_layers": 2, "num_heads": 2, "dropout": 0.1, "temperature": 0.2}
 OURS = {"Sample": "Sample", "Molecule": "Feature", "Food": "Food", "Nutrient": "Nutrient"}

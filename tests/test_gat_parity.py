@@ -17,14 +17,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import lazy_module, make_toy_graph  # noqa: E402
+from conftest import LazyModule, make_toy_graph  # noqa: E402
 
 from jaxfood.graph.hetero_graph import make_edge_set  # noqa: E402
 from jaxfood.models.encoder import EncoderConfig, make_encoder  # noqa: E402
 from jaxfood.models.gat import HeteroGATConv  # noqa: E402
 
-torch = lazy_module("torch")
-pyg = lazy_module("benchmarks._pyg_reference")
+torch = LazyModule("torch")
+pyg = LazyModule("benchmarks._pyg_reference")
 
 OUT_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-4)

@@ -47,7 +47,7 @@ def test_a_lazy_module_is_imported_by_its_first_public_attribute_and_not_by_pyte
     (tmp_path / "lazy_probe_module.py").write_text("VALUE = 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "lazy_probe_module", raising=False)
-    lazy = conftest.lazy_module("lazy_probe_module")
+    lazy = conftest.LazyModule("lazy_probe_module")
     # What pytest reads of every module-level object while it collects (wrapped-fixture check).
     assert getattr(lazy, "_mock_name", None) is None and inspect.unwrap(lazy) is lazy
     assert not hasattr(lazy, "__wrapped__") and "lazy_probe_module" not in sys.modules
