@@ -87,12 +87,8 @@ def _cpu():
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def pytest_runtest_protocol(item, nextitem):
-    _RECORDER.test = item.nodeid
-    return None
-
-
 def pytest_runtest_logstart(nodeid, location):
+    _RECORDER.test = nodeid
     _RECORDER.tests[nodeid]["_start_wall"] = time.perf_counter()
     own, children = _cpu()
     _RECORDER.tests[nodeid]["_start_cpu"], _RECORDER.tests[nodeid]["_start_children"] = own, children
