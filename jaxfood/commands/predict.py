@@ -36,8 +36,8 @@ seen without their label edges; Lee et al. 2018). msp: 1 - max softmax probabili
 default); energy: -logsumexp(logits); knn: cosine distance to the 5th nearest training sample.
 Measured on the embedded data (5 foods held out entirely from training, 40 of their samples vs 60
 samples of known foods the model never saw, 3 draws; python benchmarks/bench_ool.py): mahalanobis
-detects 25/7.5/15% with 5/3.3/1.7% false alarms (AUROC 0.71/0.71/0.58); knn 32.5/12.5/10% with
-0/6.7/1.7% (AUROC 0.81/0.71/0.65); msp 7.5/17.5/25% with 11.7/10/5% (AUROC 0.55/0.66/0.63).
+detects 37.5/7.5/5% with 5/6.7/0% false alarms (AUROC 0.76/0.67/0.72); knn 22.5/0/10% with
+5/1.7/3.3% (AUROC 0.81/0.66/0.79); msp 7.5/17.5/25% with 11.7/10/5% (AUROC 0.55/0.66/0.63).
 A weak detector on these data: treat the flag as a hint, not a verdict.
 
 Graph: --graph, else CHECKPOINT/../graph (saved by experiments/run_mtl.py), else the embedded
