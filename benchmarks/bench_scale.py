@@ -138,8 +138,8 @@ def bench_graphcl(graph, cfg, options) -> int:
         result = pretrain(graph, cfg, workdir, options=options, progress=False)
         total = time.perf_counter() - t0
     print(f"run: {cfg.steps_per_epoch} steps x {result.spread['num_shards']} subgraph(s), "
-          f"{result.num_step_compilations} compilation(s); total {total:.1f} s (with the held-out view loss "
-          f"and read-out embeddings of the full graph)")
+          f"{result.num_step_compilations} compilation(s); total {total:.1f} s (with the held-out view loss on "
+          f"fixed subgraphs and the read-out embeddings of the full graph)")
     print(f"final loss {result.history['loss'][-1]:.4f}; {result.edges_per_second:,.0f} edges/s sustained")
     print(f"peak_rss_gb: {peak_rss_gb():.1f}")
     return 0

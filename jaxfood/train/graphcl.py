@@ -278,6 +278,10 @@ def make_model(graph: HeteroGraph, cfg: PretrainConfig) -> PretrainModel:
                          cfg=cfg, node_types=node_types)
 
 
+#: The step index of :meth:`PretrainSampler.validation_batches` (training steps count from 0).
+VALIDATION_STEP = 1 << 40
+
+
 class PretrainSampler:
     """Neighbour-sampled subgraphs for GraphCL, each with its own candidate pool for edge adding.
 
@@ -303,6 +307,12 @@ class PretrainSampler:
         sub = self.sampler.batch(step, shard)
         rng = np.random.default_rng([self.seed, 0xADD, int(step), int(shard)])
         return add_candidate_edges(sub, self.counts, rng, self.meta)
+
+    def validation_batches(self, count: int) -> list[SampledSubgraph]:
+        """``count`` fixed subgraphs for the held-out view loss: the shards of a step index no run
+        reaches (:data:`VALIDATION_STEP`), so they are the same in every epoch and run, and apart
+        from the training stream."""
+        return [self.batch(VALIDATION_STEP, i) for i in range(count)]
 
 
 def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransformation, *,
@@ -341,15 +351,28 @@ def make_pretrain_step(model: PretrainModel, optimizer: optax.GradientTransforma
     return step
 
 
+def make_embed_fn(model: PretrainModel, readout_types: tuple[str, ...] = (schema.SAMPLE, schema.FOOD)):
+    """``embed(params, graph) -> {type: [N, hidden]}``: the encoder's embeddings of ``readout_types``
+    in the un-augmented graph (label and candidate edges off), without dropout, for the read-outs."""
+    def embed(params, graph):
+        embeddings = model.encoder.apply({"params": params["encoder"]}, graph, edge_masks=base_edge_masks(graph),
+                                         deterministic=True)
+        return {t: embeddings[t] for t in readout_types if t in embeddings}
+
+    return embed
+
+
 def make_eval_fn(model: PretrainModel, val_keys: Array,
                  readout_types: tuple[str, ...] = (schema.SAMPLE, schema.FOOD)):
     """``evaluate(params, graph) -> (val_metrics, embeddings)``: one compiled function for both.
 
     ``val_metrics`` = ``{"loss", "loss/<Type>"}``, the held-out view loss: the contrastive loss of
     fixed view pairs (``val_keys`` [V] keys, fixed for the run, so epochs are comparable), without
-    dropout. ``embeddings`` = ``{type: [N, hidden]}`` of ``readout_types`` in the un-augmented
-    graph (label and candidate edges off), for the read-outs.
+    dropout. ``embeddings``: :func:`make_embed_fn`. For full-graph runs; a sampled run's held-out
+    view loss is :func:`make_subgraph_val_fn` on :meth:`PretrainSampler.validation_batches`.
     """
+    embed = make_embed_fn(model, readout_types)
+
     def evaluate(params, graph):
         def one(key):
             losses = model.view_losses(params, graph, key, deterministic=True)
@@ -358,8 +381,20 @@ def make_eval_fn(model: PretrainModel, val_keys: Array,
         totals, losses = jax.vmap(one)(val_keys)
         val = {"loss": totals.mean()}
         val.update({f"loss/{t}": v.mean() for t, v in losses.items()})
-        embeddings = model.encoder.apply({"params": params["encoder"]}, graph, edge_masks=base_edge_masks(graph),
-                                         deterministic=True)
-        return val, {t: embeddings[t] for t in readout_types if t in embeddings}
+        return val, embed(params, graph)
 
     return evaluate
+
+
+def make_subgraph_val_fn(model: PretrainModel):
+    """``val(params, subgraph, key) -> {"loss", "loss/<Type>"}``: the contrastive loss of one fixed
+    pair of views of one sampled subgraph, without dropout (padding nodes are never contrasted).
+    A sampled run's held-out view loss is its mean over
+    :meth:`PretrainSampler.validation_batches` (one key each): the full graph's views would hold
+    every edge's attention several times over (22 GB for the ``large`` preset's 36 M edges)."""
+    def val(params, sub: SampledSubgraph, key):
+        losses = model.view_losses(params, sub.graph, key, deterministic=True, node_index=sub.node_index,
+                                   node_mask=sub.node_mask)
+        return {"loss": model.total_loss(losses), **{f"loss/{t}": v for t, v in losses.items()}}
+
+    return val

@@ -31,9 +31,11 @@ from jaxfood.train.graphcl import (  # noqa: F401  (PretrainConfig, PretrainSamp
     PretrainConfig,
     PretrainSampler,
     check_pretrain_config,
+    make_embed_fn,
     make_eval_fn,
     make_model,
     make_pretrain_step,
+    make_subgraph_val_fn,
 )
 from jaxfood.train.loop import LoopConfig, prepare_run, train_loop
 from jaxfood.train.monitoring import TensorBoard
@@ -77,8 +79,9 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
 
     ``epochs x steps_per_epoch`` steps of ``num_shards`` shards (``options``: one pair of views of
     the full graph per device, or with ``options.sampled`` of each shard's own neighbour-sampled
-    subgraph); after every epoch the held-out view loss (fixed view pairs of the full graph) is
-    computed, the best epoch kept, and ``patience`` epochs without improvement stop the run.
+    subgraph); after every epoch the held-out view loss (fixed view pairs of the full graph; of
+    ``val_views`` fixed subgraphs when sampled) is computed, the best epoch kept, and ``patience``
+    epochs without improvement stop the run.
     Writes ``pretrain_config.yaml`` (process 0, once the configuration and graph passed their
     checks), ``checkpoints/`` (orbax, the best epoch: ``params`` {encoder, projection},
     ``opt_state``; meta kind ``graphcl``), ``resume/`` while running (removed at the end) and, on
@@ -111,11 +114,32 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
         def count_edges(batch):
             return full_edges
     step = data_parallel(make_pretrain_step(model, optimizer, axis_name=layout.axes), layout, seed=cfg.seed)
-    eval_fn = jax.jit(make_eval_fn(model, jax.random.split(k_val, cfg.val_views)))
+    val_keys = jax.random.split(k_val, cfg.val_views)
     device_graph = jax.device_put(pre_graph)
+    if options.sampled:
+        # The held-out view loss on fixed subgraphs (a full graph's views need not fit in memory);
+        # the read-out embeddings of the full graph, once at the start and once at the end.
+        val_one = jax.jit(make_subgraph_val_fn(model))
+        val_batches = views.validation_batches(cfg.val_views)
+        embed_fn = jax.jit(make_embed_fn(model))
+
+        def held_out(params) -> dict[str, float]:
+            rows = [jax.device_get(val_one(params, sub, key)) for sub, key in zip(val_batches, val_keys)]
+            return {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
+
+        def read_out(params):
+            return jax.device_get(embed_fn(params, device_graph))
+    else:
+        eval_fn = jax.jit(make_eval_fn(model, val_keys))
+
+        def held_out(params) -> dict[str, float]:
+            return {k: float(v) for k, v in jax.device_get(eval_fn(params, device_graph)[0]).items()}
+
+        def read_out(params):
+            return jax.device_get(eval_fn(params, device_graph)[1])
 
     def random_embeddings():
-        return jax.device_get(eval_fn(initial_params, device_graph)[1])
+        return read_out(initial_params)
 
     # The initial parameters' embeddings (reported at the end) compile the held-out view program
     # in a thread while the first step compiles (one process: see Background).
@@ -136,8 +160,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
         tensorboard.write(done, {"learning_rate": float(schedule(done - 1))}, "pretrain/")
 
     def evaluate(state, done: int) -> tuple[float, dict[str, float]]:
-        val, _ = jax.device_get(eval_fn(state["params"], device_graph))
-        val = {k: float(v) for k, v in val.items()}
+        val = held_out(state["params"])
         tensorboard.write(done, val, "pretrain_val/")
         log(f"epoch {done // cfg.steps_per_epoch}/{cfg.epochs}: held-out view loss {val['loss']:.4f}")
         return -val["loss"], val
@@ -161,7 +184,7 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
                                                                    (e + 1) * cfg.steps_per_epoch + 1)
                                        if s in per_step])) for e in range(epochs)],
                "val_loss": [float(row["loss"]) for row in result.history["val"]]}
-    embeddings = {"pretrained": jax.device_get(eval_fn(best["params"], device_graph)[1]),
+    embeddings = {"pretrained": read_out(best["params"]),
                   "random": random_view.result() if random_view is not None else random_embeddings()}
     return PretrainResult(encoder_config=cfg.encoder, params=best["params"], history=history,
                           best_epoch=result.best_step // cfg.steps_per_epoch, checkpoint_dir=loop.checkpoint_dir,
