@@ -9,6 +9,7 @@ evaluation as hooks; it never imports ``jaxfood.eval``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import jax
 
 from jaxfood.eval import predict as prediction
 from jaxfood.eval.evaluator import Evaluator, as_reference, default_biomarkers, stability_settings
+from jaxfood.eval.memory import fit_scorers
 from jaxfood.eval.readouts import embedding_readouts, food_embedding_figure
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
@@ -109,11 +111,22 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
     workdir = Path(workdir)
     reference = as_reference(biomarkers) if biomarkers is not None else default_biomarkers(graph)
     evaluators: dict[int, Evaluator] = {}
+    run = {"cfg": cfg}  # the configuration the run uses (prepare may change its scorers)
 
     def evaluator_for(model) -> Evaluator:
         if id(model) not in evaluators:  # compiled once per model, reused at every evaluation
-            evaluators[id(model)] = _evaluator(model, graph, cfg)
+            evaluators[id(model)] = _evaluator(model, graph, run["cfg"])
         return evaluators[id(model)]
+
+    def prepare(model, params, run_cfg: FinetuneConfig) -> FinetuneConfig:
+        scorer, scorers, needs = fit_scorers(model, params, prepare_graph(graph), run_cfg.salient_scorer,
+                                             run_cfg.scorers, run_cfg.salient_k)
+        if (scorer, scorers) != (run_cfg.salient_scorer, tuple(run_cfg.scorers)) and log is not None and is_primary():
+            dropped = [n for n in dict.fromkeys([run_cfg.salient_scorer, *run_cfg.scorers]) if n not in scorers]
+            log(f"whole-graph evaluation: scorers {dropped} do not fit in memory "
+                f"({', '.join(f'{n} {needs[n] / 1024 ** 3:.1f} GiB' for n in dropped)}); headline scorer {scorer}")
+        run["cfg"] = dataclasses.replace(run_cfg, salient_scorer=scorer, scorers=scorers)
+        return run["cfg"]
 
     background = []
 
@@ -121,12 +134,13 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         evaluator = evaluator_for(model)
         if not background:  # the test evaluation's other scorers compile while the model trains
             background.append(evaluator.compile_in_background(params))
-        return evaluator.evaluate(params, "val", reference, scorers=(cfg.salient_scorer,), stability=False)
+        return evaluator.evaluate(params, "val", reference, scorers=(run["cfg"].salient_scorer,), stability=False)
 
     stored = None if reference is None else {f: sorted(m) for f, m in sorted(reference.items())}
     try:
         result = training.finetune(graph, cfg, workdir, pretrained=pretrained, validate=validate, options=options,
-                                   meta_extra={"biomarkers": stored}, progress=progress and is_primary(),
+                                   meta_extra={"biomarkers": stored}, prepare=prepare,
+                                   progress=progress and is_primary(),
                                    log=log if is_primary() else None)
     finally:
         for thread in background:
@@ -134,7 +148,7 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
                 thread.join()
     model = make_multitask_model(prepare_graph(graph), result.encoder_config, cfg.heads)
     params = jax.device_put(result.params)
-    evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, cfg)
+    evaluator = next(iter(evaluators.values())) if evaluators else _evaluator(model, graph, result.config)
     evaluator.temperature = result.temperature  # calibrated on val with the kept state
     result.metrics = _test_metrics(evaluator, params, result.config, reference, result.best_step,
                                    result.composed_step, result.composed_parts)

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         from jaxfood.train.processes import init_from_args
 
         info = init_from_args(args)
+        from tqdm import tqdm
+
         from jaxfood import workflows
         from jaxfood.config import load_config
         from jaxfood.train.adapt import adapt_and_report
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
         cfg = adapt_and_report(cfg, graph, log=None if info.is_primary else (lambda _msg: None))
         try:
             result = workflows.finetune(graph, cfg, args.workdir, pretrained=args.pretrained, options=options,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress,
+                                        log=(lambda msg: tqdm.write(msg, file=sys.stderr)) if info.is_primary else None)
         except Preempted as stopped:
             if info.is_primary:
                 print(stopped, flush=True)

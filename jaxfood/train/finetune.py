@@ -61,6 +61,8 @@ from jaxfood.train.processes import is_primary
 CHECKPOINT_KIND = "finetune"
 #: The evaluation hook of :func:`finetune`: ``(model, params) -> nested validation metrics``.
 ValidateFn = Callable[[MultiTaskModel, Any], Mapping[str, Any]]
+#: ``(model, initial params, cfg) -> cfg``: see :func:`finetune`'s ``prepare``.
+PrepareFn = Callable[[MultiTaskModel, Any, "FinetuneConfig"], "FinetuneConfig"]
 
 
 def default_encoder_config() -> EncoderConfig:
@@ -389,7 +391,7 @@ def checkpoint_meta(cfg: FinetuneConfig, enc_cfg: EncoderConfig, graph: HeteroGr
 def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str | Path = "runs/finetune", *,
              pretrained: str | Path | None = None, validate: ValidateFn | None = None,
              options: DataParallelOptions = DataParallelOptions(), meta_extra: Mapping[str, Any] | None = None,
-             progress: bool = True, log=None) -> FinetuneResult:
+             prepare: PrepareFn | None = None, progress: bool = True, log=None) -> FinetuneResult:
     """Fine-tunes the three tasks on ``graph`` with the loop of :mod:`jaxfood.train.loop`; every
     process of a job calls it with the same arguments.
 
@@ -404,6 +406,9 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         checkpoint and early stopping. None: the last step is kept.
       options: devices, hosts, full graph or sampled subgraphs, resume snapshots.
       meta_extra: more JSON for the checkpoint's meta (e.g. the reference biomarkers).
+      prepare: ``(model, params, cfg) -> cfg``, called once the model and its initial parameters
+        exist and before anything is written: the configuration the run records and uses (the
+        workflow fits the evaluation's scorers to the memory; it may raise a ``UserError``).
 
     Raises :class:`~jaxfood.train.preemption.Preempted` when stopped by SIGTERM (rerun to resume).
     """
@@ -453,6 +458,8 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         state = state.replace(params=params, opt_state=tx.init(params))
     state = jax.device_get(train_state_to_dict(state))
     initial_params = jax.tree_util.tree_map(np.array, state["params"])  # a copy the loop cannot touch
+    if prepare is not None:
+        cfg = prepare(model, initial_params, cfg)
     if primary:  # written once the inputs passed every check (a pretrained encoder of another graph: nothing)
         write_text(workdir / "config.yaml", dump_config(cfg))
     # The step is a function of these alone (the frozen encoder steps are optimizer state): the
