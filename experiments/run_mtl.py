@@ -154,14 +154,17 @@ def run_once(graph, cfg: RunConfig, workdir: Path, reference, progress: bool, lo
     outputs = {"pretrain": pre, "finetune": ft}
     if cfg.evaluation.ablations:
         steps = cfg.finetune.steps
-        # The ablations are controls: their metrics go in metrics.json, no TensorBoard log or curves.
+        # The ablations are controls: their metrics go in metrics.json, no TensorBoard log or curves;
+        # they are evaluated with the scorers fine-tuning used (fitted to the memory on large graphs).
+        fitted = dict(salient_scorer=ft.config.salient_scorer, scorers=ft.config.scorers)
         probe_cfg = dataclasses.replace(
-            cfg.finetune, tensorboard=False, figures=False,
+            cfg.finetune, tensorboard=False, figures=False, **fitted,
             optimizer=dataclasses.replace(cfg.finetune.optimizer, freeze_encoder_steps=steps))
         log(f"[seed {cfg.seed}] ablation: pretrained encoder, frozen, heads only")
         probe = finetune(graph, probe_cfg, workdir / "ablations" / "pretrained_probe", pretrained=pre.checkpoint_dir,
                          biomarkers=reference, progress=progress)
-        scratch_cfg = dataclasses.replace(cfg.finetune, encoder=cfg.pretrain.encoder, tensorboard=False, figures=False)
+        scratch_cfg = dataclasses.replace(cfg.finetune, encoder=cfg.pretrain.encoder, tensorboard=False, figures=False,
+                                          **fitted)
         log(f"[seed {cfg.seed}] ablation: same model trained from scratch")
         scratch = finetune(graph, scratch_cfg, workdir / "ablations" / "from_scratch", pretrained=None,
                            biomarkers=reference, progress=progress)

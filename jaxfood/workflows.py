@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from jaxfood.config import load_config
 from jaxfood.eval import predict as prediction
 from jaxfood.eval.evaluator import Evaluator, as_reference, default_biomarkers, stability_settings
 from jaxfood.eval.memory import fit_scorers
@@ -28,6 +29,7 @@ from jaxfood.io_utils import write_json
 from jaxfood.models.heads import make_multitask_model
 from jaxfood.train import finetune as training
 from jaxfood.train import pretrain as pretraining
+from jaxfood.train.checkpoint import latest_step
 from jaxfood.train.finetune import (
     FinetuneConfig,
     FinetuneResult,
@@ -119,12 +121,18 @@ def finetune(graph: HeteroGraph, cfg: FinetuneConfig | None = None, workdir: str
         return evaluators[id(model)]
 
     def prepare(model, params, run_cfg: FinetuneConfig) -> FinetuneConfig:
-        scorer, scorers, needs = fit_scorers(model, params, prepare_graph(graph), run_cfg.salient_scorer,
-                                             run_cfg.scorers, run_cfg.salient_k)
+        if latest_step(workdir / "resume") is not None and (workdir / "config.yaml").is_file():
+            # A resumed run keeps the scorers it started with (the memory left may differ now).
+            recorded = load_config(FinetuneConfig(), workdir / "config.yaml", [])
+            scorer, scorers, needs = recorded.salient_scorer, tuple(recorded.scorers), {}
+        else:
+            scorer, scorers, needs = fit_scorers(model, params, prepare_graph(graph), run_cfg.salient_scorer,
+                                                 run_cfg.scorers, run_cfg.salient_k)
         if (scorer, scorers) != (run_cfg.salient_scorer, tuple(run_cfg.scorers)) and log is not None and is_primary():
             dropped = [n for n in dict.fromkeys([run_cfg.salient_scorer, *run_cfg.scorers]) if n not in scorers]
-            log(f"whole-graph evaluation: scorers {dropped} do not fit in memory "
-                f"({', '.join(f'{n} {needs[n] / 1024 ** 3:.1f} GiB' for n in dropped)}); headline scorer {scorer}")
+            sizes = ", ".join(f"{n} {needs[n] / 1024 ** 3:.1f} GiB" for n in dropped if n in needs)
+            log(f"whole-graph evaluation: scorers {dropped} left out ({sizes or 'as when the run started'}); "
+                f"headline scorer {scorer}")
         run["cfg"] = dataclasses.replace(run_cfg, salient_scorer=scorer, scorers=scorers)
         return run["cfg"]
 

@@ -46,7 +46,7 @@ def test_the_gradient_scorer_needs_the_most_and_is_left_out_where_it_does_not_fi
     rest = max(v for k, v in needs.items() if k != "input_gradient")
     assert needs["input_gradient"] > rest > 0
     monkeypatch.setattr(memory, "CHECK_ABOVE_EDGES", 0)
-    between = (rest + needs["input_gradient"]) // 2
+    between = int((rest + needs["input_gradient"]) / 2 / memory.HEADROOM)  # usable: HEADROOM of it
     headline, scorers, _ = memory.fit_scorers(model, params, graph, "input_gradient", SCORERS, 3, available=between)
     assert headline == memory.FALLBACK[0] == "intensity_attribution"
     assert scorers == ("class_attention", "gat_attention")
@@ -70,7 +70,8 @@ def _finetune_args(tmp_path, workdir, extra=()):
 
 def test_a_run_records_and_reports_the_scorers_that_fit(measured, tmp_path, monkeypatch):
     _, _, _, needs = measured
-    between = (max(v for k, v in needs.items() if k != "input_gradient") + needs["input_gradient"]) // 2
+    rest = max(v for k, v in needs.items() if k != "input_gradient")
+    between = int((rest + needs["input_gradient"]) / 2 / memory.HEADROOM)
     monkeypatch.setattr(memory, "CHECK_ABOVE_EDGES", 0)
     monkeypatch.setattr(memory, "available_bytes", lambda: between)
     workdir = tmp_path / "w"

@@ -24,9 +24,14 @@ from jaxfood.eval import molecules as mol
 from jaxfood.graph import schema
 from jaxfood.graph.hetero_graph import HeteroGraph
 
-#: Graphs with more edges than this have their evaluation programs measured before a run; smaller
-#: ones cannot come near a machine's memory (the embedded default graph has ~0.1 M edges).
+#: Graphs with more edges than this (every relation, reverses included) have their evaluation
+#: programs measured before a run; smaller ones cannot come near a machine's memory (the embedded
+#: default graph has 0.2 M edges).
 CHECK_ABOVE_EDGES = 2_000_000
+#: Share of the available memory one evaluation program may take: the run's own state (parameters,
+#: optimizer, the graph on the device) is allocated after the measurement, and in one process the
+#: scorers besides the headline one compile and run once in a thread while the model trains.
+HEADROOM = 0.75
 #: Headline scorers to fall back on, in this order, when the configured one does not fit.
 FALLBACK = ("intensity_attribution", "input_gradient", "class_attention", "gat_attention", "attention", "gradient")
 
@@ -51,7 +56,9 @@ def available_bytes() -> int:
             pass
     if jax.process_count() > 1:  # one decision for every process (they must run the same programs)
         from jax.experimental import multihost_utils
-        free = int(np.min(multihost_utils.process_allgather(np.asarray(free, np.int64))))
+        # In MiB: the gather goes through a device, where integers are 32-bit (x64 is off).
+        mib = np.asarray(min(free >> 20, np.iinfo(np.int32).max), np.int32)
+        free = int(np.min(multihost_utils.process_allgather(mib))) << 20
     return int(free)
 
 
@@ -65,13 +72,14 @@ def fit_scorers(model, params, graph: HeteroGraph, scorer: str, scorers: Sequenc
                 available: int | None = None) -> tuple[str, tuple[str, ...], dict[str, int]]:
     """``(headline scorer, scorers, bytes per program)`` that the whole-graph evaluation of
     ``graph`` (a :func:`~jaxfood.graph.splits.prepare_graph` output) can run in ``available`` bytes
-    (default :func:`available_bytes`): the configured ones where they fit, else the first that
-    fits of :data:`FALLBACK` as headline and the scorers that fit. Graphs of at most
+    (default :func:`available_bytes`; :data:`HEADROOM` of it per program): the configured ones
+    where they fit, else the first that fits of :data:`FALLBACK` as headline and the scorers that
+    fit (the fallbacks are measured only when the headline does not fit). Graphs of at most
     :data:`CHECK_ABOVE_EDGES` edges are returned unchanged without measuring. Raises
     :class:`EvaluationMemoryError` when the forward pass or fidelity does not fit."""
     if sum(e.num_edges for e in graph.edges.values()) <= CHECK_ABOVE_EDGES:
         return scorer, tuple(scorers), {}
-    available = available_bytes() if available is None else int(available)
+    available = int(HEADROOM * (available_bytes() if available is None else int(available)))
     gb = 1024 ** 3
     needs: dict[str, int] = {}
 
@@ -79,7 +87,7 @@ def fit_scorers(model, params, graph: HeteroGraph, scorer: str, scorers: Sequenc
         needs[name] = program_bytes(fn, *args)
         if needs[name] > available:
             raise EvaluationMemoryError(f"graph: evaluating the whole graph ({name}) needs {needs[name] / gb:.1f} GiB, "
-                               f"{available / gb:.1f} GiB available: run on a machine with more memory")
+                                        f"{available / gb:.1f} GiB usable: run on a machine with more memory")
 
     params = model.own_params(params)
     require("predict", lambda p, g: model.apply(p, g), params, graph)
@@ -88,13 +96,17 @@ def fit_scorers(model, params, graph: HeteroGraph, scorer: str, scorers: Sequenc
     mask = jax.ShapeDtypeStruct((graph.num_nodes[schema.SAMPLE],), jnp.bool_)
     require("fidelity", lambda p, g, s, m: mol.fidelity_probabilities(model, p, g, s, salient_k, m),
             params, graph, scores, mask)
-    for name in dict.fromkeys([scorer, *scorers, *FALLBACK]):
-        needs[name] = program_bytes(lambda p, g, n=name: mol.score_molecules(n, model, p, g), params, graph)
-    fits = [name for name in dict.fromkeys([scorer, *scorers]) if needs[name] <= available]
-    headline = scorer if scorer in fits else next((n for n in FALLBACK if needs[n] <= available), None)
+
+    def measure(name):
+        if name not in needs:
+            needs[name] = program_bytes(lambda p, g: mol.score_molecules(name, model, p, g), params, graph)
+        return needs[name]
+
+    fits = [name for name in dict.fromkeys([scorer, *scorers]) if measure(name) <= available]
+    headline = scorer if scorer in fits else next((n for n in FALLBACK if measure(n) <= available), None)
     if headline is None:
-        raise EvaluationMemoryError(f"graph: no molecule scorer fits the {available / gb:.1f} GiB available "
-                           f"(the smallest needs {min(needs[n] for n in FALLBACK) / gb:.1f} GiB)")
+        raise EvaluationMemoryError(f"graph: no molecule scorer fits the {available / gb:.1f} GiB usable "
+                                    f"(the smallest needs {min(needs[n] for n in FALLBACK) / gb:.1f} GiB)")
     # The scorers besides the headline one run as one program (they share the forward pass).
     others = [n for n in dict.fromkeys(scorers) if n in fits and n != headline]
     while others:

@@ -141,8 +141,9 @@ def pretrain(graph: HeteroGraph, cfg: PretrainConfig, workdir: str | Path, *,
     def random_embeddings():
         return read_out(initial_params)
 
-    # The initial parameters' embeddings (reported at the end) compile the held-out view program
-    # in a thread while the first step compiles (one process: see Background).
+    # The initial parameters' embeddings (reported at the end) compile their program (with the
+    # full graph's held-out views unless sampled) in a thread while the first step compiles (one
+    # process: see Background).
     random_view = Background(random_embeddings, name="jaxfood-graphcl-eval") if jax.process_count() == 1 else None
     spread = dict(layout.describe(), sampled=options.sampled,
                   batch_size=options.batch_size if options.sampled else None)
