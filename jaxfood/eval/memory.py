@@ -48,12 +48,11 @@ def available_bytes() -> int:
     if stats and "bytes_limit" in stats:
         free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         try:
             with open("/proc/meminfo") as f:
                 free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            pass
+        except (OSError, StopIteration, ValueError):  # not Linux: free pages
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if jax.process_count() > 1:  # one decision for every process (they must run the same programs)
         from jax.experimental import multihost_utils
         # In MiB: the gather goes through a device, where integers are 32-bit (x64 is off).
